@@ -1,0 +1,131 @@
+"""Dissimilarity between neurons, from their activations.
+
+Every function maps activations ``A: (m, n)`` (batch first) to a symmetric
+``(n, n)`` matrix with zero diagonal, differentiably, on ``A``'s device and
+in ``A``'s dtype.
+
+A neuron whose activation is constant on the batch (a dead ReLU) has no
+defined correlation; we treat it as uncorrelated with every other neuron
+(``rho = 0``), and it produces no NaN in the value or in the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._validation import check_activations
+
+__all__ = [
+    "correlation",
+    "abs_correlation",
+    "sqrt_one_minus_rho2",
+    "one_minus_rho",
+    "euclidean",
+    "get",
+    "DISSIMILARITIES",
+]
+
+
+def _zero_diagonal(M: torch.Tensor) -> torch.Tensor:
+    # The diagonal carries no information and no gradient.
+    return torch.diagonal_scatter(M, torch.zeros_like(M.diagonal()))
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with gradient 0 (instead of inf -> NaN) at x <= 0."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Pearson correlation between the columns of ``A``.
+
+    Parameters
+    ----------
+    A : (m, n) tensor
+        Activations, batch first.
+    check : bool
+        Validate ``A`` (shape, finiteness).
+
+    Returns
+    -------
+    (n, n) tensor
+        Exactly symmetric, entries clamped to [-1, 1], unit diagonal.
+        Rows and columns of constant neurons are 0 off the diagonal.
+    """
+    if check:
+        A = check_activations(A)
+    Ad = A.detach()
+    constant = Ad.amax(0) == Ad.amin(0)  # exact test: a dead ReLU is exactly constant
+    Ac = A - A.mean(0, keepdim=True)
+    if bool(constant.any()):
+        Ac = Ac.masked_fill(constant, 0.0)
+    ss = (Ac * Ac).sum(0)
+    # constant columns are exactly zero after masking; divide them by 1 so that
+    # neither the value nor the gradient of the norm is 0/0.
+    norm = torch.sqrt(torch.where(constant, torch.ones_like(ss), ss))
+    Z = Ac / norm
+    C = Z.mT @ Z
+    C = 0.5 * (C + C.mT)  # matmul is not bitwise symmetric; the MST wants it exactly
+    C = C.clamp(-1.0, 1.0)
+    return torch.diagonal_scatter(C, torch.ones_like(C.diagonal()))
+
+
+def abs_correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``d_kl = 1 - |rho_kl|``, the paper's (and our default) dissimilarity.
+
+    A : (m, n) activations, batch first. Returns (n, n), in [0, 1].
+    """
+    # The correlation's diagonal is exactly 1, so the diagonal here is exactly 0.
+    return 1.0 - correlation(A, check=check).abs()
+
+
+def sqrt_one_minus_rho2(A: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``d_kl = sqrt(1 - rho_kl^2)``, in [0, 1].
+
+    The derivative is infinite at ``|rho| = 1`` (duplicated neurons); there
+    the gradient is taken as 0.
+    """
+    C = correlation(A, check=check)
+    return _safe_sqrt(1.0 - C * C)
+
+
+def one_minus_rho(A: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """``d_kl = 1 - rho_kl``, in [0, 2]: anti-correlated neurons are far apart."""
+    return 1.0 - correlation(A, check=check)
+
+
+def euclidean(A: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Euclidean distance between activation columns, ``||A[:, k] - A[:, l]||``.
+
+    The gradient at a zero distance (the diagonal, duplicated neurons) is 0.
+    """
+    if check:
+        A = check_activations(A)
+    sq = (A * A).sum(0)
+    G = A.mT @ A
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_min(0.0)
+    d2 = 0.5 * (d2 + d2.mT)
+    return _zero_diagonal(_safe_sqrt(_zero_diagonal(d2)))
+
+
+DISSIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
+    "abs_correlation": abs_correlation,
+    "sqrt_one_minus_rho2": sqrt_one_minus_rho2,
+    "one_minus_rho": one_minus_rho,
+    "euclidean": euclidean,
+}
+
+
+def get(name_or_fn) -> Callable[..., torch.Tensor]:
+    """Look a dissimilarity up by name (or pass a callable through)."""
+    if callable(name_or_fn):
+        return name_or_fn
+    try:
+        return DISSIMILARITIES[name_or_fn]
+    except KeyError:
+        raise ValueError(
+            f"unknown dissimilarity {name_or_fn!r}; choose one of {sorted(DISSIMILARITIES)}"
+        ) from None

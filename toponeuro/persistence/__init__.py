@@ -1,0 +1,162 @@
+"""0-dimensional persistence of the Vietoris-Rips filtration on neurons.
+
+The 0-dimensional diagram of a clique with edge weights ``D`` has ``n``
+points born at 0; ``n - 1`` die at finite times, which are exactly the edge
+weights of a minimum spanning tree (MST). The *death edges* are the MST edges.
+
+The combinatorial question "which edges kill which components" is answered by
+a swappable backend, without gradient. The deaths are then *gathered* from
+``D`` in torch, so the gradient never depends on the backend::
+
+    edges = death_edges(D, backend="giotto-ph")   # (n - 1, 2), no grad
+    d = deaths(D, backend="torch")                # (n - 1,), differentiable
+
+A backend is a module with ``death_edges(D) -> LongTensor (n - 1, 2)`` (or,
+for value-only backends such as ripser.py, ``death_values(D) -> Tensor``),
+registered in :data:`BACKENDS` below: adding one touches one file and one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from .._validation import check_dissimilarity
+
+__all__ = ["death_edges", "deaths", "available_backends", "BACKENDS", "Backend", "canonical_order"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered persistence backend.
+
+    name : the name users pass (``backend="giotto-ph"``).
+    module : the import path of the plug-in module.
+    requires : top-level modules that must import for it to be available.
+    gives_edges : whether it returns death edges (else death values only).
+    """
+
+    name: str
+    module: str
+    requires: tuple[str, ...]
+    gives_edges: bool
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", "toponeuro.persistence.torch_mst", ("torch",), True),
+    "giotto-ph": Backend("giotto-ph", "toponeuro.persistence.giotto", ("gph",), True),
+    "ripser": Backend("ripser", "toponeuro.persistence.ripser_values", ("ripser",), False),
+}
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # ImportError, or a broken binary extension
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose requirements import here, in registry order."""
+    return [name for name, b in BACKENDS.items() if all(_importable(r) for r in b.requires)]
+
+
+def _backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown persistence backend {name!r}; available here: {available_backends()} "
+            f"(all known: {sorted(BACKENDS)})"
+        )
+    b = BACKENDS[name]
+    if not all(_importable(r) for r in b.requires):
+        raise ValueError(
+            f"persistence backend {name!r} is not installed (needs {', '.join(b.requires)}); "
+            f"available here: {available_backends()}"
+        )
+    return b
+
+
+def canonical_order(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Orient edges as ``(i < j)`` and sort them by ``(D[i, j], i, j)``.
+
+    Parameters
+    ----------
+    D : (n, n) tensor
+    edges : (k, 2) integer tensor of vertex pairs
+
+    Returns
+    -------
+    (k, 2) LongTensor on ``D``'s device, ascending by weight, ties by ``(i, j)``.
+    """
+    edges = edges.to(device=D.device, dtype=torch.long)
+    lo = torch.minimum(edges[:, 0], edges[:, 1])
+    hi = torch.maximum(edges[:, 0], edges[:, 1])
+    n = D.shape[0]
+    by_pair = torch.argsort(lo * n + hi)
+    lo, hi = lo[by_pair], hi[by_pair]
+    w = D.detach()[lo, hi]
+    by_weight = torch.argsort(w, stable=True)
+    return torch.stack([lo[by_weight], hi[by_weight]], dim=1)
+
+
+def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch.Tensor:
+    """The MST edges of the complete graph weighted by ``D``: the death edges.
+
+    Parameters
+    ----------
+    D : (n, n) tensor
+        Symmetric, non-negative, finite dissimilarity matrix.
+    backend : str
+        A name from :func:`available_backends` that gives edges.
+    check : bool
+        Validate ``D`` first (one pass over the matrix, a few syncs on GPU).
+
+    Returns
+    -------
+    (n - 1, 2) LongTensor on ``D``'s device, without grad: rows ``(i, j)`` with
+    ``i < j``, ascending by ``D[i, j]``, ties by ``(i, j)``. For a given backend
+    the same matrix always gives the same edges, ties included.
+    """
+    b = _backend(backend)
+    if not b.gives_edges:
+        raise ValueError(
+            f"backend {backend!r} gives death values only, not death edges; "
+            f"use one of {[n for n in available_backends() if BACKENDS[n].gives_edges]}"
+        )
+    if check:
+        D = check_dissimilarity(D)
+    with torch.no_grad():
+        edges = b.load().death_edges(D.detach())
+        return canonical_order(D, edges)
+
+
+def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch.Tensor:
+    """Finite death times of the 0-dimensional persistence diagram.
+
+    Parameters
+    ----------
+    D : (n, n) tensor
+    backend : str
+    check : bool
+
+    Returns
+    -------
+    (n - 1,) tensor, ascending. For edge-giving backends it is ``D`` gathered at
+    the death edges, hence differentiable with respect to ``D``; a value-only
+    backend (``"ripser"``) returns values without gradient.
+    """
+    b = _backend(backend)
+    if check:
+        D = check_dissimilarity(D)
+    if b.gives_edges:
+        e = death_edges(D, backend=backend, check=False)
+        return D[e[:, 0], e[:, 1]]
+    with torch.no_grad():
+        values = b.load().death_values(D.detach())
+    return torch.sort(values.to(device=D.device, dtype=D.dtype)).values

@@ -1,0 +1,185 @@
+"""The default backend: an exact minimum spanning tree without leaving the device.
+
+* CPU tensors: Prim's algorithm in O(n^2), compiled with numba when it is
+  installed. It reads each row of the matrix once, straight from the tensor's
+  memory (no copy for a contiguous CPU tensor).
+* CUDA tensors (and CPU without numba): Boruvka's algorithm in torch, a
+  logarithmic number of rounds of whole-matrix reductions, with column
+  contraction so that later rounds work on ``(n, components)`` matrices.
+  It never copies the matrix to the host and synchronises once per round.
+
+Both break ties by a fixed strict total order (Prim: ``(D[i, j], i, j)``
+with ``i < j``; Boruvka: weight, then component labels), so each returns
+the same edges every time on the same matrix, ties and duplicate neurons
+included. Where the MST is not unique the two may pick different (equally
+light) trees; the deaths agree exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+try:  # numba is optional: without it the torch Boruvka serves CPU tensors too
+    import numba
+except Exception:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+__all__ = ["death_edges", "prim_edges", "boruvka_edges", "HAVE_NUMBA"]
+
+HAVE_NUMBA = numba is not None
+
+
+def _prim_kernel(D, out):
+    """Prim's MST on a dense C-contiguous matrix; writes (n - 1, 2) edges into ``out``.
+
+    ``best_w[v], best_u[v]`` is the lightest edge from the tree to ``v``, under
+    the order (weight, min endpoint, max endpoint). ``rest`` holds the
+    vertices still outside the tree, compacted by swap-removal so each step
+    scans only those.
+    """
+    n = D.shape[0]
+    rest = np.arange(1, n)
+    n_rest = n - 1
+    best_w = np.full(n, np.inf, dtype=D.dtype)
+    best_u = np.zeros(n, dtype=np.int64)
+    u = 0
+    for step in range(n - 1):
+        row = D[u]
+        arg = -1
+        aw = np.inf
+        alo = 0
+        ahi = 0
+        for k in range(n_rest):
+            v = rest[k]
+            w = row[v]
+            bw = best_w[v]
+            if w < bw:
+                best_w[v] = w
+                best_u[v] = u
+                bw = w
+            elif w == bw:
+                # tie: keep the lexicographically smaller (min, max) pair
+                bu = best_u[v]
+                if min(u, v) < min(bu, v) or (min(u, v) == min(bu, v) and max(u, v) < max(bu, v)):
+                    best_u[v] = u
+            if bw < aw:
+                arg = k
+                aw = bw
+                bu = best_u[v]
+                alo = min(bu, v)
+                ahi = max(bu, v)
+            elif bw == aw:
+                bu = best_u[v]
+                lo = min(bu, v)
+                hi = max(bu, v)
+                if lo < alo or (lo == alo and hi < ahi):
+                    arg = k
+                    alo = lo
+                    ahi = hi
+        v = rest[arg]
+        out[step, 0] = alo
+        out[step, 1] = ahi
+        n_rest -= 1
+        rest[arg] = rest[n_rest]
+        u = v
+
+
+_prim_compiled = numba.njit(cache=True, nogil=True)(_prim_kernel) if HAVE_NUMBA else None
+
+
+def prim_edges(D: torch.Tensor) -> torch.Tensor:
+    """Exact MST by compiled Prim. D: (n, n) CPU tensor -> (n - 1, 2) LongTensor."""
+    if not HAVE_NUMBA:
+        raise RuntimeError("prim_edges needs numba; use boruvka_edges instead")
+    X = D.detach()
+    if X.dtype not in (torch.float32, torch.float64):
+        X = X.float()  # half and bfloat16 widen to float32 exactly
+    X = X.contiguous().numpy()
+    out = np.empty((X.shape[0] - 1, 2), dtype=np.int64)
+    _prim_compiled(X, out)
+    return torch.from_numpy(out)
+
+
+def _pointer_jump(parent: torch.Tensor) -> torch.Tensor:
+    """Roots of a forest given by parent pointers (roots point to themselves)."""
+    while True:
+        grand = parent[parent]
+        if torch.equal(grand, parent):
+            return parent
+        parent = grand
+
+
+def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
+    """Exact MST by Boruvka's algorithm in torch, on ``D``'s device.
+
+    D: (n, n) tensor -> (n - 1, 2) LongTensor on ``D``'s device.
+
+    Each round every component picks its lightest outgoing edge under the order
+    (weight, i, j), i < j; the picks form a forest (a strict total order
+    admits no cycle), which is contracted. ``R[i, b]`` holds the lightest
+    edge from vertex ``i`` into component ``b``; columns are contracted after
+    each round, so the first round reads ``n x n`` and later ones ``n x c``.
+    """
+    n = D.shape[0]
+    dev = D.device
+    X = D.detach()
+    if X.dtype not in (torch.float32, torch.float64):
+        X = X.float()
+    inf = torch.tensor(float("inf"), dtype=X.dtype, device=dev)
+    verts = torch.arange(n, device=dev)
+    comp = verts.clone()  # component of each vertex, labels 0..c-1
+    R = X.clone()  # the one working copy
+    R.diagonal().fill_(inf)
+    c = n
+    picked = []
+    while c > 1:
+        # lightest edge from each vertex into another component; argmin takes
+        # the first index among ties, i.e. the smallest component label
+        w, b = R.min(dim=1)
+        # per component: the lightest (weight, target component) over its
+        # vertices; weights are >= 0 so their bits order like the floats
+        bits = w.view(torch.int64 if w.dtype == torch.float64 else torch.int32).to(torch.int64)
+        if w.dtype == torch.float64:
+            # 64-bit weight bits leave no room for the label: rank the weights
+            bits = torch.unique(w, return_inverse=True)[1]
+        key = (bits << 32) | b
+        best = torch.full((c,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+        best.scatter_reduce_(0, comp, key, reduce="amin")
+        # the representative vertex of each component: the smallest achieving it
+        hit = key == best[comp]
+        rep = torch.full((c,), n, dtype=torch.long, device=dev)
+        rep.scatter_reduce_(0, comp, torch.where(hit, verts, n), reduce="amin")
+        target = best & 0xFFFFFFFF  # the component each component joins
+        # the other endpoint: the first vertex of the target component at that weight
+        row = X[rep]
+        row = torch.where(comp[None, :] == target[:, None], row, inf)
+        other = row.argmin(dim=1)
+        # a mutual pick (a -> b and b -> a) is one edge: keep it once
+        src = torch.arange(c, device=dev)
+        mutual = target[target] == src
+        keep = ~(mutual & (src > target))
+        picked.append(torch.stack([rep[keep], other[keep]], dim=1))
+        parent = torch.where(mutual & (src < target), src, target)
+        root = _pointer_jump(parent)
+        labels, new = torch.unique(root, return_inverse=True)
+        c = labels.numel()
+        comp = new[comp]
+        if c > 1:
+            # contract columns: R'[i, b'] = min over b in b' of R[i, b]
+            with warnings.catch_warnings():  # "index_reduce() is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                R = torch.full((n, c), float("inf"), dtype=X.dtype, device=dev).index_reduce_(
+                    1, new, R, "amin", include_self=True
+                )
+            R.scatter_(1, comp[:, None], inf.expand(n, 1))
+    return torch.cat(picked) if picked else torch.empty((0, 2), dtype=torch.long, device=dev)
+
+
+def death_edges(D: torch.Tensor) -> torch.Tensor:
+    """(n, n) dissimilarity -> (n - 1, 2) death edges on D's device."""
+    if D.device.type == "cpu" and HAVE_NUMBA:
+        return prim_edges(D)
+    return boruvka_edges(D)
