@@ -1,0 +1,154 @@
+"""``TopologicalRegulariser``: the pipeline as an ``nn.Module`` around a model.
+
+It holds configuration and forward hooks; the maths lives in the functional
+modules (:mod:`~toponeuro.dissimilarity`, :mod:`~toponeuro.persistence`,
+:mod:`~toponeuro.regularisers`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import dissimilarity as _dissimilarity
+from . import persistence, regularisers
+from ._validation import check_activations
+from .distributed import SYNC_MODES, gather_batch
+from .sampling import ActivationRecorder, AllNeurons, Sampler
+
+__all__ = ["TopologicalRegulariser", "FORMULAS"]
+
+FORMULAS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
+
+
+class TopologicalRegulariser(nn.Module):
+    """Regulariser computed from the activations of the model's last forward pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; forward hooks are attached to it.
+    formula : {"t1", "t2", "min_corr", "decov", "l1", "l2"}
+        ``t1``/``t2`` act on the deaths of the 0-dimensional persistence of the
+        sampled neurons; ``min_corr``/``decov`` on their activations;
+        ``l1``/``l2`` on the model's weights (no recording needed).
+    backend : str
+        Persistence backend (:func:`toponeuro.persistence.available_backends`).
+    dissimilarity : str or callable
+        Name in :data:`toponeuro.dissimilarity.DISSIMILARITIES` or a function
+        ``(m, n) -> (n, n)``.
+    sampler : Sampler
+        Which neurons to use; :class:`~toponeuro.sampling.AllNeurons` by default.
+    alpha : float
+        T2's weight on the standard deviation.
+    modules : iterable of str, optional
+        Record these modules instead of every non-linearity (see
+        :class:`~toponeuro.sampling.ActivationRecorder`).
+    include_output : bool
+        Record the logits as neurons too (the paper does).
+    conv : {"flatten", "channel"}
+        Convolution maps: each position a neuron, or each channel's mean.
+    sync : {"global", "local"}
+        Under DistributedDataParallel, compute on the global batch (all-gather
+        with autograd) or on this rank's slice. Same thing in one process.
+
+    Examples
+    --------
+    >>> reg = TopologicalRegulariser(model, formula="t1")
+    >>> out = model(x)
+    >>> loss = F.cross_entropy(out, y) + 1e-3 * reg()
+    """
+
+    def __init__(self, model: nn.Module, formula: str = "t1", backend: str = "torch",
+                 dissimilarity="abs_correlation", sampler: Sampler | None = None, alpha: float = 0.5,
+                 modules: Iterable[str] | None = None, include_output: bool = True, conv: str = "flatten",
+                 sync: str = "global"):
+        super().__init__()
+        if formula not in FORMULAS:
+            raise ValueError(f"unknown formula {formula!r}; choose one of {FORMULAS}")
+        if backend not in persistence.available_backends():
+            persistence._backend(backend)  # raises the ValueError naming what is available
+        if formula in ("t1", "t2") and not persistence.BACKENDS[backend].gives_edges:
+            raise ValueError(
+                f"backend {backend!r} gives death values without gradient; T1/T2 need death edges: "
+                f"use one of {[b for b in persistence.available_backends() if persistence.BACKENDS[b].gives_edges]}"
+            )
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise ValueError(f"sampler must be a toponeuro.sampling.Sampler, got {type(sampler).__name__}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        self.formula = formula
+        self.backend = backend
+        self.dissimilarity = _dissimilarity.get(dissimilarity)
+        self.sampler = sampler if sampler is not None else AllNeurons()
+        self.alpha = alpha
+        self.sync = sync
+        # the model is not a submodule: reg.parameters() / state_dict() stay empty
+        self.__dict__["model"] = model
+        self.recorder = None
+        if formula not in ("l1", "l2"):
+            self.recorder = ActivationRecorder(model, modules=modules, include_output=include_output, conv=conv)
+
+    # -- hooks ---------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.recorder is None or self.recorder.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if self.recorder is not None:
+            self.recorder.enabled = bool(value)
+            if not value:
+                self.recorder.clear()
+
+    def remove(self) -> None:
+        """Remove the forward hooks from the model."""
+        if self.recorder is not None:
+            self.recorder.remove()
+
+    def __enter__(self) -> "TopologicalRegulariser":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- the pipeline ----------------------------------------------------------
+    def activations(self) -> torch.Tensor:
+        """The sampled activations of the last forward pass: (m, n), batch first.
+
+        Under a process group with ``sync="global"``, ``m`` is the global batch.
+        """
+        if self.recorder is None:
+            raise ValueError(f"formula {self.formula!r} uses the weights, not activations")
+        A = self.sampler(self.recorder.layers(), self.recorder.output_name)
+        return gather_batch(check_activations(A), self.sync)
+
+    def dissimilarity_matrix(self) -> torch.Tensor:
+        """(n, n) dissimilarity of the sampled neurons of the last pass."""
+        return self.dissimilarity(self.activations(), check=False)
+
+    def deaths(self) -> torch.Tensor:
+        """(n - 1,) deaths of the sampled neurons of the last pass, differentiable."""
+        return persistence.deaths(self.dissimilarity_matrix(), backend=self.backend, check=False)
+
+    def forward(self) -> torch.Tensor:
+        """The regulariser value (scalar) of the last forward pass."""
+        if self.formula == "l1":
+            return regularisers.l1(self.model)
+        if self.formula == "l2":
+            return regularisers.l2(self.model)
+        if self.formula == "t1":
+            return regularisers.t1(self.deaths())
+        if self.formula == "t2":
+            return regularisers.t2(self.deaths(), alpha=self.alpha)
+        A = self.activations()
+        return regularisers.FORMULAS_ON_ACTIVATIONS[self.formula](A)
+
+    def extra_repr(self) -> str:
+        return (f"formula={self.formula!r}, backend={self.backend!r}, "
+                f"dissimilarity={getattr(self.dissimilarity, '__name__', self.dissimilarity)!r}, "
+                f"sampler={self.sampler!r}, sync={self.sync!r}")
