@@ -1,0 +1,219 @@
+"""Tests for toponeuro.training: the fit loop against hand computations."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import scipy.sparse.csgraph
+import torch
+from torch import nn
+
+from toponeuro import data, training
+from toponeuro.training import TrainConfig, fit, seed_everything
+
+
+def small_net(in_features=64, hidden=20, classes=10):
+    return nn.Sequential(OrderedDict([
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(in_features, hidden)),
+        ("relu1", nn.ReLU()),
+        ("out", nn.Linear(hidden, classes)),
+    ]))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", "train"), data.load("digits", "val"), data.load("digits", "test")
+
+
+def test_lr_schedule_is_a_staircase():
+    cfg = TrainConfig(lr=0.1, lr_decay=0.5, lr_decay_steps=3)
+    assert [cfg.lr_at(s) for s in range(7)] == [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025]
+    paper = TrainConfig()
+    assert (paper.lr, paper.momentum, paper.nesterov, paper.batch_size, paper.max_epochs, paper.patience) == (
+        0.01, 0.9, True, 256, 1200, 20)
+    assert paper.lr_at(3519) == 0.01 and paper.lr_at(3520) == pytest.approx(0.0095)
+
+
+def test_history_records_the_decayed_learning_rate(digits):
+    train, val, _ = digits
+    n = train[0].shape[0]  # 1149 images -> 5 batches of 256 (the last has 125)
+    assert n == 1149
+    seed_everything(0)
+    cfg = TrainConfig(lr=0.1, lr_decay=0.5, lr_decay_steps=3, max_epochs=2, patience=5)
+    res = fit(small_net(), train, val, config=cfg, progress=False)
+    # epoch 1 ends with step 4 -> 0.1 * 0.5 ** (4 // 3); epoch 2 with step 9 -> 0.1 * 0.5 ** 3
+    assert [h["lr"] for h in res.history] == [0.05, 0.0125]
+    assert math.isnan(res.test_accuracy)
+
+
+def test_one_full_batch_epoch_is_one_nesterov_step_on_the_penalised_loss(digits):
+    train, val, _ = digits
+    X, y = train
+    weight = 0.01
+    seed_everything(3)
+    model = small_net()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(lr=0.05, momentum=0.9, nesterov=True, batch_size=4096, max_epochs=1)
+    fit(model, train, val, method="l2", weight=weight, config=cfg, progress=False)
+    # by hand: first SGD step with momentum buffer = g, Nesterov update p -= lr * (g + m * g)
+    ref = small_net()
+    ref.load_state_dict(start)
+    ce = nn.functional.cross_entropy(ref(X), y)
+    l2 = sum((p * p).sum() for name, p in ref.named_parameters() if p.ndim > 1)
+    grads = torch.autograd.grad(ce + weight * l2, list(ref.parameters()))
+    expected = {name: p.detach() - 0.05 * (1 + 0.9) * g for (name, p), g in zip(ref.named_parameters(), grads)}
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_train_reg_of_a_single_batch_is_the_t1_of_the_initial_network(digits):
+    """T1 = sum of |rho| over the MST edges, computed with NumPy and scipy's MST."""
+    train, val, _ = digits
+    X, _ = train
+    seed_everything(5)
+    model = small_net(hidden=30)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(batch_size=4096, max_epochs=1)
+    res = fit(model, train, val, method="t1", weight=1e-3, config=cfg, progress=False)
+    ref = small_net(hidden=30)
+    ref.load_state_dict(start)
+    with torch.no_grad():
+        h = torch.relu(ref.fc1(X.flatten(1)))
+        A = torch.cat([h, ref.out(h)], 1).double().numpy()
+    Ac = A - A.mean(0)
+    sd = np.sqrt((Ac ** 2).sum(0))
+    live = sd > 0
+    rho = np.zeros((A.shape[1], A.shape[1]))
+    rho[np.ix_(live, live)] = (Ac[:, live].T @ Ac[:, live]) / np.outer(sd[live], sd[live])
+    d = 1.0 - np.abs(rho)
+    np.fill_diagonal(d, 0.0)
+    # scipy's MST drops zero-weight edges; shift weights by a constant (same tree) and undo it
+    shift = 1.0
+    mst = scipy.sparse.csgraph.minimum_spanning_tree(np.triu(d + shift, 1)).toarray()
+    deaths = mst[mst > 0] - shift
+    assert deaths.size == A.shape[1] - 1
+    expected_t1 = float((1.0 - deaths).sum())
+    assert res.history[0]["train_reg"] == pytest.approx(expected_t1, rel=1e-4)
+
+
+def test_same_seed_gives_identical_runs(digits):
+    train, val, test = digits
+    results = []
+    for _ in range(2):
+        seed_everything(11)
+        model = small_net()
+        results.append(fit(model, train, val, test, method="t2", weight=0.1,
+                           config=TrainConfig(lr=0.05, max_epochs=3), seed=11, progress=False))
+    a, b = results
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+    assert [h["train_reg"] for h in a.history] == [h["train_reg"] for h in b.history]
+    assert (a.val_loss, a.test_accuracy) == (b.val_loss, b.test_accuracy)
+    # a different data-order seed changes the run
+    seed_everything(11)
+    c = fit(small_net(), train, val, test, method="t2", weight=0.1,
+            config=TrainConfig(lr=0.05, max_epochs=3), seed=12, progress=False)
+    assert [h["val_loss"] for h in c.history] != [h["val_loss"] for h in a.history]
+
+
+def test_early_stopping_restores_the_best_weights(digits):
+    """Random training labels: the model memorises noise and the validation loss rises."""
+    (X, y), val, _ = digits
+    noisy = (X, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))])
+    seed_everything(0)
+    model = small_net(hidden=64)
+    snapshots = {}
+
+    def snapshot(record):
+        snapshots[record["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    cfg = TrainConfig(lr=0.2, batch_size=64, max_epochs=60, patience=3)
+    res = fit(model, noisy, val, config=cfg, progress=False, on_epoch=snapshot)
+    losses = [h["val_loss"] for h in res.history]
+    best = int(np.argmin(losses)) + 1
+    assert res.stopped_early and res.epochs < cfg.max_epochs
+    assert res.best_epoch == best
+    assert res.epochs == best + cfg.patience
+    assert best < res.epochs  # the final epoch's weights are not the best ones
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[best][name]), name
+    # the returned validation numbers are those of the restored weights
+    assert res.val_loss == pytest.approx(losses[best - 1], rel=1e-6)
+    assert res.val_accuracy == res.history[best - 1]["val_accuracy"]
+
+
+def test_none_ignores_the_weight_and_dropout_is_none(digits):
+    train, val, _ = digits
+    runs = []
+    for method, weight in (("none", 0.0), ("none", 5.0), ("dropout", 1.0)):
+        seed_everything(2)
+        runs.append(fit(small_net(), train, val, method=method, weight=weight,
+                        config=TrainConfig(max_epochs=1), progress=False))
+    assert runs[0].val_loss == runs[1].val_loss == runs[2].val_loss
+    assert runs[0].history[0]["train_reg"] == 0.0
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"method": "foo"}, "unknown method 'foo'"),
+    ({"weight": -1.0}, "weight"),
+    ({"weight": float("nan")}, "weight"),
+    ({"seed": -3}, "seed"),
+    ({"config": {"lr": 0.1}}, "TrainConfig"),
+])
+def test_fit_rejects_bad_arguments(digits, kwargs, needle):
+    train, val, _ = digits
+    with pytest.raises(ValueError, match=needle):
+        fit(small_net(), train, val, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"lr": 0}, "lr"), ({"momentum": 1.5}, "momentum"), ({"batch_size": 1}, "batch_size"),
+    ({"max_epochs": 0}, "max_epochs"), ({"patience": 2.5}, "patience"), ({"nesterov": "yes"}, "nesterov"),
+])
+def test_train_config_rejects_bad_values(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(**kwargs)
+
+
+def test_fit_rejects_bad_data(digits):
+    train, val, _ = digits
+    with pytest.raises(ValueError, match="pair"):
+        fit(small_net(), train[0], val, progress=False)
+    with pytest.raises(ValueError, match="rows"):
+        fit(small_net(), (train[0], train[1][:10]), val, progress=False)
+
+
+def test_divergence_stops_and_keeps_finite_weights(digits):
+    train, val, _ = digits
+    seed_everything(0)
+    model = small_net()
+    res = fit(model, train, val, method="l2", weight=1e4, config=TrainConfig(lr=1.0, max_epochs=20),
+              progress=False)
+    assert res.diverged and res.epochs < 20
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_device_label_and_resolve():
+    assert training.device_label("cpu") == "cpu"
+    assert training.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device"):
+        training.resolve_device("tpu-7")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            training.resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+def test_fit_on_cuda_matches_cpu_roughly(digits):
+    train, val, test = digits
+    out = {}
+    for dev in ("cpu", "cuda"):
+        seed_everything(4)
+        out[dev] = fit(small_net(hidden=32), train, val, test, method="t1", weight=1e-3,
+                       config=TrainConfig(lr=0.05, max_epochs=2), device=dev, seed=4, progress=False)
+    assert out["cuda"].device.startswith("cuda:")
+    assert out["cuda"].val_loss == pytest.approx(out["cpu"].val_loss, rel=1e-3)
