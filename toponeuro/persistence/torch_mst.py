@@ -2,11 +2,13 @@
 
 * CPU tensors: Prim's algorithm in O(n^2), compiled with numba when it is
   installed. It reads each row of the matrix once, straight from the tensor's
-  memory (no copy for a contiguous CPU tensor).
+  memory (no copy for a contiguous float32/float64 CPU tensor), and keeps
+  O(n) state besides.
 * CUDA tensors (and CPU without numba): Boruvka's algorithm in torch, a
   logarithmic number of rounds of whole-matrix reductions, with column
   contraction so that later rounds work on ``(n, components)`` matrices.
-  It never copies the matrix to the host and synchronises once per round.
+  It never copies the matrix to the host and synchronises a few times per
+  round (never per vertex).
 
 Both break ties by a fixed strict total order (Prim: ``(D[i, j], i, j)``
 with ``i < j``; Boruvka: weight, then component labels), so each returns
@@ -31,9 +33,58 @@ __all__ = ["death_edges", "prim_edges", "boruvka_edges", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
+# The packed Prim kernel stores an edge as one int64 key
+# ``bits(w) << 32 | i << 16 | j`` (i < j), so vertex labels must fit 16 bits.
+_PACKED_MAX_N = 1 << 16
+
+
+def _prim_packed_kernel(D, out):
+    """Prim's MST on a dense C-contiguous float32 matrix, n <= 65536.
+
+    Writes the (n - 1, 2) edges ``(i, j)``, ``i < j``, into ``out``, in the
+    order they join the tree.
+
+    The order on edges is ``(D[i, j], i, j)`` lexicographically. A
+    non-negative float32 orders like its bit pattern read as an integer, so
+    the whole order is the integer order of the key
+    ``bits(D[i, j]) << 32 | i << 16 | j``; the lightest edge from the tree to
+    ``v`` is ``key[v]`` and the next tree edge is ``min(key)``. The inner loop
+    is a branch-free pass over one contiguous row that the compiler
+    vectorises; vertices already in the tree are masked by ``block[v]``
+    (all ones), which pins their key at the maximum.
+    """
+    n = D.shape[0]
+    bits = D.view(np.int32)
+    top = np.iinfo(np.int64).max
+    key = np.full(n, top, dtype=np.int64)
+    block = np.zeros(n, dtype=np.int64)  # `top` for tree vertices, else 0
+    block[0] = top
+    u = 0
+    for step in range(n - 1):
+        row = bits[u]
+        best = top
+        for v in range(n):
+            lo = min(u, v)
+            hi = max(u, v)
+            # & 0x7FFFFFFF reads -0.0 as +0.0 (equal weights tie by (i, j))
+            cand = (np.int64(row[v] & 0x7FFFFFFF) << 32) | (np.int64(lo) << 16) | np.int64(hi)
+            k = min(key[v], cand) | block[v]
+            key[v] = k
+            best = min(best, k)
+        lo = (best >> 16) & 0xFFFF
+        hi = best & 0xFFFF
+        v = lo if block[lo] == 0 else hi
+        block[v] = top
+        out[step, 0] = lo
+        out[step, 1] = hi
+        u = v
+
 
 def _prim_kernel(D, out):
     """Prim's MST on a dense C-contiguous matrix; writes (n - 1, 2) edges into ``out``.
+
+    The general kernel, for float64 and for n > 65536; float32 with
+    n <= 65536 takes :func:`_prim_packed_kernel` (same edges, faster).
 
     ``best_w[v], best_u[v]`` is the lightest edge from the tree to ``v``, under
     the order (weight, min endpoint, max endpoint). ``rest`` holds the
@@ -87,7 +138,11 @@ def _prim_kernel(D, out):
         u = v
 
 
-_prim_compiled = numba.njit(cache=True, nogil=True)(_prim_kernel) if HAVE_NUMBA else None
+if HAVE_NUMBA:
+    _prim_compiled = numba.njit(cache=True, nogil=True)(_prim_kernel)
+    _prim_packed_compiled = numba.njit(cache=True, nogil=True)(_prim_packed_kernel)
+else:  # pragma: no cover
+    _prim_compiled = _prim_packed_compiled = None
 
 
 def prim_edges(D: torch.Tensor) -> torch.Tensor:
@@ -98,8 +153,12 @@ def prim_edges(D: torch.Tensor) -> torch.Tensor:
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()  # half and bfloat16 widen to float32 exactly
     X = X.contiguous().numpy()
-    out = np.empty((X.shape[0] - 1, 2), dtype=np.int64)
-    _prim_compiled(X, out)
+    n = X.shape[0]
+    out = np.empty((n - 1, 2), dtype=np.int64)
+    if X.dtype == np.float32 and n <= _PACKED_MAX_N:
+        _prim_packed_compiled(X, out)
+    else:
+        _prim_compiled(X, out)
     return torch.from_numpy(out)
 
 
