@@ -1,0 +1,402 @@
+"""ActivationRecorder (forward hooks) and the neuron samplers.
+
+References are independent: activations recomputed by running the model's
+layers by hand, and the samplers' choices recomputed in NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toponeuro import models
+from toponeuro.sampling import (
+    OUTPUT,
+    ActivationRecorder,
+    AllNeurons,
+    ImportanceSampler,
+    IndexSampler,
+    RandomSampler,
+)
+
+BATCH = 6
+
+
+@pytest.fixture
+def x28():
+    torch.manual_seed(0)
+    return torch.rand(BATCH, 1, 28, 28)
+
+
+def _build(name: str) -> nn.Sequential:
+    torch.manual_seed(1)
+    return models.build(name)
+
+
+def _hand_forward_mlp(model: nn.Sequential, x: torch.Tensor, hidden: int):
+    """The ReLU outputs of each hidden layer and the logits, computed layer by layer."""
+    h = x.flatten(1)
+    outs = OrderedDict()
+    for k in range(1, hidden + 1):
+        h = F.relu(getattr(model, f"fc{k}")(h))
+        outs[f"relu{k}"] = h
+    outs[OUTPUT] = model.out(h)
+    return outs
+
+
+def _no_hooks_left(model: nn.Module) -> bool:
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()
+    )
+
+
+# --------------------------------------------------------------------------
+# the recorder on the project's models
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp", "mlp-deep"])
+def test_recorder_captures_relu_outputs_and_logits_in_forward_order(name, x28):
+    model = _build(name)
+    rec = ActivationRecorder(model)
+    out = model(x28)
+    layers = rec.layers()
+    hidden = models.HIDDEN_WIDTHS[name]
+    assert list(layers) == [f"relu{k}" for k in range(1, len(hidden) + 1)] + [OUTPUT]
+    assert [A.shape for A in layers.values()] == [(BATCH, w) for w in (*hidden, 10)]
+    with torch.no_grad():
+        want = _hand_forward_mlp(model, x28, len(hidden))
+    for key in want:
+        torch.testing.assert_close(layers[key].detach(), want[key], rtol=0, atol=0)
+    assert torch.equal(layers[OUTPUT], out)
+    # the records keep autograd back to the weights
+    layers["relu1"].sum().backward()
+    assert model.fc1.weight.grad is not None and model.fc1.weight.grad.abs().sum() > 0
+
+
+def test_mlp_widths_are_the_papers():
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    model(torch.rand(3, 1, 28, 28))
+    assert [A.shape[1] for A in rec.layers().values()] == [450, 350, 200, 10]
+
+
+def test_dropout_model_records_the_relu_before_dropout(x28):
+    model = _build("mlp-dropout")
+    model.train()  # dropout active
+    dropped = {}
+
+    def keep_dropout_output(module, inputs, output):  # returns None: output unchanged
+        dropped["dropout1"] = output.detach()
+
+    handle = model.dropout1.register_forward_hook(keep_dropout_output)
+    rec = ActivationRecorder(model)
+    model(x28)
+    layers = rec.layers()
+    assert list(layers) == ["relu1", "relu2", "relu3", OUTPUT]  # no dropout entries
+    assert [A.shape[1] for A in layers.values()] == [450, 350, 200, 10]
+    with torch.no_grad():
+        before = F.relu(model.fc1(x28.flatten(1)))
+    torch.testing.assert_close(layers["relu1"].detach(), before, rtol=0, atol=0)
+    # and that is not what came out of the dropout (which zeroed and rescaled)
+    assert not torch.equal(dropped["dropout1"], before)
+    handle.remove()
+    # in eval mode dropout is the identity: the whole pass matches the plain MLP by hand
+    model.eval()
+    model(x28)
+    with torch.no_grad():
+        want = _hand_forward_mlp(model, x28, 3)
+    for key in want:
+        torch.testing.assert_close(rec.layers()[key].detach(), want[key], rtol=0, atol=0)
+
+
+def _hand_forward_cnn(model, x):
+    with torch.no_grad():
+        r1 = F.relu(model.conv1(x))
+        r2 = F.relu(model.conv2(F.max_pool2d(r1, 2)))
+        r3 = F.relu(model.fc1(F.max_pool2d(r2, 2).flatten(1)))
+        return r1, r2, r3, model.out(r3)
+
+
+def test_cnn_flatten_makes_every_position_a_neuron(x28):
+    model = _build("cnn")
+    rec = ActivationRecorder(model, conv="flatten")
+    model(x28)
+    layers = rec.layers()
+    assert list(layers) == ["relu1", "relu2", "relu3", OUTPUT]
+    assert [A.shape[1] for A in layers.values()] == [16 * 28 * 28, 32 * 14 * 14, 128, 10]
+    r1, r2, r3, logits = _hand_forward_cnn(model, x28)
+    for got, want in zip(layers.values(), (r1.flatten(1), r2.flatten(1), r3, logits)):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cnn_channel_makes_every_channel_a_neuron(x28):
+    model = _build("cnn")
+    rec = ActivationRecorder(model, conv="channel")
+    model(x28)
+    layers = rec.layers()
+    assert [A.shape[1] for A in layers.values()] == [16, 32, 128, 10]
+    r1, r2, r3, logits = _hand_forward_cnn(model, x28)
+    for got, want in zip(layers.values(), (r1.mean((2, 3)), r2.mean((2, 3)), r3, logits)):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_forward_pass_replaces_the_records(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    model(x28)
+    model(x28[:3])
+    assert all(A.shape[0] == 3 for A in rec.layers().values())
+
+
+# --------------------------------------------------------------------------
+# when nothing is recorded
+# --------------------------------------------------------------------------
+def test_nothing_recorded_under_no_grad(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    with torch.no_grad():
+        model(x28)
+    assert not rec.has_pass
+    with pytest.raises(ValueError, match="no activations recorded"):
+        rec.layers()
+
+
+def test_nothing_recorded_when_disabled(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    rec.enabled = False
+    model(x28)
+    assert not rec.has_pass
+    rec.enabled = True
+    model(x28)
+    assert rec.has_pass
+
+
+def test_remove_removes_the_hooks(x28):
+    model = _build("cnn")
+    assert _no_hooks_left(model)
+    rec = ActivationRecorder(model)
+    assert not _no_hooks_left(model)
+    model(x28)
+    assert rec.has_pass
+    rec.remove()
+    assert _no_hooks_left(model)
+    model(x28)
+    assert not rec.has_pass
+    with pytest.raises(ValueError):
+        rec.layers()
+
+
+def test_no_recording_before_any_forward_pass():
+    rec = ActivationRecorder(_build("mlp"))
+    with pytest.raises(ValueError, match="forward pass"):
+        rec.layers()
+
+
+# --------------------------------------------------------------------------
+# explicit modules, options, bad input
+# --------------------------------------------------------------------------
+def test_explicit_module_names_record_those_modules(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model, modules=["fc2", "relu1"], include_output=False)
+    model(x28)
+    layers = rec.layers()
+    # forward order, whatever order the names were given in; no output
+    assert list(layers) == ["relu1", "fc2"]
+    with torch.no_grad():
+        h1 = F.relu(model.fc1(x28.flatten(1)))
+        pre2 = model.fc2(h1)
+    torch.testing.assert_close(layers["relu1"].detach(), h1, rtol=0, atol=0)
+    torch.testing.assert_close(layers["fc2"].detach(), pre2, rtol=0, atol=0)
+    assert (layers["fc2"] < 0).any()  # pre-activation: really the Linear's output
+
+
+def test_include_output_false_leaves_logits_out(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model, include_output=False)
+    model(x28)
+    assert list(rec.layers()) == ["relu1", "relu2", "relu3"]
+    assert rec.output_name is None
+
+
+def test_unknown_module_name_raises():
+    with pytest.raises(ValueError, match="no module named"):
+        ActivationRecorder(_build("mlp"), modules=["relu1", "relu9"])
+
+
+def test_bad_conv_mode_and_non_module_raise():
+    with pytest.raises(ValueError, match="conv"):
+        ActivationRecorder(_build("cnn"), conv="pixels")
+    with pytest.raises(ValueError, match="nn.Module"):
+        ActivationRecorder(lambda x: x)
+
+
+def test_nothing_to_record_raises():
+    with pytest.raises(ValueError, match="nothing to record"):
+        ActivationRecorder(nn.Sequential(nn.Linear(3, 2)), include_output=False)
+
+
+# --------------------------------------------------------------------------
+# samplers on hand-made layers, against NumPy
+# --------------------------------------------------------------------------
+def _layers_with_ties() -> "OrderedDict[str, torch.Tensor]":
+    """Three layers; the hidden ones have tied importance scores (dead and copied units)."""
+    g = torch.Generator().manual_seed(3)
+    h1 = torch.rand(8, 11, generator=g)
+    h1[:, [2, 5, 9]] = 0.0                 # three dead units: tied at score 0
+    h1[:, 7] = h1[:, 4]                    # a tie among live units
+    h2 = torch.randn(8, 7, generator=g)    # negative values: the score uses |a|
+    h2[:, 6] = -h2[:, 1]                   # tie between a column and its negative
+    out = torch.randn(8, 5, generator=g)
+    return OrderedDict([("relu1", h1), ("relu2", h2), (OUTPUT, out)])
+
+
+def _numpy_importance(layers, p, keep_output=True):
+    parts = []
+    for name, A in layers.items():
+        a = A.detach().numpy()
+        if name == OUTPUT and keep_output:
+            parts.append(a)
+            continue
+        k = math.floor(p * a.shape[1])
+        score = np.abs(a).mean(axis=0)
+        top = np.argsort(-score, kind="stable")[:k]  # highest first, ties: lower index
+        parts.append(a[:, np.sort(top)])
+    return np.concatenate(parts, axis=1)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("keep_output", [True, False])
+def test_importance_sampler_matches_numpy(p, keep_output):
+    layers = _layers_with_ties()
+    got = ImportanceSampler(p, keep_output=keep_output)(layers, OUTPUT)
+    want = _numpy_importance(layers, p, keep_output)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_importance_sampler_keeps_the_output_whole_and_floor_p_width():
+    layers = _layers_with_ties()
+    chosen = ImportanceSampler(0.5).select(layers, OUTPUT)
+    assert chosen[OUTPUT] is None
+    assert [len(chosen["relu1"]), len(chosen["relu2"])] == [5, 3]  # floor(5.5), floor(3.5)
+
+
+def test_importance_sampler_breaks_ties_by_lower_index():
+    # mean |a| per column: 2, 1, 1, 1, 0, 3 -> the top 3 are columns 5, 0 and,
+    # of the tied 1, 2, 3, column 1; returned in index order
+    A = torch.tensor([[2.0, 1.0, -1.0, 1.0, 0.0, 3.0],
+                      [-2.0, 1.0, 1.0, -1.0, 0.0, 3.0]])
+    layers = OrderedDict([("relu1", A), (OUTPUT, torch.rand(2, 2))])
+    chosen = ImportanceSampler(0.5).select(layers, OUTPUT)
+    assert chosen["relu1"].tolist() == [0, 1, 5]
+    chosen = ImportanceSampler(0.8).select(layers, OUTPUT)  # floor(4.8) = 4
+    assert chosen["relu1"].tolist() == [0, 1, 2, 5]
+
+
+def test_importance_sampler_on_a_recorded_mlp_matches_numpy(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    model(x28)
+    layers = rec.layers()
+    got = ImportanceSampler(0.25)(layers, rec.output_name)
+    want = _numpy_importance(layers, 0.25)
+    assert got.shape == (BATCH, 112 + 87 + 50 + 10)
+    np.testing.assert_array_equal(got.detach().numpy(), want)
+    # the chosen columns keep autograd back to the weights
+    got.sum().backward()
+    assert model.fc1.weight.grad.abs().sum() > 0
+
+
+def test_all_neurons_is_every_column_in_order():
+    layers = _layers_with_ties()
+    got = AllNeurons()(layers, OUTPUT)
+    np.testing.assert_array_equal(got.numpy(), np.concatenate([A.numpy() for A in layers.values()], axis=1))
+
+
+def _random_choice(sampler, layers):
+    return {k: (None if v is None else v.tolist()) for k, v in sampler.select(layers, OUTPUT).items()}
+
+
+def test_random_sampler_is_reproducible_for_a_seed():
+    layers = _layers_with_ties()
+    a, b = RandomSampler(0.5, seed=7), RandomSampler(0.5, seed=7)
+    draws_a = [_random_choice(a, layers) for _ in range(3)]
+    draws_b = [_random_choice(b, layers) for _ in range(3)]
+    assert draws_a == draws_b
+    torch.testing.assert_close(RandomSampler(0.5, seed=7)(layers), RandomSampler(0.5, seed=7)(layers))
+    a.reset()
+    assert _random_choice(a, layers) == draws_a[0]
+
+
+def test_random_sampler_differs_for_another_seed():
+    layers = OrderedDict([("relu1", torch.rand(4, 200)), (OUTPUT, torch.rand(4, 3))])
+    a = _random_choice(RandomSampler(0.5, seed=0), layers)
+    b = _random_choice(RandomSampler(0.5, seed=1), layers)
+    assert a["relu1"] != b["relu1"]  # C(200, 100) choices: equal only by a miracle
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1.0])
+def test_random_sampler_takes_floor_p_width_distinct_columns_per_layer(p):
+    layers = _layers_with_ties()
+    sampler = RandomSampler(p, seed=3)
+    chosen = sampler.select(layers, OUTPUT)
+    assert chosen[OUTPUT] is None
+    for name in ("relu1", "relu2"):
+        idx = chosen[name].tolist()
+        width = layers[name].shape[1]
+        assert len(idx) == math.floor(p * width)
+        assert len(set(idx)) == len(idx) and all(0 <= i < width for i in idx)
+    # the matrix is those columns, layer by layer, then the whole output
+    sampler.reset()
+    got = sampler(layers, OUTPUT)
+    want = np.concatenate([layers["relu1"].numpy()[:, chosen["relu1"].numpy()],
+                           layers["relu2"].numpy()[:, chosen["relu2"].numpy()],
+                           layers[OUTPUT].numpy()], axis=1)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_random_sampler_keep_output_false_samples_the_output_too():
+    layers = _layers_with_ties()
+    chosen = RandomSampler(0.6, seed=0, keep_output=False).select(layers, OUTPUT)
+    assert len(chosen[OUTPUT]) == 3  # floor(0.6 * 5)
+
+
+def test_index_sampler_picks_the_named_columns():
+    layers = _layers_with_ties()
+    got = IndexSampler({"relu2": [4, 0, 6], OUTPUT: None})(layers, OUTPUT)
+    want = np.concatenate([layers["relu2"].numpy()[:, [4, 0, 6]], layers[OUTPUT].numpy()], axis=1)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("indices, match", [
+    ({"relu1": [0, 11]}, "must lie in"),
+    ({"relu1": [-1, 2]}, "must lie in"),
+    ({"relu7": [0]}, "not recorded"),
+])
+def test_index_sampler_bad_indices_raise(indices, match):
+    with pytest.raises(ValueError, match=match):
+        IndexSampler(indices)(_layers_with_ties(), OUTPUT)
+
+
+def test_index_sampler_needs_an_entry():
+    with pytest.raises(ValueError):
+        IndexSampler({})
+
+
+def test_sampler_that_chooses_nothing_raises():
+    layers = OrderedDict([("relu1", torch.rand(4, 3))])
+    with pytest.raises(ValueError, match="no neurons"):
+        ImportanceSampler(0.1)(layers, None)  # floor(0.3) = 0
+
+
+@pytest.mark.parametrize("p", [0, 0.0, -0.5, 1.01, 2, float("nan"), "0.5", None])
+@pytest.mark.parametrize("cls", [ImportanceSampler, RandomSampler])
+def test_p_outside_zero_one_raises(cls, p):
+    with pytest.raises(ValueError, match="p must be"):
+        cls(p)
