@@ -171,16 +171,50 @@ def _pointer_jump(parent: torch.Tensor) -> torch.Tensor:
         parent = grand
 
 
+# Most elements of a temporary (rows of D gathered per component) that
+# Boruvka allocates at once: 2^24 float32 = 64 MiB.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _first_endpoint(X, rep, target, comp, inf) -> torch.Tensor:
+    """For each component: the first vertex of its target component at the lightest weight.
+
+    X: (n, n); rep, target: (c,) the representative vertex of each component
+    and the component it joins; comp: (n,) component labels. Returns (c,)
+    vertices. Rows are gathered in blocks of at most ``_BLOCK_ELEMENTS``
+    elements, so no (c, n) temporary is ever allocated.
+    """
+    n = X.shape[0]
+    c = rep.shape[0]
+    block = max(1, _BLOCK_ELEMENTS // n)
+    parts = []
+    for start in range(0, c, block):
+        stop = min(start + block, c)
+        row = X[rep[start:stop]]
+        row = torch.where(comp[None, :] == target[start:stop, None], row, inf)
+        # argmin takes the first index among equal minima: the smallest vertex
+        parts.append(row.argmin(dim=1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
     """Exact MST by Boruvka's algorithm in torch, on ``D``'s device.
 
     D: (n, n) tensor -> (n - 1, 2) LongTensor on ``D``'s device.
 
-    Each round every component picks its lightest outgoing edge under the order
-    (weight, i, j), i < j; the picks form a forest (a strict total order
-    admits no cycle), which is contracted. ``R[i, b]`` holds the lightest
+    Each round every component picks its lightest outgoing edge, ties going
+    to the smallest target component label; this order admits no cycle of
+    picks other than mutual pairs (kept once), so the picks form a forest,
+    which is contracted. ``R[i, b]`` holds the lightest
     edge from vertex ``i`` into component ``b``; columns are contracted after
-    each round, so the first round reads ``n x n`` and later ones ``n x c``.
+    each round, so the first round reads ``n x n`` and later ones ``n x c``
+    with ``c <= n / 2``.
+
+    Memory: ``R`` is the one ``n x n`` working copy (besides ``D``); the
+    contraction allocates the ``n x c`` successor (``c <= n / 2``) before
+    ``R`` is freed; other temporaries are vectors or blocks of at most
+    ``_BLOCK_ELEMENTS`` elements. Synchronisation: a few host reads per
+    round (the component count, the pointer-jumping test), never per vertex.
     """
     n = D.shape[0]
     dev = D.device
@@ -212,10 +246,11 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
         rep = torch.full((c,), n, dtype=torch.long, device=dev)
         rep.scatter_reduce_(0, comp, torch.where(hit, verts, n), reduce="amin")
         target = best & 0xFFFFFFFF  # the component each component joins
-        # the other endpoint: the first vertex of the target component at that weight
-        row = X[rep]
-        row = torch.where(comp[None, :] == target[:, None], row, inf)
-        other = row.argmin(dim=1)
+        if c == n:
+            # first round: every vertex is its own component, labelled by itself
+            other = target
+        else:
+            other = _first_endpoint(X, rep, target, comp, inf)
         # a mutual pick (a -> b and b -> a) is one edge: keep it once
         src = torch.arange(c, device=dev)
         mutual = target[target] == src
