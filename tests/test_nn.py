@@ -1,0 +1,386 @@
+"""TopologicalRegulariser: the pipeline as a module around a model.
+
+References: the functional pipeline run by hand on activations computed layer
+by layer, and scipy's minimum spanning tree for the deaths.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.sparse.csgraph import minimum_spanning_tree
+from torch import nn
+
+import toponeuro as tn
+from toponeuro import dissimilarity, persistence, regularisers
+from toponeuro.sampling import ImportanceSampler, IndexSampler, RandomSampler
+
+FORMULAS = ("t1", "t2", "min_corr", "decov")
+BATCH = 24
+
+
+def _mlp(dtype=torch.float64) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict([
+        ("fc1", nn.Linear(10, 16)),
+        ("relu1", nn.ReLU()),
+        ("fc2", nn.Linear(16, 12)),
+        ("relu2", nn.ReLU()),
+        ("out", nn.Linear(12, 5)),
+    ])).to(dtype)
+
+
+def _inputs(dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 10, generator=g, dtype=dtype)
+
+
+def _hand_activations(model, x) -> torch.Tensor:
+    """(m, 16 + 12 + 5): relu1, relu2, logits, computed layer by layer."""
+    with torch.no_grad():
+        h1 = F.relu(model.fc1(x))
+        h2 = F.relu(model.fc2(h1))
+        return torch.cat([h1, h2, model.out(h2)], dim=1)
+
+
+def _linear_weights(model):
+    return {name: m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _no_hooks_left(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+# --------------------------------------------------------------------------
+# gradients
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("formula", FORMULAS)
+def test_gradient_reaches_every_linear_weight(formula):
+    model = _mlp()
+    with tn.TopologicalRegulariser(model, formula=formula) as reg:
+        model(_inputs())
+        reg().backward()
+    for name, w in _linear_weights(model).items():
+        assert w.grad is not None, name
+        assert torch.isfinite(w.grad).all(), name
+        assert w.grad.abs().sum() > 0, name
+
+
+def test_gradient_reaches_every_weight_of_the_papers_mlp():
+    torch.manual_seed(0)
+    model = tn.models.build("mlp", in_shape=(1, 8, 8))
+    x = torch.rand(32, 1, 8, 8)
+    with tn.TopologicalRegulariser(model, formula="t1") as reg:
+        model(x)
+        reg().backward()
+    for name, w in _linear_weights(model).items():
+        assert w.grad is not None and w.grad.abs().sum() > 0, name
+
+
+def test_gradient_matches_finite_differences_of_the_value():
+    # d reg / d (one weight) by central differences, with the recorder in the loop
+    model = _mlp()
+    x = _inputs()
+    reg = tn.TopologicalRegulariser(model, formula="t1")
+    model(x)
+    reg().backward()
+    w = model.fc1.weight
+    eps = 1e-6
+    for idx in [(0, 0), (3, 7), (15, 9)]:
+        with torch.no_grad():
+            w[idx] += eps
+        model(x)
+        up = reg().item()
+        with torch.no_grad():
+            w[idx] -= 2 * eps
+        model(x)
+        down = reg().item()
+        with torch.no_grad():
+            w[idx] += eps
+        assert w.grad[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+    reg.remove()
+
+
+# --------------------------------------------------------------------------
+# the value is the functional pipeline
+# --------------------------------------------------------------------------
+def _scipy_mst_weights(D: torch.Tensor) -> np.ndarray:
+    d = D.detach().numpy().copy()
+    tree = minimum_spanning_tree(d).toarray()
+    return np.sort(tree[tree > 0])
+
+
+def test_t1_value_is_the_functional_pipeline_and_scipys_mst():
+    model = _mlp()
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula="t1") as reg:
+        model(x)
+        value = reg()
+        A = _hand_activations(model, x)
+        torch.testing.assert_close(reg.activations().detach(), A, rtol=0, atol=0)
+        D = dissimilarity.abs_correlation(A)
+        by_hand = regularisers.t1(persistence.deaths(D))
+        torch.testing.assert_close(value, by_hand, rtol=1e-12, atol=1e-12)
+        # an independent check of the deaths: scipy's MST of the same matrix
+        mst = _scipy_mst_weights(D)
+        assert mst.shape == (A.shape[1] - 1,)
+        np.testing.assert_allclose(reg.deaths().detach().numpy(), mst, rtol=1e-12, atol=1e-12)
+        assert value.item() == pytest.approx(float(np.sum(1.0 - mst)), rel=1e-12)
+
+
+@pytest.mark.parametrize("formula", FORMULAS)
+@pytest.mark.parametrize("dissim", ["abs_correlation", "sqrt_one_minus_rho2"])
+def test_every_formula_is_the_functional_pipeline(formula, dissim):
+    model = _mlp()
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula=formula, dissimilarity=dissim, alpha=0.3) as reg:
+        model(x)
+        value = reg()
+    A = _hand_activations(model, x)
+    if formula in ("t1", "t2"):
+        deaths = persistence.deaths(dissimilarity.DISSIMILARITIES[dissim](A))
+        want = regularisers.t1(deaths) if formula == "t1" else regularisers.t2(deaths, alpha=0.3)
+    else:
+        want = regularisers.FORMULAS_ON_ACTIVATIONS[formula](A)
+    torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_value_uses_the_sampler():
+    model = _mlp()
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula="t1", sampler=ImportanceSampler(0.5)) as reg:
+        model(x)
+        value = reg()
+    A = _hand_activations(model, x)
+    h1, h2, logits = A[:, :16], A[:, 16:28], A[:, 28:]
+    keep = []
+    for h in (h1, h2):  # the 8 and 6 largest mean |a|, ties to the lower index, in index order
+        score = h.abs().mean(0).numpy()
+        keep.append(h[:, np.sort(np.argsort(-score, kind="stable")[: h.shape[1] // 2])])
+    As = torch.cat([*keep, logits], dim=1)
+    assert As.shape[1] == 8 + 6 + 5
+    want = regularisers.t1(persistence.deaths(dissimilarity.abs_correlation(As)))
+    torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_index_sampler_and_explicit_modules():
+    model = _mlp()
+    x = _inputs()
+    sampler = IndexSampler({"fc2": [0, 3, 5, 11], "output": None})
+    with tn.TopologicalRegulariser(model, formula="min_corr", modules=["fc2"], sampler=sampler) as reg:
+        model(x)
+        value = reg()
+    with torch.no_grad():
+        pre2 = model.fc2(F.relu(model.fc1(x)))
+        A = torch.cat([pre2[:, [0, 3, 5, 11]], model(x)], dim=1)
+    torch.testing.assert_close(value.detach(), regularisers.min_corr(A), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in persistence.available_backends()
+                                     if persistence.BACKENDS[b].gives_edges])
+def test_edge_backends_give_the_same_value_and_gradient(backend):
+    results = []
+    for b in ("torch", backend):
+        model = _mlp()
+        with tn.TopologicalRegulariser(model, formula="t2", backend=b) as reg:
+            model(_inputs())
+            value = reg()
+            value.backward()
+        results.append((value.detach(), model.fc1.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="nn.py calls self.dissimilarity(A, check=False); a plain (m, n) -> (n, n) "
+                          "function, as documented, has no `check` argument")
+def test_callable_dissimilarity():
+    model = _mlp()
+    x = _inputs()
+
+    def one_minus_rho2(A):
+        """(m, n) -> (n, n): 1 - rho^2."""
+        return 1.0 - dissimilarity.correlation(A) ** 2
+
+    with tn.TopologicalRegulariser(model, formula="t1", dissimilarity=one_minus_rho2) as reg:
+        model(x)
+        value = reg()
+    A = _hand_activations(model, x)
+    want = regularisers.t1(persistence.deaths(one_minus_rho2(A)))
+    torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("formula", ["l1", "l2"])
+def test_weight_formulas_need_no_forward_pass(formula):
+    model = _mlp()
+    reg = tn.TopologicalRegulariser(model, formula=formula)
+    want = sum((w.abs() if formula == "l1" else w * w).sum() for w in _linear_weights(model).values())
+    torch.testing.assert_close(reg(), want, rtol=1e-12, atol=1e-12)
+    assert _no_hooks_left(model)
+    with pytest.raises(ValueError, match="weights"):
+        reg.activations()
+
+
+# --------------------------------------------------------------------------
+# dead neurons
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("formula", FORMULAS)
+def test_dead_layer_gives_finite_value_and_gradients(formula):
+    model = _mlp()
+    with torch.no_grad():
+        model.fc2.bias.fill_(-1e3)  # every relu2 unit is 0 on every input
+        model.fc1.bias[:4] = -1e3   # and four relu1 units
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula=formula) as reg:
+        out = model(x)
+        A = reg.activations()
+        assert (A[:, 16:28] == 0).all() and (A[:, :4] == 0).all()
+        value = reg()
+        (F.cross_entropy(out, torch.zeros(BATCH, dtype=torch.long)) + value).backward()
+    assert torch.isfinite(value)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # the live relu1 units still receive the regulariser's gradient
+    assert model.fc1.weight.grad[4:].abs().sum() > 0
+
+
+def test_dead_neurons_count_as_uncorrelated_in_t1():
+    # a dead unit has rho = 0 with everyone: d = 1, so its MST edge adds 1 - 1 = 0 to T1
+    model = _mlp()
+    with torch.no_grad():
+        model.fc1.bias[0] = -1e3
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula="t1") as reg:
+        model(x)
+        deaths = reg.deaths().detach()
+    A = _hand_activations(model, x)
+    D = dissimilarity.abs_correlation(A)
+    assert (D[0, 1:] == 1).all()
+    np.testing.assert_allclose(deaths.numpy(), _scipy_mst_weights(D), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# recording life cycle
+# --------------------------------------------------------------------------
+def test_no_recorded_forward_pass_raises():
+    model = _mlp()
+    reg = tn.TopologicalRegulariser(model)
+    with pytest.raises(ValueError, match="forward pass"):
+        reg()
+    with torch.no_grad():
+        model(_inputs())
+    with pytest.raises(ValueError, match="forward pass"):
+        reg()
+    reg.remove()
+
+
+def test_remove_and_with_block_remove_the_hooks():
+    model = _mlp()
+    reg = tn.TopologicalRegulariser(model)
+    assert not _no_hooks_left(model)
+    reg.remove()
+    assert _no_hooks_left(model)
+    model(_inputs())
+    with pytest.raises(ValueError):
+        reg()
+    with tn.TopologicalRegulariser(model, formula="decov") as reg2:
+        model(_inputs())
+        assert torch.isfinite(reg2())
+        assert not _no_hooks_left(model)
+    assert _no_hooks_left(model)
+    model(_inputs())
+    with pytest.raises(ValueError):
+        reg2()
+
+
+def test_disabled_records_nothing():
+    model = _mlp()
+    with tn.TopologicalRegulariser(model) as reg:
+        model(_inputs())
+        reg.enabled = False
+        assert not reg.enabled
+        with pytest.raises(ValueError):  # disabling drops what was recorded
+            reg()
+        model(_inputs())
+        with pytest.raises(ValueError):
+            reg()
+        reg.enabled = True
+        model(_inputs())
+        assert torch.isfinite(reg())
+
+
+def test_random_sampler_inside_the_regulariser_is_reproducible():
+    values = []
+    for _ in range(2):
+        model = _mlp()
+        with tn.TopologicalRegulariser(model, formula="t1", sampler=RandomSampler(0.5, seed=4)) as reg:
+            model(_inputs())
+            values.append(reg().detach())
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------
+def test_model_parameters_are_not_registered():
+    model = _mlp()
+    reg = tn.TopologicalRegulariser(model)
+    assert list(reg.parameters()) == []
+    assert reg.state_dict() == {}
+    assert reg.model is model
+    reg.remove()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"formula": "t3"}, "unknown formula"),
+    ({"backend": "gudhi"}, "unknown persistence backend"),
+    ({"dissimilarity": "cosine"}, "unknown dissimilarity"),
+    ({"sync": "everywhere"}, "sync"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"sampler": "importance"}, "sampler"),
+    ({"conv": "pixels"}, "conv"),
+    ({"modules": ["fc9"]}, "no module named"),
+])
+def test_bad_configuration_raises(kwargs, match):
+    model = _mlp()
+    with pytest.raises(ValueError, match=match):
+        tn.TopologicalRegulariser(model, **kwargs)
+    assert _no_hooks_left(model)
+
+
+@pytest.mark.skipif("ripser" not in persistence.available_backends(), reason="ripser.py not installed")
+@pytest.mark.parametrize("formula", ["t1", "t2"])
+def test_value_only_backend_is_refused_for_t1_t2(formula):
+    with pytest.raises(ValueError, match="death edges"):
+        tn.TopologicalRegulariser(_mlp(), formula=formula, backend="ripser")
+
+
+@pytest.mark.skipif("ripser" not in persistence.available_backends(), reason="ripser.py not installed")
+def test_value_only_backend_deaths_match_the_torch_backend():
+    # ripser is fine where no gradient through deaths is needed
+    model = _mlp()
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula="min_corr", backend="ripser") as reg:
+        model(x)
+        got = reg.deaths()
+    D = dissimilarity.abs_correlation(_hand_activations(model, x))
+    np.testing.assert_allclose(got.numpy(), _scipy_mst_weights(D), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("formula", FORMULAS)
+def test_cuda_value_and_gradient_match_cpu(formula):
+    results = []
+    for device in ("cpu", "cuda"):
+        model = _mlp().to(device)
+        with tn.TopologicalRegulariser(model, formula=formula) as reg:
+            model(_inputs().to(device))
+            value = reg()
+            value.backward()
+        results.append((value.detach().cpu(), model.fc1.weight.grad.cpu()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-7, atol=1e-9)
