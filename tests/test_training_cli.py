@@ -1,0 +1,64 @@
+"""`toponeuro train`, the main job, end to end at a small size."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from toponeuro import cli
+from toponeuro.training_cli import held_out_statistics
+
+
+def test_train_limit_2000_one_epoch_writes_figure_and_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--limit", "2000", "--epochs", "1", "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "mean |rho|" in printed and "T1 (held-out batch)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["runs"]) == {"none", "t1"}
+    for run in summary["runs"].values():
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["epochs"] == 1
+        held = run["held_out"]
+        # T1 is the sum of (1 - death) over the n - 1 death edges
+        assert len(held["deaths"]) == held["neurons"] - 1
+        assert held["t1"] == pytest.approx(sum(1 - d for d in held["deaths"]), rel=1e-5)
+    assert summary["runs"]["t1"]["weight"] == 1e-3 and summary["runs"]["none"]["weight"] == 0.0
+    png = (out / "persistence.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_held_out_statistics_against_direct_computation():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 3))
+    X = torch.randn(40, 6)
+    stats = held_out_statistics(model, X, "torch")
+    with torch.no_grad():
+        h = torch.relu(X @ model[0].weight.T + model[0].bias)
+        A = torch.cat([h, h @ model[2].weight.T + model[2].bias], 1).double()
+    rho = torch.corrcoef(A.T).nan_to_num(0.0)  # dead units: rho := 0
+    rho.fill_diagonal_(1.0)
+    n = A.shape[1]
+    assert stats["neurons"] == n
+    assert stats["mean_abs_rho"] == pytest.approx(float((rho.abs().sum() - n) / (n * (n - 1))), rel=1e-4)
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    d = (1 - rho.abs()).numpy() + 1.0
+    d[range(n), range(n)] = 0
+    mst = minimum_spanning_tree(d).data - 1.0
+    assert stats["t1"] == pytest.approx(float((1 - mst).sum()), rel=1e-4)
+
+
+def test_train_rejects_bad_options(tmp_path):
+    with pytest.raises(ValueError, match="backend"):
+        cli.main(["train", "--backend", "nope", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="limit"):
+        cli.main(["train", "--limit", "10", "--out", str(tmp_path)])
+
+
+def test_python_dash_m_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "toponeuro", "train", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "--formula" in res.stdout
