@@ -1,0 +1,44 @@
+"""Shared fixtures and markers for the toponeuro test suite.
+
+* ``@pytest.mark.cuda``: the test needs a CUDA device; it is skipped (not
+  failed) where ``torch.cuda.is_available()`` is false.
+* ``@pytest.mark.slow``: a larger case; deselect with ``-m "not slow"``.
+* ``rng`` / ``torch_gen``: generators seeded per test, so every test sees the
+  same numbers on every run and in any order.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+HAVE_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_CUDA:
+        return
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip_cuda)
+
+
+def _seed_of(request) -> int:
+    # a stable seed per test id (hash() of a str is salted per process)
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A NumPy generator seeded from the test's id."""
+    return np.random.default_rng(_seed_of(request))
+
+
+@pytest.fixture
+def torch_gen(request) -> torch.Generator:
+    """A CPU torch generator seeded from the test's id."""
+    return torch.Generator().manual_seed(_seed_of(request))

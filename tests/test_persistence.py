@@ -1,0 +1,465 @@
+"""0-dimensional persistence: death edges and deaths, against SciPy's minimum spanning tree.
+
+The finite deaths of the 0-dimensional Vietoris-Rips diagram are the edge
+weights of a minimum spanning tree (MST) of the complete graph weighted by
+``D``. The reference is ``scipy.sparse.csgraph.minimum_spanning_tree`` on the
+same numbers in float64. SciPy reads a 0 entry as "no edge", so the reference
+adds 1 to every off-diagonal entry, takes the tree, and subtracts 1 from its
+``.data`` (an error of at most a few ulps of 2, far below the tolerances).
+
+Tolerances: the torch backend (Prim on CPU, Boruvka on CUDA) is exact in D's
+dtype, so its deaths equal SciPy's to the rounding of the +1 trick.
+giotto-ph and ripser.py compute in float32, so on float64 input they may pick
+an edge that is lighter only by float32 rounding: their tolerance is a few
+float32 ulps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
+
+import toponeuro as tn
+from toponeuro import persistence as ph
+from toponeuro.persistence import torch_mst
+
+BACKENDS = ph.available_backends()
+EDGE_BACKENDS = [b for b in BACKENDS if ph.BACKENDS[b].gives_edges]
+DTYPES = [torch.float32, torch.float64]
+KINDS = ["random", "tied", "duplicated", "constant"]
+SIZES = [2, 3, 17, 300]
+EXACT_BACKENDS = {"torch"}  # exact in D's dtype
+
+needs_numba = pytest.mark.skipif(not torch_mst.HAVE_NUMBA, reason="prim_edges needs numba")
+
+KERNELS = [
+    pytest.param(torch_mst.prim_edges, marks=needs_numba, id="prim_edges"),
+    pytest.param(torch_mst.boruvka_edges, id="boruvka_edges"),
+]
+
+
+# ----------------------------------------------------------------------------
+# references and input generators
+
+
+def scipy_deaths(D) -> np.ndarray:
+    """Ascending MST edge weights of the complete graph on D (off-diagonal entries), in float64."""
+    X = np.array(torch.as_tensor(D).detach().cpu().double().numpy(), dtype=np.float64)
+    n = X.shape[0]
+    Y = X + 1.0  # SciPy drops 0 entries as missing edges
+    np.fill_diagonal(Y, 0.0)
+    tree = minimum_spanning_tree(Y)
+    assert tree.nnz == n - 1
+    return np.sort(tree.data - 1.0)
+
+
+def scipy_tree_edges(D) -> set[tuple[int, int]]:
+    X = torch.as_tensor(D).detach().cpu().double().numpy() + 1.0
+    np.fill_diagonal(X, 0.0)
+    T = minimum_spanning_tree(X).tocoo()
+    return {(min(i, j), max(i, j)) for i, j in zip(T.row.tolist(), T.col.tolist())}
+
+
+def tolerance(backend: str, D: torch.Tensor) -> float:
+    scale = max(1.0, float(D.detach().abs().max()))
+    if backend in EXACT_BACKENDS:
+        return 1e-12 * scale
+    return 4 * float(np.finfo(np.float32).eps) * scale
+
+
+def assert_spanning_tree(e: torch.Tensor, n: int) -> None:
+    assert e.dtype == torch.long
+    assert tuple(e.shape) == (n - 1, 2)
+    e = e.cpu().numpy()
+    assert (e >= 0).all() and (e < n).all()
+    assert (e[:, 0] != e[:, 1]).all(), "self-loop"
+    G = sp.coo_matrix((np.ones(n - 1), (e[:, 0], e[:, 1])), shape=(n, n))
+    n_components, _ = connected_components(G, directed=False)
+    # n - 1 edges that connect n vertices form a tree
+    assert n_components == 1, f"edges do not connect the {n} vertices ({n_components} components)"
+
+
+def symmetric(W: np.ndarray) -> np.ndarray:
+    U = np.triu(W, 1)
+    return U + U.T
+
+
+def make_D(kind: str, n: int, dtype: torch.dtype, rng: np.random.Generator) -> torch.Tensor:
+    """A valid (n, n) dissimilarity matrix of the given kind, in dtype."""
+    if kind == "random":
+        D = torch.from_numpy(symmetric(rng.random((n, n))))
+    elif kind == "tied":  # a handful of values, 0 included: many equal weights
+        D = torch.from_numpy(symmetric(np.round(rng.random((n, n)) * 4) / 4))
+    elif kind == "duplicated":  # copies of a few neurons: d = 0 between copies
+        k = max(1, n // 4)
+        base = torch.from_numpy(rng.standard_normal((24, k)))
+        idx = torch.from_numpy(rng.integers(0, k, n))
+        D = tn.dissimilarity.abs_correlation(base[:, idx])
+        same = idx[:, None] == idx[None, :]
+        D = torch.where(same, torch.zeros_like(D), D)  # exactly 0, not just rounding-small
+    elif kind == "constant":  # dead ReLUs: their rows are all 1, a big tie at the top
+        A = torch.relu(torch.from_numpy(rng.standard_normal((32, n))) + 0.3)
+        dead = torch.from_numpy(rng.random(n) < 0.4)
+        A[:, dead] = 0.0
+        D = tn.dissimilarity.abs_correlation(A)
+    else:
+        raise KeyError(kind)
+    D = D.to(dtype)
+    assert torch.equal(D, D.T) and torch.equal(D.diagonal(), torch.zeros(n, dtype=dtype))
+    return D
+
+
+def distinct_weights_D(n: int, dtype, rng) -> torch.Tensor:
+    """All off-diagonal weights distinct and exact in float32: the MST is unique."""
+    N = n * (n - 1) // 2
+    w = (rng.permutation(N) + 1) / N
+    X = np.zeros((n, n))
+    X[np.triu_indices(n, 1)] = w
+    return torch.from_numpy(X + X.T).to(dtype)
+
+
+def edge_functions():
+    """Every way to get death edges: public API per edge backend, and the raw torch kernels."""
+    fns = [pytest.param(lambda D, b=b: ph.death_edges(D, backend=b), id=f"death_edges[{b}]") for b in EDGE_BACKENDS]
+    return fns + KERNELS
+
+
+# ----------------------------------------------------------------------------
+# the registry here
+
+
+def test_all_three_backends_available():
+    assert {"torch", "giotto-ph", "ripser"} <= set(BACKENDS)
+    assert set(EDGE_BACKENDS) >= {"torch", "giotto-ph"}
+    assert not ph.BACKENDS["ripser"].gives_edges
+
+
+# ----------------------------------------------------------------------------
+# deaths: every backend against SciPy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_deaths_match_scipy(backend, dtype, kind, n, rng):
+    D = make_D(kind, n, dtype, rng)
+    d = ph.deaths(D, backend=backend)
+    assert d.shape == (n - 1,)
+    assert d.dtype == dtype and d.device == D.device
+    assert bool((d[1:] >= d[:-1]).all()), "deaths not ascending"
+    np.testing.assert_allclose(d.double().numpy(), scipy_deaths(D), rtol=0, atol=tolerance(backend, D))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [3, 17, 300])
+def test_backends_agree_with_each_other(dtype, kind, n, rng):
+    D = make_D(kind, n, dtype, rng)
+    ref = ph.deaths(D, backend="torch").double().numpy()
+    for b in BACKENDS:
+        np.testing.assert_allclose(ph.deaths(D, backend=b).double().numpy(), ref, rtol=0, atol=tolerance(b, D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deaths_hand_computed(backend):
+    # points 0, 1, 3, 7 on a line: the MST is the path, deaths 1, 2, 4
+    x = torch.tensor([0.0, 1.0, 3.0, 7.0], dtype=torch.float64)
+    D = (x[:, None] - x[None, :]).abs()
+    np.testing.assert_allclose(ph.deaths(D, backend=backend).numpy(), [1.0, 2.0, 4.0], atol=1e-12)
+    # two neurons: the one death is their dissimilarity
+    D2 = torch.tensor([[0.0, 0.3], [0.3, 0.0]])
+    np.testing.assert_allclose(ph.deaths(D2, backend=backend).numpy(), [0.3], atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_matrix(backend):
+    D = torch.zeros(6, 6)
+    assert torch.equal(ph.deaths(D, backend=backend), torch.zeros(5))
+
+
+@pytest.mark.parametrize("fn", edge_functions())
+def test_negative_zero_entries(fn, rng):
+    """-0.0 passes validation (it is not < 0) and must order like +0.0 (Boruvka compares float bits)."""
+    for _ in range(20):
+        n = int(rng.integers(2, 30))
+        X = symmetric(rng.choice([0.0, 0.1, 0.2], size=(n, n)))
+        flip = (X == 0) & (rng.random((n, n)) < 0.5)
+        X[flip] = -0.0
+        for dtype in DTYPES:
+            D = torch.from_numpy(X).to(dtype)
+            e = fn(D)
+            assert_spanning_tree(e, n)
+            np.testing.assert_allclose(np.sort(D[e[:, 0], e[:, 1]].double().abs().numpy()), scipy_deaths(D.abs()), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# death edges: spanning tree, orientation, exact gather
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_death_edges_public(backend, dtype, kind, n, rng):
+    D = make_D(kind, n, dtype, rng)
+    e = ph.death_edges(D, backend=backend)
+    assert_spanning_tree(e, n)
+    assert e.device == D.device and not e.requires_grad
+    assert bool((e[:, 0] < e[:, 1]).all()), "edges must be (i, j) with i < j"
+    w = D[e[:, 0], e[:, 1]]
+    assert torch.equal(w, ph.deaths(D, backend=backend)), "edges do not gather exactly the deaths"
+    # documented order: ascending by weight, ties by (i, j)
+    key = list(zip(w.tolist(), e[:, 0].tolist(), e[:, 1].tolist()))
+    assert key == sorted(key)
+    np.testing.assert_allclose(w.double().numpy(), scipy_deaths(D), rtol=0, atol=tolerance(backend, D))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", SIZES)
+def test_kernels_give_an_exact_mst(kernel, dtype, kind, n, rng):
+    D = make_D(kind, n, dtype, rng)
+    e = kernel(D)
+    assert_spanning_tree(e, n)
+    assert e.device == D.device
+    w = D[e[:, 0], e[:, 1]]
+    # both kernels are exact in D's dtype: the sorted tree weights are the deaths, bit for bit
+    assert torch.equal(torch.sort(w).values, ph.deaths(D, backend="torch"))
+    np.testing.assert_allclose(torch.sort(w).values.double().numpy(), scipy_deaths(D), rtol=0, atol=1e-12)
+    # oriented as i < j once put in canonical order
+    c = ph.canonical_order(D, e)
+    assert bool((c[:, 0] < c[:, 1]).all())
+    assert {tuple(r) for r in c.tolist()} == {(min(i, j), max(i, j)) for i, j in e.tolist()}
+
+
+@needs_numba
+def test_prim_edges_are_oriented(rng):
+    D = make_D("random", 40, torch.float64, rng)
+    e = torch_mst.prim_edges(D)
+    assert bool((e[:, 0] < e[:, 1]).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [2, 3, 17, 300])
+def test_unique_mst_same_edges_everywhere(dtype, n, rng):
+    """With distinct weights the MST is unique: every backend and kernel returns SciPy's tree."""
+    D = distinct_weights_D(n, dtype, rng)
+    expected = scipy_tree_edges(D)
+    for b in EDGE_BACKENDS:
+        assert {tuple(r) for r in ph.death_edges(D, backend=b).tolist()} == expected, b
+    for fn in [torch_mst.prim_edges] * torch_mst.HAVE_NUMBA + [torch_mst.boruvka_edges]:
+        assert {(min(i, j), max(i, j)) for i, j in fn(D).tolist()} == expected
+
+
+def test_canonical_order_hand_computed():
+    D = torch.tensor(
+        [[0.0, 0.5, 0.2, 0.5],
+         [0.5, 0.0, 0.5, 0.1],
+         [0.2, 0.5, 0.0, 0.5],
+         [0.5, 0.1, 0.5, 0.0]]
+    )
+    edges = torch.tensor([[3, 2], [2, 0], [1, 3]])
+    assert ph.canonical_order(D, edges).tolist() == [[1, 3], [0, 2], [2, 3]]
+
+
+# ----------------------------------------------------------------------------
+# determinism
+
+
+@pytest.mark.parametrize("fn", edge_functions())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_deterministic(fn, dtype, kind, rng):
+    D = make_D(kind, 120, dtype, rng)
+    first = fn(D)
+    assert torch.equal(fn(D), first)
+    # the same numbers in other memory (a copy, a transposed view) give the same edges
+    assert torch.equal(fn(D.clone()), first)
+    assert torch.equal(fn(D.T), first)
+    assert torch.equal(fn(D.T.contiguous()), first)
+
+
+@pytest.mark.parametrize("fn", edge_functions())
+def test_deterministic_all_ties(fn):
+    # every weight equal, and every weight 0: any spanning tree is minimal, the pick must be fixed
+    for value in [0.0, 0.5]:
+        D = torch.full((25, 25), value)
+        D.fill_diagonal_(0.0)
+        first = fn(D)
+        assert_spanning_tree(first, 25)
+        for _ in range(3):
+            assert torch.equal(fn(D.clone()), first)
+
+
+# ----------------------------------------------------------------------------
+# gradient
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["random", "tied", "constant"])
+def test_gradient_is_one_on_the_tree(backend, dtype, kind, rng):
+    D = make_D(kind, 30, dtype, rng).requires_grad_(True)
+    d = ph.deaths(D, backend=backend)
+    assert d.requires_grad
+    weights = torch.from_numpy(rng.random(29)).to(dtype)
+    (d * weights).sum().backward()
+    e = ph.death_edges(D, backend=backend)
+    expected = torch.zeros_like(D)
+    expected[e[:, 0], e[:, 1]] = weights
+    assert torch.equal(D.grad, expected)
+    assert (D.grad != 0).sum() <= 29
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_t1_gradcheck_through_the_pipeline(backend, rng):
+    """T1(deaths(abs_correlation(A))) against central finite differences (the MST is unique here)."""
+    A = torch.from_numpy(rng.standard_normal((12, 7))).requires_grad_(True)
+
+    def f(X):
+        return tn.regularisers.t1(ph.deaths(tn.dissimilarity.abs_correlation(X), backend=backend))
+
+    assert torch.autograd.gradcheck(f, (A,), eps=1e-6, atol=1e-6)
+
+
+def test_ripser_returns_values_without_grad(rng):
+    D = make_D("random", 20, torch.float64, rng).requires_grad_(True)
+    d = ph.deaths(D, backend="ripser")
+    assert not d.requires_grad and d.grad_fn is None
+    assert d.dtype == D.dtype
+    with pytest.raises(ValueError, match=r"'ripser'.*values only.*torch"):
+        ph.death_edges(D, backend="ripser")
+
+
+def test_default_backend_is_torch(rng):
+    D = make_D("tied", 50, torch.float32, rng)
+    assert torch.equal(ph.death_edges(D), ph.death_edges(D, backend="torch"))
+    assert torch.equal(ph.deaths(D), ph.deaths(D, backend="torch"))
+
+
+# ----------------------------------------------------------------------------
+# known defect, kept as a strict xfail so a fix is noticed (see the report of issue 2)
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: giotto-ph / ripser.py read a non-zero diagonal as vertex "
+                   "birth times; the torch backend ignores it; check_dissimilarity lets it through")
+@pytest.mark.parametrize("backend", ["giotto-ph", "ripser"])
+def test_nonzero_diagonal_is_ignored_or_rejected(backend, rng):
+    D = make_D("random", 6, torch.float64, rng) + torch.diag(torch.from_numpy(rng.random(6) + 0.5))
+    try:
+        d = ph.deaths(D, backend=backend)
+    except ValueError as err:
+        assert "diagonal" in str(err)
+        return
+    off = D - torch.diag(D.diagonal())
+    np.testing.assert_allclose(d.numpy(), scipy_deaths(off), atol=tolerance(backend, D))
+
+
+# ----------------------------------------------------------------------------
+# larger cases
+
+
+@pytest.fixture(scope="module", params=DTYPES, ids=["float32", "float64"])
+def large_random(request):
+    """(D, SciPy deaths) for a random n = 3000 matrix, built once per dtype."""
+    D = make_D("random", 3000, request.param, np.random.default_rng(3000))
+    return D, scipy_deaths(D)
+
+
+@pytest.fixture(scope="module", params=DTYPES, ids=["float32", "float64"])
+def large_tied(request):
+    """(D, SciPy deaths) for n = 1000 with every weight in {0.1, 0.2, 0.3}, built once per dtype."""
+    X = symmetric(np.random.default_rng(1000).choice([0.1, 0.2, 0.3], size=(1000, 1000)))
+    D = torch.from_numpy(X).to(request.param)
+    return D, scipy_deaths(D)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fn", edge_functions())
+def test_large_random(fn, large_random):
+    D, ref = large_random
+    e = fn(D)
+    assert_spanning_tree(e, 3000)
+    np.testing.assert_allclose(np.sort(D[e[:, 0], e[:, 1]].double().numpy()), ref, rtol=0, atol=tolerance("giotto-ph", D))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fn", edge_functions())
+def test_large_tie_heavy(fn, large_tied):
+    D, ref = large_tied
+    e = fn(D)
+    assert_spanning_tree(e, 1000)
+    # weights from a 3-value set: the sorted tree weights equal SciPy's exactly (up to the +1 trick)
+    np.testing.assert_allclose(np.sort(D[e[:, 0], e[:, 1]].double().numpy()), ref, rtol=0, atol=1e-12)
+    assert torch.equal(fn(D), e), "not deterministic"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_random_all_backends(backend, large_random):
+    D, ref = large_random
+    d = ph.deaths(D, backend=backend)
+    assert bool((d[1:] >= d[:-1]).all())
+    np.testing.assert_allclose(d.double().numpy(), ref, rtol=0, atol=tolerance(backend, D))
+
+
+# ----------------------------------------------------------------------------
+# CUDA (skipped without a device; n = 3000 is also marked slow)
+
+CUDA_SIZES = [2, 3, 17, 300, pytest.param(3000, marks=pytest.mark.slow)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["random", "tied", "duplicated", "constant"])
+@pytest.mark.parametrize("n", CUDA_SIZES)
+def test_cuda_matches_cpu_and_scipy(dtype, kind, n, rng):
+    D = make_D(kind, n, dtype, rng)
+    Dc = D.cuda()
+    ref = scipy_deaths(D)
+    cpu_deaths = ph.deaths(D, backend="torch")
+    for b in EDGE_BACKENDS:
+        e = ph.death_edges(Dc, backend=b)
+        assert e.device == Dc.device and e.dtype == torch.long
+        assert_spanning_tree(e, n)
+        assert bool((e[:, 0] < e[:, 1]).all())
+        d = ph.deaths(Dc, backend=b)
+        assert d.device == Dc.device and d.dtype == dtype
+        assert torch.equal(Dc[e[:, 0], e[:, 1]], d)
+        np.testing.assert_allclose(d.double().cpu().numpy(), ref, rtol=0, atol=tolerance(b, D))
+        if b == "torch":  # exact on both devices: bit-identical deaths
+            assert torch.equal(d.cpu(), cpu_deaths)
+        assert torch.equal(ph.death_edges(Dc, backend=b), e), "not deterministic on CUDA"
+    if "ripser" in BACKENDS:
+        d = ph.deaths(Dc, backend="ripser")
+        assert d.device == Dc.device
+        np.testing.assert_allclose(d.double().cpu().numpy(), ref, rtol=0, atol=tolerance("ripser", D))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["random", "tied", "duplicated"])
+@pytest.mark.parametrize("n", CUDA_SIZES)
+def test_cuda_boruvka_kernel(dtype, kind, n, rng):
+    D = make_D(kind, n, dtype, rng)
+    e = torch_mst.boruvka_edges(D.cuda())
+    assert e.is_cuda
+    assert_spanning_tree(e, n)
+    assert torch.equal(torch.sort(D.cuda()[e[:, 0], e[:, 1]]).values.cpu(), ph.deaths(D, backend="torch"))
+    assert torch.equal(torch_mst.boruvka_edges(D.cuda()), e)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_cuda_gradient_stays_on_device(backend, rng):
+    A = torch.from_numpy(rng.standard_normal((64, 40))).float().cuda().requires_grad_(True)
+    A.data[:, 3] = 0.0  # a dead neuron
+    T1 = tn.regularisers.t1(ph.deaths(tn.dissimilarity.abs_correlation(A), backend=backend))
+    assert T1.is_cuda
+    T1.backward()
+    assert A.grad.is_cuda and torch.isfinite(A.grad).all()

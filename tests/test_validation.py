@@ -1,0 +1,238 @@
+"""Bad input raises ValueError with a message that names the problem (never a silent NaN)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import toponeuro as tn
+from toponeuro import persistence as ph
+from toponeuro import regularisers as R
+from toponeuro._validation import check_activations, check_dissimilarity
+
+DISSIMILARITY_NAMES = ["abs_correlation", "sqrt_one_minus_rho2", "one_minus_rho", "euclidean"]
+
+# every public function that takes activations
+ACTIVATION_FUNCTIONS = [pytest.param(check_activations, id="check_activations")] + [
+    pytest.param(tn.dissimilarity.get(name), id=name) for name in DISSIMILARITY_NAMES
+] + [
+    pytest.param(tn.dissimilarity.correlation, id="correlation"),
+    pytest.param(R.min_corr, id="min_corr"),
+    pytest.param(R.decov, id="decov"),
+]
+
+
+def _d_functions():
+    fns = [pytest.param(check_dissimilarity, id="check_dissimilarity")]
+    for b in ph.available_backends():
+        fns.append(pytest.param(lambda D, b=b: ph.deaths(D, backend=b), id=f"deaths[{b}]"))
+        if ph.BACKENDS[b].gives_edges:
+            fns.append(pytest.param(lambda D, b=b: ph.death_edges(D, backend=b), id=f"death_edges[{b}]"))
+    return fns
+
+
+D_FUNCTIONS = _d_functions()
+
+
+def good_A(m=10, n=4, dtype=torch.float32):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+def good_D(n=5, dtype=torch.float32):
+    D = tn.dissimilarity.abs_correlation(good_A(20, n, torch.float64)).to(dtype)
+    assert torch.equal(D, D.T)
+    return D
+
+
+# ----------------------------------------------------------------------------
+# activations
+
+
+@pytest.mark.parametrize("fn", ACTIVATION_FUNCTIONS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_activations_non_finite(fn, bad, dtype):
+    A = good_A(dtype=dtype)
+    A[3, 2] = bad
+    with pytest.raises(ValueError, match=r"activations contains NaN or inf \(first at index \(3, 2\)\)"):
+        fn(A)
+
+
+@pytest.mark.parametrize("fn", ACTIVATION_FUNCTIONS)
+@pytest.mark.parametrize("m", [0, 1])
+def test_activations_too_few_samples(fn, m):
+    with pytest.raises(ValueError, match=rf"has {m} sample\(s\).*at least 2 samples"):
+        fn(torch.ones(m, 4))
+
+
+@pytest.mark.parametrize("fn", ACTIVATION_FUNCTIONS)
+@pytest.mark.parametrize("n", [0, 1])
+def test_activations_too_few_neurons(fn, n):
+    with pytest.raises(ValueError, match=rf"has {n} neuron\(s\).*at least 2 neurons"):
+        fn(torch.randn(8, n))
+
+
+@pytest.mark.parametrize("fn", ACTIVATION_FUNCTIONS)
+@pytest.mark.parametrize("shape", [(10,), (4, 3, 5), (2, 3, 4, 4), ()])
+def test_activations_wrong_rank(fn, shape):
+    with pytest.raises(ValueError, match=r"2-d \(m samples, n neurons\).*batch first.*flatten"):
+        fn(torch.randn(shape))
+
+
+@pytest.mark.parametrize("fn", ACTIVATION_FUNCTIONS)
+def test_activations_integer_tensor(fn):
+    with pytest.raises(ValueError, match="floating-point"):
+        fn(torch.ones(5, 3, dtype=torch.int64))
+
+
+def test_activations_too_large_to_sum():
+    A = torch.full((4, 3), 1e308, dtype=torch.float64)
+    A[0, 0] = 0.0
+    with pytest.raises(ValueError, match="too large"):
+        check_activations(A)
+
+
+def test_good_activations_pass_unchanged():
+    A = good_A()
+    assert check_activations(A) is A
+    # array-likes are accepted and converted
+    out = check_activations(np.arange(6.0).reshape(3, 2))
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 2)
+
+
+# ----------------------------------------------------------------------------
+# dissimilarity matrices
+
+
+def re_shape(shape) -> str:
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+@pytest.mark.parametrize("fn", D_FUNCTIONS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_D_non_finite(fn, bad, dtype):
+    D = good_D(dtype=dtype)
+    D[1, 3] = D[3, 1] = bad
+    with pytest.raises(ValueError, match=r"dissimilarity matrix contains NaN or inf \(first at index \(1, 3\)\)"):
+        fn(D)
+
+
+@pytest.mark.parametrize("fn", D_FUNCTIONS)
+@pytest.mark.parametrize("shape", [(3, 4), (4, 3), (5,), (2, 3, 3), ()])
+def test_D_not_square(fn, shape):
+    with pytest.raises(ValueError, match=rf"must be square \(n, n\); got shape {re_shape(shape)}"):
+        fn(torch.rand(shape))
+
+
+@pytest.mark.parametrize("fn", D_FUNCTIONS)
+@pytest.mark.parametrize("n", [0, 1])
+def test_D_too_small(fn, n):
+    with pytest.raises(ValueError, match=r"at least 2 points"):
+        fn(torch.zeros(n, n))
+
+
+@pytest.mark.parametrize("fn", D_FUNCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_D_asymmetric(fn, dtype):
+    D = good_D(dtype=dtype)
+    D[0, 2] += 0.01
+    with pytest.raises(ValueError, match=r"not symmetric.*D = \(D \+ D\.T\) / 2"):
+        fn(D)
+
+
+@pytest.mark.parametrize("fn", D_FUNCTIONS)
+def test_D_negative(fn):
+    D = good_D()
+    D[1, 2] = D[2, 1] = -0.25
+    with pytest.raises(ValueError, match=r"negative entry \(-0\.25\).*>= 0"):
+        fn(D)
+
+
+@pytest.mark.parametrize("fn", D_FUNCTIONS)
+def test_D_integer_tensor(fn):
+    with pytest.raises(ValueError, match="floating-point"):
+        fn(torch.ones(3, 3, dtype=torch.int32) - torch.eye(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_D_rounding_level_asymmetry_is_accepted(dtype):
+    D = good_D(dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    D[0, 2] = D[0, 2] + 4 * eps  # a few ulps, as from an unsymmetrised matmul
+    assert D[0, 2] != D[2, 0]
+    assert check_dissimilarity(D) is D
+    ph.deaths(D)  # and the backends run on it
+
+
+def test_D_with_grad_is_validated_without_breaking_autograd():
+    D = good_D(dtype=torch.float64).requires_grad_(True)
+    ph.deaths(D).sum().backward()
+    assert D.grad is not None
+
+
+# ----------------------------------------------------------------------------
+# backends
+
+
+def test_available_backends_here():
+    got = ph.available_backends()
+    assert {"torch", "giotto-ph", "ripser"} <= set(got)
+    assert all(isinstance(b, str) for b in got)
+    assert got == [b for b in ph.BACKENDS if b in got]  # registry order
+
+
+@pytest.mark.parametrize("call", ["deaths", "death_edges"])
+@pytest.mark.parametrize("name", ["nope", "Torch", "gph", ""])
+def test_unknown_backend(call, name):
+    with pytest.raises(ValueError, match=rf"unknown persistence backend '{name}'.*'torch'.*'giotto-ph'.*'ripser'"):
+        getattr(ph, call)(good_D(), backend=name)
+
+
+@pytest.mark.parametrize("call", ["deaths", "death_edges"])
+def test_registered_but_not_installed_backend(call, monkeypatch):
+    fake = ph.Backend("fake-mst", "toponeuro.persistence.fake_mst", ("no_such_module_for_toponeuro_tests",), True)
+    monkeypatch.setitem(ph.BACKENDS, "fake-mst", fake)
+    assert "fake-mst" not in ph.available_backends()
+    with pytest.raises(ValueError, match=r"'fake-mst' is not installed.*no_such_module_for_toponeuro_tests.*available here.*'torch'"):
+        getattr(ph, call)(good_D(), backend="fake-mst")
+
+
+def test_installed_backends_still_work_with_a_broken_one_registered(monkeypatch):
+    fake = ph.Backend("fake-mst", "toponeuro.persistence.fake_mst", ("no_such_module_for_toponeuro_tests",), True)
+    monkeypatch.setitem(ph.BACKENDS, "fake-mst", fake)
+    D = good_D()
+    assert torch.equal(ph.deaths(D, backend="torch"), ph.deaths(D))
+
+
+def test_death_edges_with_a_value_only_backend():
+    with pytest.raises(ValueError, match=r"'ripser' gives death values only.*'torch'.*'giotto-ph'"):
+        ph.death_edges(good_D(), backend="ripser")
+
+
+# ----------------------------------------------------------------------------
+# formula arguments
+
+
+@pytest.mark.parametrize("fn", [R.t1, R.t2])
+@pytest.mark.parametrize(
+    "deaths,match",
+    [
+        (torch.tensor([0.1, float("nan")]), "NaN or inf"),
+        (torch.tensor([0.1, float("inf")]), "NaN or inf"),
+        (torch.zeros(0), "empty"),
+        (torch.zeros(2, 2), "1-d tensor"),
+        (torch.tensor(0.5), "1-d tensor"),
+        ([0.1, 0.2], "1-d tensor"),
+    ],
+)
+def test_bad_deaths(fn, deaths, match):
+    with pytest.raises(ValueError, match=match):
+        fn(deaths)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_t2_alpha_out_of_range(alpha):
+    with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
+        R.t2(torch.tensor([0.1, 0.2]), alpha=alpha)
