@@ -310,8 +310,12 @@ def diagnose(A: torch.Tensor, formula: str = "t1", dissimilarity="abs_correlatio
                         f"|rho| = 1 on tree edge(s) {diag.unit_rho_tree_edges} "
                         "(sqrt(1 - rho^2) has an infinite derivative there)")
         if name == "euclidean":
+            # distances come from the Gram identity |a|^2 + |b|^2 - 2 a.b, whose
+            # rounding error is ~eps * |a|^2: a distance under ~sqrt(eps) * |a|
+            # cannot be told from 0 (two identical columns give ~1e-8, not 0)
             w = D[i, j]
-            zero = w <= _KINK_ULPS * _EPS * max(1.0, scale)
+            resolution = math.sqrt(_KINK_ULPS * _EPS) * max(1.0, float(A.norm(dim=0).max()))
+            zero = w <= resolution
             diag.zero_tree_edges = [tuple(e) for e in edges[zero].tolist()]
             if diag.zero_tree_edges:
                 diag.reasons.append(f"zero-length tree edge(s) {diag.zero_tree_edges} (the norm has a kink at 0)")
@@ -572,15 +576,22 @@ def regulariser_value(A: torch.Tensor, formula: str = "t1", dissimilarity="abs_c
 
 
 def _state_of(A: torch.Tensor, formula: str, dissimilarity, backend: str) -> bytes:
-    """The combinatorial state of the pipeline at ``A``: equal states, same smooth piece."""
+    """The combinatorial state of the pipeline at ``A``: equal states, same smooth piece.
+
+    It holds what decides the kinks of this formula: the tree (T1/T2), the
+    signs of the gathered rho where ``|rho|`` is taken (``abs_correlation``,
+    ``min_corr``), and which neurons are constant where correlations are taken.
+    """
     A = A.detach()
-    parts = [bytes(np.packbits((A.amax(0) == A.amin(0)).numpy()))]
     name = _name_of(dissimilarity)
+    parts = []
+    if formula == "min_corr" or (formula in _ON_DEATHS and name in CORRELATION_BASED):
+        parts.append(bytes(np.packbits((A.amax(0) == A.amin(0)).numpy())))
     if formula in _ON_DEATHS:
         D = _dissimilarity.get(dissimilarity)(A, check=False)
         edges = persistence.death_edges(D, backend=backend, check=False)
         parts.append(edges.numpy().tobytes())
-        if name in CORRELATION_BASED:
+        if name == "abs_correlation":
             C = _dissimilarity.correlation(A, check=False)
             parts.append(torch.sign(C[edges[:, 0], edges[:, 1]]).numpy().tobytes())
     elif formula == "min_corr":
@@ -657,7 +668,7 @@ def check_activations_gradient(A, formula: str = "t1", dissimilarity="abs_correl
 
     Parameters
     ----------
-    A : (m, n) activations, batch first (converted to float64 on the CPU).
+    A : (m, n) activations, batch first (any device; checked on a float64 CPU copy).
     formula : {"t1", "t2", "min_corr", "decov"}
     dissimilarity : str or callable
         T1/T2 only (ignored by ``min_corr``/``decov``, which use the
@@ -726,29 +737,34 @@ _KINKED = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ReLU6)
 
 
 class _KinkRecorder:
-    """Forward hooks on ReLU-type modules: how close their inputs are to a kink."""
+    """Forward hooks on ReLU-type modules: how close their inputs are to a kink, and on which side."""
 
     def __init__(self, model: nn.Module):
-        self.inputs: list[torch.Tensor] = []
+        self.distances: list[torch.Tensor] = []
+        self.sides: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, _KINKED)]
 
     def _hook(self, module, inputs, output):
         x = inputs[0].detach()
-        dist = x.abs()
+        dist, side = x.abs(), x > 0
         if isinstance(module, nn.ReLU6):
             dist = torch.minimum(dist, (x - 6.0).abs())
-        self.inputs.append(dist)
+            side = side.to(torch.int8) + (x > 6.0).to(torch.int8)
+        self.distances.append(dist)
+        self.sides.append(side)
 
     def clear(self):
-        self.inputs = []
+        self.distances, self.sides = [], []
 
     def margin(self) -> float | None:
+        """Smallest distance of a recorded input to a kink; None without ReLU-type modules."""
         if not self.handles:
             return None
-        return float(min(t.min() for t in self.inputs)) if self.inputs else math.inf
+        return float(min(t.min() for t in self.distances)) if self.distances else math.inf
 
     def pattern(self) -> bytes:
-        return b"".join(bytes(np.packbits((t > 0).flatten().numpy())) for t in self.inputs)
+        """Which side of its kink(s) every recorded input lies on."""
+        return b"".join(t.to(torch.int8).numpy().tobytes() for t in self.sides)
 
     def remove(self):
         for h in self.handles:
@@ -780,7 +796,7 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
     -------
     :class:`GradcheckReport` with ``wrt="parameters"``. The diagnosis is that
     of the recorded activations, plus the ReLU margin (the smallest ``|input|``
-    of a ReLU-type module).
+    of a ReLU-type module). Computed on the CPU in float64.
     """
     from .nn import TopologicalRegulariser
 
@@ -1037,7 +1053,8 @@ def run(args: argparse.Namespace) -> int:
         notes = [r for r in reports if r.verdict != "ok"]
         if notes:
             print()
-            print("Notes (a kink makes disagreement expected; autograd then returns the derivative of one adjacent smooth piece):")
+            print("Notes (a kink makes disagreement expected; autograd then returns the derivative "
+                  "of one adjacent smooth piece):")
             for r in notes:
                 print("  " + r.note())
     elapsed = time.perf_counter() - start

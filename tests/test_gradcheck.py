@@ -1,0 +1,417 @@
+"""Tests for toponeuro.gradcheck: the finite-difference check, the diagnosis, the
+subgradient check at ties, and the ``toponeuro gradcheck`` command.
+
+References: scipy's MST and a brute-force enumeration of spanning trees (the
+MST margin), a depth-first search (tree path maxima), hand-built matrices and
+activations whose correlations are exactly 0 or whose MST is exactly tied,
+and central finite differences (the tool's own reference, validated here by
+showing that it catches a deliberately wrong gradient).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.sparse.csgraph import minimum_spanning_tree
+
+import toponeuro.cli
+from toponeuro import dissimilarity as ds
+from toponeuro import gradcheck as gc
+from toponeuro import persistence
+
+EDGE_BACKENDS = gc.edge_backends()
+DISSIMILARITIES = list(ds.DISSIMILARITIES)
+COMBOS = [(f, d, b) for f in ("t1", "t2") for d in DISSIMILARITIES for b in EDGE_BACKENDS] + [
+    ("min_corr", None, None), ("decov", None, None)]
+
+
+def _combo_id(c):
+    return "-".join(x for x in c if x)
+
+
+# ---------------------------------------------------------------------------
+# the MST margin against independent references
+# ---------------------------------------------------------------------------
+
+
+def _dfs_path_max(W: np.ndarray, edges: np.ndarray, u: int, v: int) -> float:
+    adj = {k: [] for k in range(W.shape[0])}
+    for a, b in edges:
+        adj[a].append(b)
+        adj[b].append(a)
+    stack = [(u, -1, 0.0)]
+    while stack:
+        node, parent, best = stack.pop()
+        if node == v:
+            return best
+        stack += [(nb, node, max(best, W[node, nb])) for nb in adj[node] if nb != parent]
+    raise AssertionError("not a tree")
+
+
+def test_tree_path_max_matches_depth_first_search(rng):
+    n = 9
+    X = rng.random((n, n))
+    W = np.triu(X, 1) + np.triu(X, 1).T
+    tree = minimum_spanning_tree(np.triu(W, 1)).tocoo()
+    edges = np.stack([tree.row, tree.col], 1)
+    M = gc.tree_path_max(W, edges)
+    for u in range(n):
+        for v in range(n):
+            expect = 0.0 if u == v else _dfs_path_max(W, edges, u, v)
+            assert M[u, v] == expect
+    # the margin is positive exactly because scipy's tree is the unique MST here
+    margin = gc.mst_margin(W, edges)
+    non_tree = [(i, j) for i in range(n) for j in range(i + 1, n)
+                if not any({i, j} == {a, b} for a, b in edges)]
+    assert margin == min(W[i, j] - _dfs_path_max(W, edges, i, j) for i, j in non_tree)
+    assert margin > 0
+
+
+def _minimal_spanning_trees(W: np.ndarray) -> int:
+    """How many spanning trees attain the minimum weight (brute force)."""
+    n = W.shape[0]
+    pairs = list(itertools.combinations(range(n), 2))
+    weights = []
+    for subset in itertools.combinations(pairs, n - 1):
+        parent = list(range(n))
+
+        def root(a):
+            while parent[a] != a:
+                a = parent[a]
+            return a
+
+        ok = True
+        for a, b in subset:
+            ra, rb = root(a), root(b)
+            if ra == rb:
+                ok = False
+                break
+            parent[ra] = rb
+        if ok:
+            weights.append(sum(W[a, b] for a, b in subset))
+    best = min(weights)
+    return sum(w == best for w in weights)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_margin_zero_exactly_when_the_mst_is_not_unique(trial):
+    # small integer weights: many ties, exact sums
+    rng = np.random.default_rng(1000 + trial)
+    n = 5
+    X = rng.integers(1, 5, size=(n, n)).astype(float)
+    W = np.triu(X, 1) + np.triu(X, 1).T
+    edges = persistence.death_edges(torch.from_numpy(W), backend="torch")
+    margin = gc.mst_margin(W, edges)
+    assert margin >= 0
+    assert (margin == 0) == (_minimal_spanning_trees(W) > 1)
+
+
+def test_margin_is_infinite_without_non_tree_edges():
+    assert gc.mst_margin(np.array([[0.0, 0.3], [0.3, 0.0]]), [[0, 1]]) == np.inf
+
+
+def test_tree_path_max_rejects_a_non_tree():
+    W = np.ones((4, 4)) - np.eye(4)
+    with pytest.raises(ValueError, match="cycle"):
+        gc.tree_path_max(W, [[0, 1], [1, 2], [0, 2]])
+    with pytest.raises(ValueError, match="3 edges"):
+        gc.tree_path_max(W, [[0, 1], [1, 2]])
+
+
+# ---------------------------------------------------------------------------
+# agreement at generic points
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=_combo_id)
+def test_autograd_agrees_with_finite_differences_at_a_generic_point(combo):
+    formula, diss, backend = combo
+    A = gc.random_activations(m=10, n=6, seed=3)
+    report = gc.check_activations_gradient(A, formula=formula, dissimilarity=diss or "abs_correlation",
+                                           backend=backend or "torch")
+    d = report.diagnosis
+    assert d.differentiable, d.reasons
+    if formula in ("t1", "t2"):
+        assert d.mst_margin > 1e-3  # comfortably unique
+    assert report.jumps == 0
+    assert report.size == 60
+    assert report.max_rel_err <= 1e-6
+    assert report.verdict == "ok" and report.passed
+    assert "must agree" in d.sentence()
+
+
+@pytest.mark.parametrize("formula", ["t1", "t2"])
+def test_backends_give_the_same_gradient_report_at_a_generic_point(formula):
+    A = gc.random_activations(m=10, n=6, seed=4)
+    reports = [gc.check_activations_gradient(A, formula=formula, backend=b) for b in EDGE_BACKENDS]
+    assert len({r.diagnosis.mst_margin for r in reports}) == 1
+    assert all(r.verdict == "ok" for r in reports)
+
+
+def test_a_wrong_gradient_fails_at_a_differentiable_point():
+    A = gc.random_activations(m=10, n=6, seed=3)
+    report = gc.check_activations_gradient(A, formula="t1", perturb_gradient=1e-4)
+    assert report.diagnosis.differentiable
+    assert report.max_abs_err == pytest.approx(1e-4, rel=1e-3)
+    assert report.verdict == "FAIL" and not report.passed
+    assert "FAIL" in report.row()
+
+
+def test_finite_differences_alone_match_a_hand_derivative():
+    # decov = 0.5 * sum_{k != l} C_kl^2 with C = Ac^T Ac / m, so
+    # d decov / dA = (2 / m) * Ac @ offdiag(C), an independent formula
+    A = gc.random_activations(m=7, n=4, seed=5)
+    m = A.shape[0]
+    Ac = A - A.mean(0)
+    C = Ac.T @ Ac / m
+    expected = 2.0 / m * Ac @ (C - torch.diag(C.diagonal()))
+    report = gc.check_activations_gradient(A, formula="decov")
+    assert report.verdict == "ok"
+    Ag = A.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(gc.regulariser_value(Ag, "decov"), Ag)
+    assert torch.allclose(g, expected, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------
+# ties: diagnosis and the subgradient check
+# ---------------------------------------------------------------------------
+
+
+def _tied_matrix() -> torch.Tensor:
+    """Neurons 0, 1, 2 pairwise at 0.2 (any two of the three edges form an MST of them), the rest farther."""
+    rng = np.random.default_rng(7)
+    n = 6
+    X = 0.5 + 0.4 * rng.random((n, n))
+    W = np.triu(X, 1) + np.triu(X, 1).T
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        W[a, b] = W[b, a] = 0.2
+    return torch.from_numpy(W)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_constructed_tie_has_margin_zero_and_passes_the_subgradient_check(backend):
+    D = _tied_matrix()
+    assert gc.mst_margin(D, persistence.death_edges(D, backend=backend)) == 0.0
+    sub = gc.check_subgradient(D, backend=backend, trials=200, seed=1)
+    assert sub.mst_margin == 0.0
+    assert sub.passed, str(sub)
+    assert sub.strict > 0  # the tie matters: in some directions the inequality is strict
+    assert "holds" in str(sub)
+
+
+def test_subgradient_check_catches_a_wrong_gradient_at_a_tie():
+    sub = gc.check_subgradient(_tied_matrix(), trials=200, seed=1, perturb_gradient=1e-2)
+    assert not sub.passed
+    assert "VIOLATED" in str(sub)
+
+
+@pytest.mark.parametrize("diss", DISSIMILARITIES)
+def test_duplicated_neuron_is_diagnosed_as_a_tie(diss):
+    A = gc.random_activations(m=10, n=6, seed=3, tie=True)
+    report = gc.check_activations_gradient(A, formula="t1", dissimilarity=diss, subgradient_trials=100)
+    d = report.diagnosis
+    assert d.mst_margin == 0.0
+    assert d.tie and not d.differentiable
+    assert "expected" in d.sentence() and "subgradient" in d.sentence()
+    assert report.subgradient is not None and report.subgradient.passed
+    assert report.verdict == "subgradient ok" and report.passed
+    if diss == "sqrt_one_minus_rho2":
+        assert d.unit_rho_tree_edges == [(0, 1)]
+    if diss == "euclidean":
+        assert d.zero_tree_edges == [(0, 1)]
+    t2 = gc.check_activations_gradient(A, formula="t2", dissimilarity=diss)
+    assert t2.verdict == "kink" and t2.passed and t2.subgradient is None
+
+
+# ---------------------------------------------------------------------------
+# the other kinks
+# ---------------------------------------------------------------------------
+
+
+def _hadamard16() -> torch.Tensor:
+    H = torch.ones(1, 1, dtype=torch.float64)
+    for _ in range(4):
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H  # columns 1..15: zero-mean, pairwise orthogonal, entries +-1
+
+
+def test_zero_correlation_tree_edge_n2_is_diagnosed():
+    A = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+    assert ds.correlation(A)[0, 1] == 0.0
+    d = gc.diagnose(A, "t1", "abs_correlation")
+    assert d.mst_margin == np.inf  # the tree is unique, yet:
+    assert d.min_abs_rho == 0.0 and not d.differentiable
+    assert any("kink at 0" in r for r in d.reasons)
+    report = gc.check_activations_gradient(A, formula="t1", dissimilarity="abs_correlation")
+    assert report.verdict == "kink" and report.passed
+    # 1 - rho and sqrt(1 - rho^2) are smooth at rho = 0: the same point is differentiable for them
+    for diss in ("one_minus_rho", "sqrt_one_minus_rho2"):
+        smooth = gc.check_activations_gradient(A, formula="t1", dissimilarity=diss)
+        assert smooth.diagnosis.min_abs_rho == 0.0 and smooth.diagnosis.differentiable
+        assert smooth.verdict == "ok"
+
+
+def test_zero_correlation_tree_edge_between_two_blocks_is_diagnosed():
+    # two blocks of correlated neurons, exactly uncorrelated across blocks (dyadic
+    # entries and norms: every product and sum in the correlation is exact)
+    H = _hadamard16()
+    u = H[:, 1]
+    v = H[:, 1] + H[:, 2] + H[:, 5] + H[:, 6]
+    w = H[:, 3]
+    z = H[:, 3] + H[:, 4] + H[:, 7] + H[:, 8]
+    A = torch.stack([u, v, w, z], 1)
+    C = ds.correlation(A)
+    assert C[0, 1] == 0.5 and C[2, 3] == 0.5 and C[:2, 2:].abs().max() == 0.0
+    d = gc.diagnose(A, "t1", "abs_correlation")
+    assert d.min_abs_rho == 0.0
+    assert not d.differentiable
+    assert any("|rho| = 0 on a tree edge" in r for r in d.reasons)
+    assert d.mst_margin == 0.0  # all four cross edges tie at d = 1
+    mc = gc.diagnose(A, "min_corr")
+    assert mc.min_abs_rho == 0.0 and mc.rho_scope == "all pairs" and not mc.differentiable
+
+
+def test_constant_neuron_is_diagnosed():
+    A = gc.random_activations(m=10, n=5, seed=6)
+    A[:, 2] = 3.0
+    for formula, diss in [("t1", "abs_correlation"), ("t2", "one_minus_rho"), ("min_corr", None)]:
+        d = gc.diagnose(A, formula, diss or "abs_correlation")
+        assert d.constant_neurons == [2]
+        assert not d.differentiable and any("constant neuron" in r for r in d.reasons)
+    # harmless where no correlation is taken
+    for formula, diss in [("t1", "euclidean"), ("decov", None)]:
+        report = gc.check_activations_gradient(A, formula=formula, dissimilarity=diss or "abs_correlation")
+        assert report.diagnosis.constant_neurons == [2]
+        assert report.diagnosis.differentiable and report.verdict == "ok"
+
+
+def test_equal_deaths_are_a_t2_kink():
+    # neurons on a line at equal spacing: every death equals the spacing (exact with small integers)
+    v = torch.tensor([1.0, 2.0, -1.0, 0.0, 3.0, 1.0], dtype=torch.float64)
+    A = torch.stack([k * v for k in range(5)], 1)
+    d = gc.diagnose(A, "t2", "euclidean")
+    assert d.mst_margin > 0
+    assert d.deaths_std == 0.0
+    assert not d.differentiable and any("deaths equal" in r for r in d.reasons)
+    assert gc.diagnose(A, "t1", "euclidean").differentiable
+
+
+def test_step_is_shrunk_or_point_called_inconclusive_near_a_tie():
+    A = gc.random_activations(m=10, n=6, seed=3, tie=True)
+    A[2, 1] += 1e-9  # break the tie by a hair: differentiable, margin tiny
+    report = gc.check_activations_gradient(A, formula="t1", dissimilarity="one_minus_rho")
+    assert report.diagnosis.differentiable and 0 < report.diagnosis.mst_margin < 1e-8
+    assert report.step < 1e-6 * float(A.abs().max())  # the default step was shrunk
+    assert report.verdict in ("ok", "inconclusive") and report.passed
+    # a step forced to be large jumps across the tie, and the report says so
+    forced = gc.check_activations_gradient(A, formula="t1", dissimilarity="one_minus_rho", eps=1e-3)
+    assert forced.jumps > 0 and forced.verdict == "inconclusive"
+
+
+# ---------------------------------------------------------------------------
+# with respect to a model's parameters
+# ---------------------------------------------------------------------------
+
+
+def _mlp_and_batch(seed=0, m=12):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 4, generator=gen, dtype=torch.float64)
+    return gc.tiny_mlp(n=8, in_features=4, seed=seed, x=x), x
+
+
+@pytest.mark.parametrize("formula,diss", [("t1", "abs_correlation"), ("t2", "sqrt_one_minus_rho2"),
+                                          ("t1", "euclidean"), ("min_corr", "abs_correlation"),
+                                          ("decov", "abs_correlation")])
+def test_model_parameter_gradient_agrees(formula, diss):
+    model, x = _mlp_and_batch()
+    before = copy.deepcopy(model.state_dict())
+    report = gc.check_model_gradient(model, x, formula=formula, dissimilarity=diss)
+    assert report.wrt == "parameters"
+    assert report.size == sum(p.numel() for p in model.parameters())
+    assert report.diagnosis.differentiable, report.diagnosis.reasons
+    assert report.diagnosis.relu_margin > 0
+    assert report.max_rel_err <= 1e-6 and report.verdict == "ok"
+    # the model passed in is untouched and carries no hooks
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_model_check_detects_steps_that_flip_a_relu():
+    # decov has no tree and no |rho|: any jump is a ReLU input changing sign
+    model, x = _mlp_and_batch()
+    forced = gc.check_model_gradient(model, x, formula="decov", eps=0.3)
+    assert forced.jumps > 0 and forced.verdict == "inconclusive"
+    assert gc.check_model_gradient(model, x, formula="decov").jumps == 0
+
+
+def test_model_check_fails_with_a_wrong_gradient_and_flags_dead_relus():
+    model, x = _mlp_and_batch()
+    assert gc.check_model_gradient(model, x, formula="t1", perturb_gradient=1e-4).verdict == "FAIL"
+    with torch.no_grad():
+        model[2].bias[0] = -100.0  # a dead ReLU: neuron 3 (the first of the second hidden layer) is constant
+    report = gc.check_model_gradient(model, x, formula="t1")
+    assert report.diagnosis.constant_neurons == [3]
+    assert not report.diagnosis.differentiable and report.passed
+
+
+# ---------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------
+
+
+def test_cli_defaults_exit_zero(capsys):
+    assert toponeuro.cli.main(["gradcheck"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.split()[:1] and ln.split()[0] in gc.FORMULAS]
+    assert len(lines) == len(COMBOS)
+    assert all(ln.rstrip().endswith("ok") for ln in lines)
+    assert "max rel err" in out and "MST margin" in out and out.rstrip().splitlines()[-1].startswith("OK")
+
+
+def test_cli_exits_nonzero_with_a_perturbed_gradient(capsys):
+    code = toponeuro.cli.main(["gradcheck", "--n", "5", "--m", "8", "--backend", "torch",
+                               "--perturb-gradient", "1e-3"])
+    assert code == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_cli_tie_mode_uses_the_subgradient_check(capsys):
+    args = ["gradcheck", "--n", "5", "--m", "8", "--backend", "torch", "--formula", "t1", "--tie"]
+    assert toponeuro.cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "subgradient ok" in out and "MST not unique" in out
+    assert toponeuro.cli.main(args + ["--perturb-gradient", "1e-2"]) == 1
+    assert "subgradient FAIL" in capsys.readouterr().out
+
+
+def test_cli_mlp_mode(capsys):
+    args = ["gradcheck", "--mlp", "--backend", "torch", "--dissimilarity", "abs_correlation"]
+    assert toponeuro.cli.main(args) == 0
+    assert "parameters of a tiny MLP" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_choices(capsys):
+    assert toponeuro.cli.main(["gradcheck", "--formula", "t3"]) == 2
+    assert "unknown formula" in capsys.readouterr().out
+    assert toponeuro.cli.main(["gradcheck", "--backend", "ripser"]) == 2
+    assert "no death edges" in capsys.readouterr().out
+
+
+def test_python_m_gradcheck_subprocess():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    base = [sys.executable, "-m", "toponeuro", "gradcheck", "--n", "5", "--m", "8", "--formula", "t1,decov"]
+    ok = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "OK:" in ok.stdout
+    bad = subprocess.run(base + ["--perturb-gradient", "1e-3"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "FAILED" in bad.stdout
