@@ -1,0 +1,189 @@
+"""``toponeuro bench``: end-to-end runs at tiny sizes, failure reporting, the skip logic.
+
+No timing assertions: the tests check what is recorded and written, not how
+fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from toponeuro import bench, persistence
+from toponeuro.cli import main as cli_main
+from toponeuro.dissimilarity import abs_correlation
+from toponeuro.persistence import Backend
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = cli_main(["bench", "--n", "16", "32", "--m", "8", "--repeats", "1", "--devices", "cpu",
+                     "--out", str(out), "--no-progress"])
+    return code, out
+
+
+def test_cli_end_to_end_writes_json_and_png(tiny_run):
+    code, out = tiny_run
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("date", "config", "host", "versions", "devices", "backends", "cases", "summary",
+                "load_average_start", "load_average_end"):
+        assert key in results, key
+    assert results["config"]["n"] == [16, 32]
+    assert results["config"]["repeats"] == 1
+    assert results["versions"]["torch"] == torch.__version__
+    assert results["devices"]["cpu"]["available"]
+    assert results["devices"]["cpu"]["name"]
+    assert (out / "timings.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_every_backend_and_extra_is_timed_at_every_n(tiny_run):
+    _, out = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    installed = persistence.available_backends()
+    assert sorted(k for k, v in results["backends"].items() if v["available"]) == sorted(installed)
+    expected = set(installed) | {"check", "torch+check", "t1", "correlation"}
+    if persistence.torch_mst.HAVE_NUMBA:
+        expected.add(bench.BORUVKA)
+    for n in (16, 32):
+        got = {c["series"] for c in results["cases"] if c["n"] == n and c["device"] == "cpu"}
+        assert got == expected, n
+    for c in results["cases"]:
+        assert c["status"] == "ok", c
+        assert c["repeats"] == len(c["times_s"]) == 1
+        assert c["min_s"] <= c["median_s"] <= c["max_s"]
+    # the regulariser ratio is the quotient of the two recorded medians
+    reg = results["summary"]["regulariser"]
+    assert [r["n"] for r in reg] == [16, 32]
+    for r in reg:
+        t1 = next(c for c in results["cases"] if c["series"] == "t1" and c["n"] == r["n"])
+        corr = next(c for c in results["cases"] if c["series"] == "correlation" and c["n"] == r["n"])
+        assert r["ratio"] == pytest.approx(t1["median_s"] / corr["median_s"])
+    if "giotto-ph" in installed:
+        speedups = {(s["series"], s["n"]) for s in results["summary"]["speedup_vs_giotto_ph"]}
+        assert {("torch", 16), ("torch", 32), ("torch+check", 16)} <= speedups
+
+
+def test_benchmark_matrix_is_seeded_and_is_one_minus_abs_rho():
+    A, D = bench.benchmark_matrix(20, 10, seed=3)
+    A2, D2 = bench.benchmark_matrix(20, 10, seed=3)
+    assert torch.equal(A, A2) and torch.equal(D, D2)
+    assert not torch.equal(A, bench.benchmark_matrix(20, 10, seed=4)[0])
+    # against NumPy's Pearson correlation
+    import numpy as np
+
+    rho = np.corrcoef(A.double().numpy(), rowvar=False)
+    np.testing.assert_allclose(D.numpy(), 1 - np.abs(rho), atol=1e-5)
+
+
+def _register(monkeypatch, name, module, requires, gives_edges=True):
+    backends = dict(persistence.BACKENDS)
+    backends[name] = Backend(name, module, requires, gives_edges)
+    monkeypatch.setattr(persistence, "BACKENDS", backends)
+
+
+def test_backend_that_fails_to_import_is_reported_not_crashed(monkeypatch, tmp_path):
+    _register(monkeypatch, "missing", "toponeuro_missing_plugin", ("toponeuro_no_such_requirement",))
+    # its requirement imports, its own module does not
+    _register(monkeypatch, "broken", "toponeuro.persistence.no_such_module", ("json",))
+    results = bench.run_benchmark([16], m=8, repeats=1, backends=["torch", "missing", "broken", "nonsense"],
+                                  devices=["cpu"], progress=False)
+    assert results["backends"]["torch"]["available"]
+    for name in ("missing", "broken", "nonsense"):
+        assert not results["backends"][name]["available"]
+        assert results["backends"][name]["error"]
+    assert "toponeuro_no_such_requirement" in results["backends"]["missing"]["error"]
+    assert {c["series"] for c in results["cases"]} >= {"torch", "t1"}
+    assert not any(c["series"] in ("missing", "broken", "nonsense") for c in results["cases"])
+    text = bench.format_table(results)
+    assert "not benchmarked: missing" in text and "not benchmarked: broken" in text
+
+
+def test_backend_that_raises_at_run_time_is_recorded_as_error(monkeypatch, tmp_path):
+    (tmp_path / "toponeuro_raising_plugin.py").write_text(
+        "def death_edges(D):\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _register(monkeypatch, "raising", "toponeuro_raising_plugin", ("toponeuro_raising_plugin",))
+    results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["raising", "torch"], devices=["cpu"],
+                                  progress=False)
+    errors = [c for c in results["cases"] if c["series"] == "raising"]
+    assert [c["status"] for c in errors] == ["error", "error"]
+    assert "boom" in errors[0]["error"]
+    assert all(c["status"] == "ok" for c in results["cases"] if c["series"] == "torch")
+    bench.plot_results(results, tmp_path / "t.png")  # errors leave gaps, not a crash
+    assert (tmp_path / "t.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cases_over_the_budget_are_skipped_and_recorded(monkeypatch):
+    # pretend every case would take far too long once there is a smaller n to extrapolate from
+    monkeypatch.setattr(bench, "extrapolate_seconds", lambda history, n: None if not history else 1e9)
+    results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch"], devices=["cpu"],
+                                  max_seconds_per_case=5.0, progress=False)
+    by_n = {n: [c for c in results["cases"] if c["n"] == n] for n in (16, 32)}
+    assert all(c["status"] == "ok" for c in by_n[16])
+    assert by_n[32] and all(c["status"] == "skipped" for c in by_n[32])
+    assert all("max-seconds-per-case" in c["reason"] for c in by_n[32])
+    assert results["summary"]["regulariser"] == [r for r in results["summary"]["regulariser"] if r["n"] == 16]
+    assert "skipped" in bench.format_table(results)
+
+
+def test_extrapolation_by_hand():
+    assert bench.extrapolate_seconds([], 100) is None
+    assert bench.extrapolate_seconds([(100, 1.0)], 200) == pytest.approx(4.0)  # exponent 2
+    assert bench.extrapolate_seconds([(100, 1.0), (200, 8.0)], 400) == pytest.approx(64.0)  # exponent 3
+    # exponents are clamped to [2, 3]
+    assert bench.extrapolate_seconds([(100, 1.0), (200, 2.0)], 400) == pytest.approx(8.0)
+    assert bench.extrapolate_seconds([(100, 1.0), (200, 100.0)], 400) == pytest.approx(800.0)
+
+
+def test_time_call_counts_warmup_and_stops_at_the_budget():
+    calls = []
+    times, _ = bench.time_call(lambda: calls.append(1), torch.device("cpu"), repeats=4, warmup=True)
+    assert len(calls) == 5 and len(times) == 4
+    calls.clear()
+    times, _ = bench.time_call(lambda: calls.append(1), torch.device("cpu"), repeats=4, warmup=False,
+                               budget_s=0.0)
+    assert len(calls) == 1 and len(times) == 1
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_cpu_peak_memory_sees_a_temporary():
+    size = 64 * 2**20  # bytes
+    _, peak = bench.time_call(lambda: torch.ones(size // 4), torch.device("cpu"), repeats=1, warmup=False)
+    assert peak is not None and peak >= 0.9 * size
+
+
+def test_bad_arguments_raise_value_error_and_exit_2(tmp_path, capsys):
+    with pytest.raises(ValueError, match="sizes >= 2"):
+        bench.run_benchmark([1, 16], devices=["cpu"], progress=False)
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_benchmark([16], repeats=0, devices=["cpu"], progress=False)
+    with pytest.raises(ValueError, match="device"):
+        bench.run_benchmark([16], devices=["tpu"], progress=False)
+    assert cli_main(["bench", "--n", "1", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "sizes >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report when CUDA is absent")
+def test_missing_cuda_is_reported_not_crashed():
+    results = bench.run_benchmark([16], m=8, repeats=1, backends=["torch"], devices=["cpu", "cuda"],
+                                  progress=False)
+    assert not results["devices"]["cuda"]["available"]
+    assert {c["device"] for c in results["cases"]} == {"cpu"}
+
+
+@pytest.mark.cuda
+def test_cuda_run_records_gpu_and_memory(tmp_path):
+    results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch"], devices=["cuda"],
+                                  progress=False)
+    assert results["devices"]["cuda"]["name"]
+    cases = [c for c in results["cases"] if c["device"] == "cuda"]
+    assert cases and all(c["status"] == "ok" for c in cases)
+    assert all(c["peak_extra_bytes"] is not None for c in cases)
+    assert {c["series"] for c in cases} == {"torch", "check", "torch+check", "t1", "correlation"}

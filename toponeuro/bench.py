@@ -1,0 +1,689 @@
+"""``toponeuro bench``: time the persistence backends and the regulariser.
+
+For every device and every ``n`` the benchmark builds one matrix
+``D = 1 - |rho|`` from seeded random activations ``A: (m, n)`` and times, on
+that same matrix:
+
+* ``mst``: each persistence backend alone (``death_edges(D, check=False)``;
+  ``deaths`` for ripser.py, which gives values only). The external backends
+  (giotto-ph, ripser.py) run on the host, so they are timed on ``cpu`` only;
+  on CPU the torch backend's Boruvka path (what CUDA tensors and CPUs
+  without numba use) is timed too, as ``torch-boruvka``;
+* ``check``: the input validation ``check_dissimilarity(D)`` and
+  ``mst+check``: the public default call ``death_edges(D)``, which runs it;
+* ``regulariser``: T1 forward and backward from the activations
+  (correlation, MST, gather, backward), as :class:`TopologicalRegulariser`
+  computes it, against ``correlation``: the forward and backward of
+  ``abs_correlation(A)`` alone.
+
+Each case runs once to warm up, then ``--repeats`` times; the median, min and
+max are recorded (CUDA timings are bracketed by ``torch.cuda.synchronize``).
+A case whose time, extrapolated from the smaller ``n`` of the same series, would
+exceed ``--max-seconds-per-case`` is skipped and recorded as skipped. Peak
+memory beyond the inputs is recorded per case: ``torch.cuda.max_memory_allocated``
+on CUDA, the resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) on Linux CPUs.
+
+Outputs, in ``--out`` (default ``data/bench/cpu``, or ``data/bench/<gpu name>``
+when CUDA is benchmarked): ``results.json`` (host, devices, versions, date,
+every timing) and ``timings.png`` (time against n, log-log; regulariser cost
+ratio against n). A table is printed::
+
+    python -m toponeuro bench                       # the full default run
+    python -m toponeuro bench --quick               # n = 256 1024 2048, 3 repeats
+    python -m toponeuro bench --n 1024 4096 --backends torch giotto-ph --devices cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__, persistence, regularisers
+from ._validation import check_dissimilarity
+from .dissimilarity import abs_correlation
+from .persistence import torch_mst
+
+__all__ = [
+    "DEFAULT_N",
+    "QUICK_N",
+    "benchmark_matrix",
+    "time_call",
+    "extrapolate_seconds",
+    "run_benchmark",
+    "format_table",
+    "plot_results",
+    "configure_parser",
+    "run",
+]
+
+DEFAULT_N = [256, 1024, 2048, 4096, 8192]
+QUICK_N = [256, 1024, 2048]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+BORUVKA = "torch-boruvka"  # the torch backend's CUDA algorithm, timed on CPU
+HOST_ONLY_BACKENDS = {"giotto-ph", "ripser"}  # they copy the matrix to the host
+REFERENCE_BACKEND = "giotto-ph"
+TARGET_REGULARISER_RATIO = 3.0
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def benchmark_matrix(n: int, m: int, seed: int, dtype: torch.dtype = torch.float32):
+    """The benchmark's input at size ``n``, on the CPU.
+
+    Returns ``(A, D)``: ``A: (m, n)`` standard normal activations from a
+    generator seeded by ``(seed, n)`` and ``D = abs_correlation(A): (n, n)``.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + n)
+    A = torch.randn(m, n, generator=gen, dtype=dtype)
+    return A, abs_correlation(A).contiguous()
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _read_proc_status() -> dict[str, int] | None:
+    try:
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+        return out if len(out) == 2 else None
+    except OSError:
+        return None
+
+
+class _PeakMemory:
+    """Peak memory allocated beyond what was live at ``start()``, in bytes (or None)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base: int | None = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        try:  # Linux: "5" resets the resident-set high-water mark to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.base = None
+            return
+        status = _read_proc_status()
+        self.base = None if status is None else status["VmRSS"]
+
+    def stop(self) -> int | None:
+        if self.base is None:
+            return None
+        if self.device.type == "cuda":
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+        status = _read_proc_status()
+        return None if status is None else max(0, status["VmHWM"] - self.base)
+
+
+def time_call(
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    warmup: bool = True,
+    budget_s: float = math.inf,
+) -> tuple[list[float], int | None]:
+    """Wall-clock seconds of ``fn()`` over ``repeats`` calls, and its peak extra memory.
+
+    One untimed warm-up call first if ``warmup``. Stops early (after at least
+    one timed call) when the next call would overrun ``budget_s`` seconds in
+    all. Returns ``(times, peak_bytes)``; ``peak_bytes`` is None where it
+    cannot be measured.
+    """
+    started = time.perf_counter()
+    if warmup:
+        _sync(device)
+        fn()
+        _sync(device)
+    memory = _PeakMemory(device)
+    memory.start()
+    times: list[float] = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - started
+        if elapsed + times[-1] > budget_s:
+            break
+    return times, memory.stop()
+
+
+def extrapolate_seconds(history: list[tuple[int, float]], n: int) -> float | None:
+    """Seconds one call would take at ``n``, from ``(n, seconds)`` at smaller sizes.
+
+    A power law through the last two points, its exponent clamped to [2, 3]
+    (every backend here is at least quadratic: it reads the n x n matrix);
+    exponent 2 from a single point; None without history.
+    """
+    if not history:
+        return None
+    n2, t2 = history[-1]
+    exponent = 2.0
+    if len(history) >= 2:
+        n1, t1 = history[-2]
+        if n2 > n1 and t1 > 0 and t2 > 0:
+            exponent = min(3.0, max(2.0, math.log(t2 / t1) / math.log(n2 / n1)))
+    return t2 * (n / n2) ** exponent
+
+
+# ---------------------------------------------------------------- cases
+
+
+@dataclass
+class _Case:
+    kind: str  # "mst", "check", "mst+check", "regulariser", "correlation"
+    series: str  # the line it belongs to: backend name, or the kind
+    call: str  # what is timed, in words
+    fn: Callable[[], object] | None = None
+
+
+def _t1_forward_backward(A0: torch.Tensor) -> torch.Tensor:
+    A = A0.detach().requires_grad_()
+    D = abs_correlation(A)
+    deaths = persistence.deaths(D, backend="torch", check=False)
+    regularisers.t1(deaths).backward()
+    return A.grad
+
+
+def _correlation_forward_backward(A0: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    A = A0.detach().requires_grad_()
+    D = abs_correlation(A)
+    D.backward(upstream)
+    return A.grad
+
+
+def _boruvka(D: torch.Tensor) -> torch.Tensor:
+    return persistence.canonical_order(D, torch_mst.boruvka_edges(D))
+
+
+def _cases_for(device: torch.device, backends: list[str], A: torch.Tensor, D: torch.Tensor) -> list[_Case]:
+    cases = []
+    for name in backends:
+        if name in HOST_ONLY_BACKENDS and device.type != "cpu":
+            continue
+        if persistence.BACKENDS[name].gives_edges:
+            fn = lambda name=name: persistence.death_edges(D, backend=name, check=False)  # noqa: E731
+            cases.append(_Case("mst", name, f"death_edges(D, {name!r}, check=False)", fn))
+        else:
+            fn = lambda name=name: persistence.deaths(D, backend=name, check=False)  # noqa: E731
+            cases.append(_Case("mst", name, f"deaths(D, {name!r}, check=False)", fn))
+        if name == "torch" and device.type == "cpu" and torch_mst.HAVE_NUMBA:
+            cases.append(_Case("mst", BORUVKA, "canonical_order(D, boruvka_edges(D))", lambda: _boruvka(D)))
+    cases.append(_Case("check", "check", "check_dissimilarity(D)", lambda: check_dissimilarity(D)))
+    if "torch" in backends:
+        cases.append(_Case("mst+check", "torch+check", "death_edges(D, 'torch')",
+                           lambda: persistence.death_edges(D, backend="torch")))
+        upstream = torch.ones_like(D)
+        cases.append(_Case("regulariser", "t1", "T1 forward+backward from A (correlation, MST, gather)",
+                           lambda: _t1_forward_backward(A)))
+        cases.append(_Case("correlation", "correlation", "abs_correlation(A) forward+backward",
+                           lambda: _correlation_forward_backward(A, upstream)))
+    return cases
+
+
+def _summary(times: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+    }
+
+
+# ---------------------------------------------------------------- environment
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _memory_total() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {
+            "name": torch.cuda.get_device_name(device),
+            "capability": list(torch.cuda.get_device_capability(device)),
+            "total_memory_bytes": props.total_memory,
+            "cuda": torch.version.cuda,
+        }
+    return {"name": _cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+
+
+def _environment() -> dict:
+    return {
+        "host": {
+            "hostname": platform.node(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "memory_total_bytes": _memory_total(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "toponeuro": __version__,
+            "torch": torch.__version__,
+            "numpy": _version("numpy"),
+            "numba": _version("numba"),
+            "giotto-ph": _version("giotto-ph"),
+            "ripser": _version("ripser"),
+        },
+    }
+
+
+def default_out_dir(devices: list[str]) -> Path:
+    """``data/bench/cpu``, or ``data/bench/<gpu name>`` when a CUDA device is benchmarked."""
+    for d in devices:
+        if d.startswith("cuda") and torch.cuda.is_available():
+            name = torch.cuda.get_device_name(torch.device(d))
+            return Path("data/bench") / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return Path("data/bench/cpu")
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _check_devices(devices: list[str]) -> list[tuple[str, torch.device | None, str | None]]:
+    """(name, device or None, why unavailable) for each requested device."""
+    out = []
+    for name in devices:
+        try:
+            device = torch.device(name)
+        except RuntimeError as err:
+            raise ValueError(f"unknown device {name!r} ({err}); use e.g. cpu, cuda or cuda:1") from err
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                out.append((name, None, "torch.cuda.is_available() is False"))
+                continue
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                out.append((name, None, f"only {torch.cuda.device_count()} CUDA device(s)"))
+                continue
+        elif device.type != "cpu":
+            raise ValueError(f"device {name!r} is not supported by the benchmark; use cpu or cuda[:k]")
+        out.append((name, device, None))
+    return out
+
+
+def _check_backends(backends: list[str]) -> tuple[list[str], dict]:
+    """The usable backends, and a report {name: {available, gives_edges?, error?}} for all."""
+    report: dict[str, dict] = {}
+    usable = []
+    installed = persistence.available_backends()
+    for name in backends:
+        if name not in persistence.BACKENDS:
+            report[name] = {"available": False, "error": f"unknown backend; known: {sorted(persistence.BACKENDS)}"}
+            continue
+        b = persistence.BACKENDS[name]
+        if name not in installed:
+            report[name] = {"available": False, "gives_edges": b.gives_edges,
+                            "error": f"not importable (needs {', '.join(b.requires)})"}
+            continue
+        try:
+            b.load()
+        except Exception as err:  # a plug-in that imports its requirements but not itself
+            report[name] = {"available": False, "gives_edges": b.gives_edges,
+                            "error": f"{type(err).__name__}: {err}"}
+            continue
+        report[name] = {"available": True, "gives_edges": b.gives_edges}
+        usable.append(name)
+    return usable, report
+
+
+def run_benchmark(
+    ns: list[int],
+    m: int = 256,
+    repeats: int = 5,
+    backends: list[str] | None = None,
+    devices: list[str] | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_seconds_per_case: float = 30.0,
+    progress: bool = True,
+) -> dict:
+    """Run the benchmark; returns the results as a JSON-ready dict (see the module doc)."""
+    if not ns or any(int(n) < 2 for n in ns):
+        raise ValueError(f"--n needs sizes >= 2 (persistence needs 2 neurons), got {ns}")
+    if m < 2:
+        raise ValueError(f"--m must be >= 2 samples (correlations need 2), got {m}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not max_seconds_per_case > 0:
+        raise ValueError(f"--max-seconds-per-case must be > 0, got {max_seconds_per_case}")
+    ns = sorted({int(n) for n in ns})
+    if backends is None:
+        backends = persistence.available_backends()
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    device_list = _check_devices(devices)
+    usable, backend_report = _check_backends(backends)
+    torch_dtype = DTYPES[dtype]
+
+    results: dict = {
+        "schema": 1,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "toponeuro bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+        "config": {
+            "n": ns, "m": m, "repeats": repeats, "dtype": dtype, "seed": seed,
+            "max_seconds_per_case": max_seconds_per_case, "backends": backends, "devices": devices,
+            "dissimilarity": "abs_correlation (1 - |rho|) of standard normal activations",
+            "giotto_threads": min(os.cpu_count() or 1, 2),
+        },
+        **_environment(),
+        "load_average_start": _load_average(),
+        "devices": {},
+        "backends": backend_report,
+        "cases": [],
+    }
+    for name, device, why in device_list:
+        results["devices"][name] = {"available": False, "error": why} if device is None else {
+            "available": True, **_device_info(device)}
+
+    live = [(name, device) for name, device, why in device_list if device is not None]
+    n_per_size = {name: len(_cases_for(device, usable, *benchmark_matrix(2, 2, 0))) for name, device in live}
+    total = len(ns) * sum(n_per_size.values())
+    history: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="bench", unit="case", disable=not progress)
+    except ImportError:  # pragma: no cover
+        bar = None
+    for n in ns:
+        A_cpu, D_cpu = benchmark_matrix(n, m, seed, torch_dtype)
+        for dev_name, device in live:
+            A, D = A_cpu.to(device), D_cpu.to(device)
+            for case in _cases_for(device, usable, A, D):
+                if bar is not None:
+                    bar.set_description(f"{dev_name} n={n} {case.series}")
+                record = {"kind": case.kind, "series": case.series, "call": case.call,
+                          "device": dev_name, "n": n}
+                series_key = (dev_name, case.series)
+                estimate = extrapolate_seconds(history.get(series_key, []), n)
+                if estimate is not None and estimate > max_seconds_per_case:
+                    record.update(status="skipped", estimated_s=estimate,
+                                  reason=f"one call estimated at {estimate:.3g} s > "
+                                         f"--max-seconds-per-case {max_seconds_per_case:g}")
+                    history[series_key] = history.get(series_key, []) + [(n, estimate)]
+                else:
+                    warmup = estimate is None or estimate * (repeats + 1) <= max_seconds_per_case
+                    try:
+                        times, peak = time_call(case.fn, device, repeats, warmup, max_seconds_per_case)
+                    except Exception as err:  # a backend failing at run time is reported, not fatal
+                        record.update(status="error", error=f"{type(err).__name__}: {err}")
+                    else:
+                        record.update(status="ok", warmup=warmup, repeats=len(times), **_summary(times),
+                                      peak_extra_bytes=peak,
+                                      peak_extra_nxn=None if peak is None else
+                                      peak / (n * n * D.element_size()))
+                        history[series_key] = history.get(series_key, []) + [(n, record["median_s"])]
+                results["cases"].append(record)
+                if bar is not None:
+                    bar.update(1)
+            del A, D
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+    results["load_average_end"] = _load_average()
+    results["summary"] = _summarise(results["cases"])
+    return results
+
+
+def _median(cases: list[dict], device: str, series: str, n: int) -> float | None:
+    for c in cases:
+        if c["device"] == device and c["series"] == series and c["n"] == n and c["status"] == "ok":
+            return c["median_s"]
+    return None
+
+
+def _summarise(cases: list[dict]) -> dict:
+    """Ratios to giotto-ph (same run, same n) and the regulariser's cost ratio."""
+    ratios, reg = [], []
+    keys = sorted({(c["device"], c["series"], c["n"]) for c in cases if c["kind"] in ("mst", "mst+check")})
+    for device, series, n in keys:
+        ref = _median(cases, "cpu", REFERENCE_BACKEND, n)
+        t = _median(cases, device, series, n)
+        if ref is not None and t is not None and series != REFERENCE_BACKEND:
+            ratios.append({"device": device, "series": series, "n": n, "speedup_vs_giotto_ph": ref / t})
+    for device, n in sorted({(c["device"], c["n"]) for c in cases if c["kind"] == "regulariser"}):
+        t1 = _median(cases, device, "t1", n)
+        corr = _median(cases, device, "correlation", n)
+        if t1 is not None and corr is not None:
+            reg.append({"device": device, "n": n, "t1_forward_backward_s": t1,
+                        "correlation_forward_backward_s": corr, "ratio": t1 / corr,
+                        "target_ratio": TARGET_REGULARISER_RATIO})
+    return {"speedup_vs_giotto_ph": ratios, "regulariser": reg}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _fmt_ms(t: float | None) -> str:
+    if t is None:
+        return "-"
+    ms = t * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def format_table(results: dict) -> str:
+    """The results as plain-text tables: median ms per series, speed-ups, regulariser ratio."""
+    cases = results["cases"]
+    lines = []
+    for device in results["devices"]:
+        dev_cases = [c for c in cases if c["device"] == device]
+        if not dev_cases:
+            continue
+        series = list(dict.fromkeys(c["series"] for c in dev_cases if c["kind"] in ("mst", "check", "mst+check")))
+        ns = sorted({c["n"] for c in dev_cases})
+        info = results["devices"][device]
+        lines.append(f"{device} ({info.get('name', '?')}): median ms over repeats, "
+                     f"{results['config']['dtype']}, m = {results['config']['m']}")
+        head = ["n"] + series
+        has_ref = any(c["series"] == REFERENCE_BACKEND and c["status"] == "ok" for c in cases)
+        if has_ref:
+            head += ["torch x giotto", "torch+check x giotto"]
+        rows = []
+        for n in ns:
+            row = [str(n)]
+            for s in series:
+                rec = next((c for c in dev_cases if c["series"] == s and c["n"] == n), None)
+                row.append("-" if rec is None else _fmt_ms(rec.get("median_s")) if rec["status"] == "ok"
+                           else rec["status"])
+            if has_ref:
+                ref = _median(cases, "cpu", REFERENCE_BACKEND, n)
+                for s in ("torch", "torch+check"):
+                    t = _median(cases, device, s, n)
+                    row.append("-" if ref is None or t is None else f"{ref / t:.0f}x")
+            rows.append(row)
+        lines += _grid(head, rows)
+        reg = [r for r in results["summary"]["regulariser"] if r["device"] == device]
+        if reg:
+            lines.append(f"{device}: regulariser cost, T1 forward+backward from A vs abs_correlation "
+                         f"forward+backward (target <= {TARGET_REGULARISER_RATIO:g}x)")
+            lines += _grid(["n", "T1 ms", "correlation ms", "ratio"],
+                           [[str(r["n"]), _fmt_ms(r["t1_forward_backward_s"]),
+                             _fmt_ms(r["correlation_forward_backward_s"]), f"{r['ratio']:.2f}"] for r in reg])
+        lines.append("")
+    unavailable = {k: v["error"] for k, v in results["backends"].items() if not v["available"]}
+    unavailable.update({k: v["error"] for k, v in results["devices"].items() if not v["available"]})
+    for name, why in unavailable.items():
+        lines.append(f"not benchmarked: {name}: {why}")
+    for c in cases:
+        if c["status"] == "error":
+            lines.append(f"error: {c['device']} n={c['n']} {c['series']}: {c['error']}")
+    return "\n".join(lines)
+
+
+def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(x.rjust(w) for x, w in zip(r, widths))  # noqa: E731
+    return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Two panels: time against n (log-log, one line per series and device, min-max
+    bars) and the regulariser's cost ratio against n, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = results["cases"]
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(12, 4.8))
+    lines = list(dict.fromkeys((c["device"], c["series"]) for c in cases
+                               if c["kind"] in ("mst", "check", "mst+check") and c["status"] == "ok"))
+    styles = {"check": ":", "torch+check": "--"}
+    for device, series in lines:
+        pts = sorted((c["n"], c["median_s"], c["min_s"], c["max_s"]) for c in cases
+                     if c["device"] == device and c["series"] == series and c["status"] == "ok")
+        n, med, lo, hi = zip(*pts)
+        ax_t.errorbar(n, [t * 1e3 for t in med],
+                      yerr=[[1e3 * (a - b) for a, b in zip(med, lo)], [1e3 * (b - a) for a, b in zip(med, hi)]],
+                      marker="o", ms=3, capsize=2, linestyle=styles.get(series, "-"), label=f"{series} ({device})")
+    ax_t.set_xscale("log", base=2)
+    ax_t.set_yscale("log")
+    ax_t.set_xlabel("n (neurons)")
+    ax_t.set_ylabel("median time (ms)")
+    ax_t.set_title(f"0-dim persistence of 1 - |rho|, {results['config']['dtype']}, m = {results['config']['m']}")
+    ax_t.grid(True, which="both", alpha=0.3)
+    if lines:
+        ax_t.legend(fontsize=8)
+    reg = results["summary"]["regulariser"]
+    for device in dict.fromkeys(r["device"] for r in reg):
+        pts = sorted((r["n"], r["ratio"]) for r in reg if r["device"] == device)
+        ax_r.plot(*zip(*pts), marker="o", label=f"T1 / correlation ({device})")
+    ax_r.axhline(TARGET_REGULARISER_RATIO, color="grey", linestyle="--", label=f"target {TARGET_REGULARISER_RATIO:g}x")
+    ax_r.axhline(1.0, color="black", linewidth=0.5)
+    ax_r.set_xscale("log", base=2)
+    ax_r.set_ylim(bottom=0)
+    ax_r.set_xlabel("n (neurons)")
+    ax_r.set_ylabel("forward+backward time ratio")
+    ax_r.set_title("regulariser cost: T1 vs correlation alone")
+    ax_r.grid(True, which="both", alpha=0.3)
+    ax_r.legend(fontsize=8)
+    date = results["date"][:10]
+    names = "; ".join(f"{k}: {v.get('name', '?')}" for k, v in results["devices"].items() if v["available"])
+    fig.suptitle(f"toponeuro bench, {date}, torch {results['versions']['torch']}; {names}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Time every available persistence backend on every device over a list of n, on the same "
+        "matrix 1 - |rho| of seeded random activations per n, and the regulariser's forward+backward "
+        "cost against the correlation's; write results.json and timings.png and print a table."
+    )
+    parser.add_argument("--n", type=int, nargs="+", default=None,
+                        help=f"matrix sizes (default {' '.join(map(str, DEFAULT_N))}; --quick: "
+                             f"{' '.join(map(str, QUICK_N))})")
+    parser.add_argument("--m", type=int, default=256, help="samples per activation matrix (default 256)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 5; --quick: 3)")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help=f"persistence backends (default: all installed, from {list(persistence.BACKENDS)})")
+    parser.add_argument("--devices", nargs="+", default=None, help="devices (default: cpu, and cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="matrix dtype (default float32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the activations (default 0)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default data/bench/cpu, or data/bench/<gpu name> with CUDA)")
+    parser.add_argument("--max-seconds-per-case", type=float, default=None,
+                        help="skip a case whose extrapolated time per call exceeds this, and stop its repeats "
+                             "when they would (default 30; --quick: 10)")
+    parser.add_argument("--quick", action="store_true", help="a short run: small n, 3 repeats, 10 s per case")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    ns = args.n if args.n is not None else (QUICK_N if args.quick else DEFAULT_N)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    budget = args.max_seconds_per_case
+    if budget is None:
+        budget = 10.0 if args.quick else 30.0
+    devices = args.devices
+    try:
+        results = run_benchmark(ns, m=args.m, repeats=repeats, backends=args.backends, devices=devices,
+                                dtype=args.dtype, seed=args.seed, max_seconds_per_case=budget,
+                                progress=not args.no_progress)
+    except ValueError as err:
+        print(f"toponeuro bench: {err}", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else default_out_dir(list(results["devices"]))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    plot_results(results, out / "timings.png")
+    print(format_table(results))
+    print(f"wrote {out / 'results.json'} and {out / 'timings.png'}")
+    return 0
