@@ -1,0 +1,86 @@
+"""``toponeuro experiment``: run, report and list experiments.
+
+::
+
+    toponeuro experiment list
+    toponeuro experiment run CONFIG [--jobs N] [--device cpu|cuda|auto] [--limit-runs K] [--out DIR]
+    toponeuro experiment report EXPERIMENT [--out DIR]
+
+``CONFIG`` is a TOML path or the name of a shipped config (``mnist-quick``,
+``mnist-paper``, ``fashion-mnist``). ``EXPERIMENT`` is an experiment folder
+or a name under ``--out`` (default ``data/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .runner import DEFAULT_OUT
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = sub.add_parser("run", help="run the pending runs of an experiment config",
+                       description="Run every run of CONFIG that has no row in <out>/<name>/runs.csv yet.")
+    p.add_argument("config", help="a TOML file, or the name of a shipped config (see `experiment list`)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once on the device (default 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
+    p.add_argument("--limit-runs", type=int, default=None, metavar="K",
+                   help="run at most K of the pending runs (grid order: whole seeds first)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: CPU cores // jobs)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results root (default {DEFAULT_OUT})")
+    p.add_argument("--dry-run", action="store_true", help="only say how many runs are done and pending")
+    p.add_argument("--report", action="store_true", help="write report.md when the runs are done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="write report.md for an experiment",
+                       description="Select weights by validation accuracy and write report.md with statistics.")
+    r.add_argument("experiment", help="an experiment folder, or an experiment name under --out")
+    r.add_argument("--out", default=str(DEFAULT_OUT), help=f"results root (default {DEFAULT_OUT})")
+
+    sub.add_parser("list", help="list the shipped configs")
+
+
+def run(args) -> int:
+    from . import config as config_mod
+
+    try:
+        if args.action == "list":
+            for name, path in sorted(config_mod.shipped_configs().items()):
+                cfg = config_mod.load_config(path)
+                print(f"{name:16s} {len(cfg.runs()):5d} runs  {cfg.description}")
+            return 0
+        if args.action == "report":
+            from .report import write_report
+
+            path = write_report(args.experiment, out_root=args.out)
+            print(f"wrote {path}")
+            return 0
+        from . import runner
+
+        cfg = config_mod.load_config(args.config)
+        directory = runner.experiment_dir(cfg, args.out)
+        done, pending = runner.pending_runs(cfg, directory)
+        if args.dry_run:
+            print(f"{cfg.name}: {len(done) + len(pending)} runs in the grid, {len(done)} done, "
+                  f"{len(pending)} pending; results in {directory}")
+            return 0
+        summary = runner.run_experiment(cfg, out_root=args.out, device=args.device, jobs=args.jobs,
+                                        limit_runs=args.limit_runs, threads=args.threads,
+                                        progress=not args.no_progress)
+        print(f"{cfg.name}: {summary.finished} runs finished now, {summary.already_done} were done before, "
+              f"{len(summary.failed)} failed, {summary.pending} pending; rows in {summary.directory / 'runs.csv'}")
+        if summary.failed:
+            print(f"failed runs (tracebacks in {summary.directory / 'errors.log'}): {', '.join(summary.failed)}",
+                  file=sys.stderr)
+        if args.report and summary.pending == 0:
+            from .report import write_report
+
+            print(f"wrote {write_report(summary.directory)}")
+        return 1 if summary.failed else 0
+    except ValueError as err:
+        print(f"toponeuro experiment: error: {err}", file=sys.stderr)
+        return 2
