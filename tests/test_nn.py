@@ -195,9 +195,6 @@ def test_edge_backends_give_the_same_value_and_gradient(backend):
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="nn.py calls self.dissimilarity(A, check=False); a plain (m, n) -> (n, n) "
-                          "function, as documented, has no `check` argument")
 def test_callable_dissimilarity():
     model = _mlp()
     x = _inputs()

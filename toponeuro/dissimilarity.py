@@ -100,15 +100,15 @@ def one_minus_rho(A: torch.Tensor, check: bool = True) -> torch.Tensor:
 def euclidean(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Euclidean distance between activation columns, ``||A[:, k] - A[:, l]||``.
 
-    The gradient at a zero distance (the diagonal, duplicated neurons) is 0.
+    Computed from the differences, not from the Gram matrix, so small
+    distances keep their precision. The gradient at a zero distance (the
+    diagonal, duplicated neurons) is 0.
     """
     if check:
         A = check_activations(A)
-    sq = (A * A).sum(0)
-    G = A.mT @ A
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * G).clamp_min(0.0)
-    d2 = 0.5 * (d2 + d2.mT)
-    return _zero_diagonal(_safe_sqrt(_zero_diagonal(d2)))
+    X = A.mT.contiguous()
+    D = torch.cdist(X, X, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+    return _zero_diagonal(0.5 * (D + D.mT))
 
 
 DISSIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {

@@ -84,6 +84,9 @@ class TopologicalRegulariser(nn.Module):
         self.formula = formula
         self.backend = backend
         self.dissimilarity = _dissimilarity.get(dissimilarity)
+        # built-ins take check=False (activations() already validated them);
+        # a user's function is called with the activations alone
+        self._builtin_dissimilarity = self.dissimilarity in _dissimilarity.DISSIMILARITIES.values()
         self.sampler = sampler if sampler is not None else AllNeurons()
         self.alpha = alpha
         self.sync = sync
@@ -129,7 +132,10 @@ class TopologicalRegulariser(nn.Module):
 
     def dissimilarity_matrix(self) -> torch.Tensor:
         """(n, n) dissimilarity of the sampled neurons of the last pass."""
-        return self.dissimilarity(self.activations(), check=False)
+        A = self.activations()
+        if self._builtin_dissimilarity:
+            return self.dissimilarity(A, check=False)
+        return self.dissimilarity(A)
 
     def deaths(self) -> torch.Tensor:
         """(n - 1,) deaths of the sampled neurons of the last pass, differentiable."""
