@@ -1,0 +1,392 @@
+"""Tests for toponeuro.experiments: configs, the resumable runner, the report's statistics."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from toponeuro import cli, training
+from toponeuro.experiments import config as cfgmod
+from toponeuro.experiments import report, runner
+
+TINY = """
+[experiment]
+name = "tiny"
+dataset = "digits"
+
+[grid]
+networks = ["mlp"]
+methods = ["none", "l2"]
+weights = [0.1]
+seeds = [0]
+
+[training]
+max_epochs = 2
+"""
+
+
+def tiny(**replace) -> cfgmod.ExperimentConfig:
+    text = TINY
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return cfgmod.parse_config(text)
+
+
+# -- configs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit, needle", [
+    (("[training]", "[trainng]"), r"\[trainng\]: unknown section"),
+    (('name = "tiny"', 'nam = "tiny"'), r"experiment\.nam: unknown key"),
+    (('name = "tiny"', ''), r"experiment\.name: missing"),
+    (('dataset = "digits"', 'dataset = "cifar10"'), r"experiment\.dataset: unknown dataset 'cifar10'"),
+    (('methods = ["none", "l2"]', 'methods = ["none", "foo"]'), r"grid\.methods: unknown method 'foo'; choose from none, t1"),
+    (('methods = ["none", "l2"]', 'methods = ["dropout"]'), r"grid\.methods: unknown method 'dropout'.*mlp-dropout"),
+    (('methods = ["none", "l2"]', 'methods = "l2"'), r"grid\.methods: must be a non-empty list"),
+    (('networks = ["mlp"]', 'networks = ["resnet"]'), r"grid\.networks: unknown network 'resnet'"),
+    (('weights = [0.1]', 'weights = [-0.1]'), r"grid\.weights"),
+    (('weights = [0.1]', 'weights = ["big"]'), r"grid\.weights"),
+    (('weights = [0.1]', 'weights = [0.1, 0.1]'), r"grid\.weights: duplicate"),
+    (('seeds = [0]', 'seeds = [1.5]'), r"grid\.seeds"),
+    (('seeds = [0]', ''), r"grid\.seeds: missing"),
+    (("max_epochs = 2", "max_epochs = 2.5"), r"training\.max_epochs: must be an integer"),
+    (("max_epochs = 2", 'lr = "fast"'), r"training\.lr: must be a number"),
+    (("max_epochs = 2", "batch_size = 1"), r"training\.batch_size"),
+    (("max_epochs = 2", "nesterov = 1"), r"training\.nesterov"),
+    (("max_epochs = 2", "epochs = 2"), r"training\.epochs: unknown key"),
+    (('dataset = "digits"', 'dataset = "digits"\nlimit = -5'), r"experiment\.limit"),
+    (("[training]", '[regulariser]\nsampler = { kind = "bogus" }\n[training]'), r"regulariser\.sampler\.kind"),
+    (("[training]", '[regulariser]\nsampler = { kind = "importance" }\n[training]'), r"regulariser\.sampler\.p: missing"),
+    (("[training]", '[regulariser]\nsampler = { kind = "random", p = 2 }\n[training]'), r"regulariser\.sampler\.p"),
+    (("[training]", '[regulariser]\nbackend = "nope"\n[training]'), r"regulariser\.backend: unknown backend 'nope'"),
+    (("[training]", '[regulariser]\nalpha = 3\n[training]'), r"regulariser\.alpha"),
+    (("[training]", '[regulariser.networks.resnet]\nalpha = 0.1\n[training]'), r"regulariser\.networks\.resnet"),
+    (("[training]", '[regulariser.networks.mlp]\nfoo = 1\n[training]'), r"regulariser\.networks\.mlp\.foo"),
+    (("[grid]", "[grid\n"), r"not valid TOML"),
+])
+def test_bad_configs_name_the_key(edit, needle):
+    old, new = edit
+    assert old in TINY
+    with pytest.raises(ValueError, match=needle):
+        cfgmod.parse_config(TINY.replace(old, new, 1))
+
+
+def test_shipped_configs_load_and_paper_is_spec_section_2():
+    shipped = cfgmod.shipped_configs()
+    assert {"mnist-paper", "mnist-quick", "fashion-mnist"} <= set(shipped)
+    paper = cfgmod.load_config("mnist-paper")
+    assert paper.dataset == "mnist" and paper.limit is None
+    assert paper.networks == ("mlp", "mlp-dropout", "mlp-deep")
+    assert set(paper.methods) == {"none", "t1", "t2", "l1", "l2", "min_corr", "decov"}
+    assert paper.weights == (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 5.0, 10.0, 100.0)
+    t = paper.training
+    assert (t.lr, t.momentum, t.nesterov, t.lr_decay, t.lr_decay_steps, t.batch_size, t.max_epochs, t.patience) == (
+        0.01, 0.9, True, 0.95, 3520, 256, 1200, 20)
+    assert paper.regulariser.sampler_dict == {"kind": "all"}
+    # 3 networks x (1 none + 6 methods x 10 weights) x seeds
+    assert len(paper.runs()) == 3 * (1 + 6 * 10) * len(paper.seeds)
+    assert len({r.key for r in paper.runs()}) == len(paper.runs())
+    fashion = cfgmod.load_config("fashion-mnist")
+    assert "cnn" in fashion.networks
+    assert fashion.regulariser_for("cnn").sampler_dict["kind"] == "importance"
+    assert fashion.regulariser_for("cnn").sampler_dict["p"] < 0.1
+    assert fashion.regulariser_for("mlp").sampler_dict == {"kind": "all"}
+    quick = cfgmod.load_config(shipped["mnist-quick"])  # by path too
+    assert quick.name == "mnist-quick" and quick.limit is not None
+
+
+def test_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match="mnist-quick"):
+        cfgmod.load_config("no-such-config")
+
+
+def test_none_runs_once_per_seed_with_weight_zero():
+    cfg = tiny(**{'weights = [0.1]': "weights = [0.1, 1, 10]", "seeds = [0]": "seeds = [0, 1]"})
+    runs = cfg.runs()
+    assert [(r.method, r.weight, r.seed) for r in runs] == [
+        ("none", 0.0, 0), ("l2", 0.1, 0), ("l2", 1.0, 0), ("l2", 10.0, 0),
+        ("none", 0.0, 1), ("l2", 0.1, 1), ("l2", 1.0, 1), ("l2", 10.0, 1)]
+
+
+# -- runner with a stand-in for fit -------------------------------------------------------------
+
+class FakeFit:
+    """Counts calls; writes two epochs of curve; optionally interrupts at call number ``stop_at``."""
+
+    def __init__(self, stop_at=None):
+        self.calls = []
+        self.stop_at = stop_at
+
+    def __call__(self, model, train, val, test=None, *, method, weight, seed, on_epoch=None, **kw):
+        self.calls.append((method, weight, seed))
+        for epoch in (1, 2):
+            on_epoch({"epoch": epoch, "train_loss": 1.0, "train_reg": 0.0, "val_loss": 0.5,
+                      "val_accuracy": 0.8, "lr": 0.01, "seconds": 0.1})
+            if self.stop_at == len(self.calls) and epoch == 1:
+                raise KeyboardInterrupt  # killed half-way through this run
+        acc = 0.5 + weight / 10
+        return training.FitResult(val_accuracy=acc, val_loss=0.4, test_accuracy=acc - 0.01, test_loss=0.45,
+                                  best_epoch=2, epochs=2, seconds=0.2, seconds_per_epoch=0.1,
+                                  stopped_early=False, diverged=False, device="cpu", history=[])
+
+
+def rows_of(directory):
+    with open(Path(directory) / "runs.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_resume_after_a_kill_does_not_duplicate_or_redo(tmp_path, monkeypatch):
+    cfg = tiny()
+    fake = FakeFit(stop_at=2)
+    monkeypatch.setattr(training, "fit", fake)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
+    directory = tmp_path / "tiny"
+    assert len(rows_of(directory)) == 1  # the first run finished and was written before the kill
+    # the killed run left a curve but no row
+    assert (directory / "curves" / "digits_mlp_l2_w0.1_s0.csv").is_file()
+
+    fake2 = FakeFit()
+    monkeypatch.setattr(training, "fit", fake2)
+    summary = runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
+    assert fake2.calls == [("l2", 0.1, 0)]  # only the killed run is redone
+    assert (summary.already_done, summary.finished, summary.pending) == (1, 1, 0)
+    rows = rows_of(directory)
+    assert sorted((r["method"], r["weight"]) for r in rows) == [("l2", "0.1"), ("none", "0.0")]
+    curve = (directory / "curves" / "digits_mlp_l2_w0.1_s0.csv").read_text().splitlines()
+    assert curve[0].split(",") == list(runner.CURVE_COLUMNS) and len(curve) == 3  # rewritten whole
+
+    fake3 = FakeFit()
+    monkeypatch.setattr(training, "fit", fake3)
+    runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
+    assert fake3.calls == [] and len(rows_of(directory)) == 2
+
+
+def test_rows_carry_every_required_column(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "fit", FakeFit())
+    runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False)
+    rows = rows_of(tmp_path / "tiny")
+    required = ["dataset", "network", "method", "weight", "seed", "val_accuracy", "test_accuracy", "val_loss",
+                "best_epoch", "epochs", "seconds", "device", "torch_version", "commit"]
+    for row in rows:
+        for col in required:
+            assert row[col] != "", col
+        assert row["device"] == "cpu" and row["dataset"] == "digits"
+        assert row["train_size"] == "1149"  # digits' in-order 80/20 split of 1437
+    assert (tmp_path / "tiny" / "config.toml").read_text() == tiny().text
+
+
+def test_limit_runs_and_a_torn_row_are_handled(tmp_path, monkeypatch):
+    cfg = tiny(**{"seeds = [0]": "seeds = [0, 1]"})
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    s = runner.run_experiment(cfg, out_root=tmp_path, device="cpu", limit_runs=1, progress=False)
+    assert (s.finished, s.pending, len(fake.calls)) == (1, 3, 1)
+    runs_csv = tmp_path / "tiny" / "runs.csv"
+    with open(runs_csv, "a") as fh:
+        fh.write("digits_mlp_l2_w0.1_s0,digits,mlp,l2,0.1,0,0.9")  # a row torn by a kill mid-write
+    assert len(runner.read_rows(runs_csv)) == 1
+    runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
+    rows = runner.read_rows(runs_csv)
+    assert len(rows) == 4 and len({runner.row_key(r) for r in rows}) == 4
+    assert len(fake.calls) == 4
+
+
+def test_a_different_protocol_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "fit", FakeFit())
+    runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="max_epochs: 2 there vs 5 in the config"):
+        runner.run_experiment(tiny(**{"max_epochs = 2": "max_epochs = 5"}), out_root=tmp_path, device="cpu",
+                              progress=False)
+
+
+def test_a_failing_run_is_logged_and_stays_pending(tmp_path, monkeypatch):
+    def broken(*args, method, **kw):
+        if method == "l2":
+            raise RuntimeError("boom")
+        return FakeFit()(*args, method=method, **kw)
+
+    monkeypatch.setattr(training, "fit", broken)
+    s = runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False)
+    assert s.failed == ["digits_mlp_l2_w0.1_s0"] and s.pending == 1
+    assert "boom" in (tmp_path / "tiny" / "errors.log").read_text()
+
+
+def test_real_runs_are_reproducible(tmp_path):
+    """Same config and seed on the same device -> the same row."""
+    cfg = tiny(**{'methods = ["none", "l2"]': 'methods = ["t1"]', "weights = [0.1]": "weights = [0.01]",
+                  "[experiment]": "[experiment]\nlimit = 600"})
+    for out in ("a", "b"):
+        runner.run_experiment(cfg, out_root=tmp_path / out, device="cpu", threads=1, progress=False)
+    a, b = rows_of(tmp_path / "a" / "tiny"), rows_of(tmp_path / "b" / "tiny")
+    for col in ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "best_epoch", "epochs"):
+        assert a[0][col] == b[0][col], col
+    curve_a = (tmp_path / "a" / "tiny" / "curves" / "digits_mlp_t1_w0.01_s0.csv").read_text().splitlines()
+    assert len(curve_a) == 1 + 2
+
+
+@pytest.mark.slow
+def test_jobs_in_spawned_workers_give_the_same_rows_as_one_process(tmp_path):
+    cfg = tiny(**{'methods = ["none", "l2"]': 'methods = ["none", "t2"]'})
+    runner.run_experiment(cfg, out_root=tmp_path / "one", device="cpu", jobs=1, progress=False)
+    s = runner.run_experiment(cfg, out_root=tmp_path / "two", device="cpu", jobs=2, progress=False)
+    assert s.finished == 2 and not s.failed
+    key = lambda r: (r["method"], r["weight"])  # noqa: E731
+    one = sorted(rows_of(tmp_path / "one" / "tiny"), key=key)
+    two = sorted(rows_of(tmp_path / "two" / "tiny"), key=key)
+    for r1, r2 in zip(one, two):
+        assert (r1["val_loss"], r1["test_accuracy"]) == (r2["val_loss"], r2["test_accuracy"])
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def hand_runs(rows):
+    return pd.DataFrame(rows, columns=["dataset", "network", "method", "weight", "seed", "val_accuracy",
+                                       "test_accuracy"])
+
+
+def test_selection_rule_against_a_hand_made_table():
+    runs = hand_runs([
+        ("mnist", "mlp", "t1", 1e-3, 0, 0.90, 0.91),
+        ("mnist", "mlp", "t1", 1e-2, 0, 0.95, 0.80),  # best validation, tied with 0.1 ...
+        ("mnist", "mlp", "t1", 0.1, 0, 0.95, 0.99),  # ... the smaller weight (1e-2) wins
+        ("mnist", "mlp", "t1", 1e-3, 1, 0.97, 0.93),
+        ("mnist", "mlp", "t1", 1e-2, 1, 0.96, 0.99),
+        ("mnist", "mlp", "l1", 5.0, 0, 0.50, 0.40),
+        ("mnist", "mlp", "l1", 1e-6, 0, 0.60, 0.30),
+        ("mnist", "mlp", "none", 0.0, 0, 0.70, 0.72),
+        ("mnist", "mlp-deep", "t1", 1e-3, 0, 0.10, 0.20),
+        ("mnist", "mlp-deep", "t1", 1e-2, 0, float("nan"), float("nan")),  # a NaN is never chosen
+    ])
+    sel = report.select_weights(runs)
+    got = {(r.network, r.method, r.seed): (r.weight, r.test_accuracy) for r in sel.itertuples()}
+    assert got == {
+        ("mlp", "t1", 0): (1e-2, 0.80),
+        ("mlp", "t1", 1): (1e-3, 0.93),
+        ("mlp", "l1", 0): (1e-6, 0.30),
+        ("mlp", "none", 0): (0.0, 0.72),
+        ("mlp-deep", "t1", 0): (1e-3, 0.20),
+    }
+    table = report.accuracy_table(sel)
+    assert table.loc[("mlp", "t1"), "mean"] == pytest.approx((0.80 + 0.93) / 2)
+    assert table.loc[("mlp", "t1"), "std"] == pytest.approx(np.std([0.80, 0.93], ddof=1))
+    assert table.loc[("mlp", "t1"), "n"] == 2
+
+
+def test_friedman_matches_scipy_and_the_textbook_formula():
+    # test accuracy of the selected weight per block (network, seed) x method, no ties within a block
+    acc = {
+        ("mlp", 0): {"none": 0.95, "t1": 0.97, "l2": 0.96},
+        ("mlp", 1): {"none": 0.94, "t1": 0.96, "l2": 0.97},
+        ("mlp-deep", 0): {"none": 0.93, "t1": 0.95, "l2": 0.94},
+        ("mlp-deep", 1): {"none": 0.92, "t1": 0.98, "l2": 0.91},
+        ("mlp-deep", 2): {"none": 0.90, "t1": 0.99, "l2": 0.96},
+    }
+    rows = []
+    for (net, seed), by_method in acc.items():
+        for method, a in by_method.items():
+            rows.append(("mnist", net, method, 0.0 if method == "none" else 1e-3, seed, a, a))
+            if method != "none":  # a worse weight that selection must drop
+                rows.append(("mnist", net, method, 1.0, seed, a - 0.2, 0.99))
+    matrix = report.block_matrix(report.select_weights(hand_runs(rows)), ["none", "t1", "l2"])
+    fr = report.friedman(matrix)
+    cols = [[acc[b][m] for b in acc] for m in ("none", "t1", "l2")]
+    assert fr["statistic"] == pytest.approx(scipy.stats.friedmanchisquare(*cols).statistic, rel=1e-12)
+    assert fr["pvalue"] == pytest.approx(scipy.stats.friedmanchisquare(*cols).pvalue, rel=1e-12)
+    # by hand: ranks (1 = best) per block: none 3,3,3,2,3 ; t1 1,2,1,1,1 ; l2 2,1,2,3,2
+    R = np.array([14, 6, 10])
+    n, k = 5, 3
+    chi2 = 12 / (n * k * (k + 1)) * (R ** 2).sum() - 3 * n * (k + 1)
+    assert fr["statistic"] == pytest.approx(chi2)
+    ranks = report.average_ranks(matrix)
+    np.testing.assert_allclose(ranks[["none", "t1", "l2"]].to_numpy(), R / n)
+    p = report.nemenyi(matrix)
+    assert p.shape == (3, 3) and np.allclose(p.to_numpy(), p.to_numpy().T)
+    # Nemenyi by hand: z = |R_i - R_j| / sqrt(k (k + 1) / (6 n)) -> studentized range with q = z sqrt 2
+    z = abs(R[0] - R[1]) / n / math.sqrt(k * (k + 1) / (6 * n))
+    expected = scipy.stats.studentized_range.sf(z * math.sqrt(2), k, np.inf)
+    assert p.loc["none", "t1"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_claims_are_judged_from_the_numbers():
+    methods = ["none", "t1", "t2", "l1", "l2", "min_corr", "decov"]
+    # 30 blocks; order of accuracy (best first): t1, t2, decov, none, l1, l2, min_corr
+    order = ["t1", "t2", "decov", "none", "l1", "l2", "min_corr"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in range(30):
+        base = 0.9 + 0.01 * rng.random()
+        for i, m in enumerate(order):
+            rows.append([base - 0.001 * i])
+    matrix = pd.DataFrame(np.array(rows).reshape(30, 7), columns=order)[methods]
+    fr = report.friedman(matrix)
+    ranks = report.average_ranks(matrix)
+    p = report.nemenyi(matrix)
+    assert fr["pvalue"] < 1e-6
+    c1, c2 = report.claims(matrix, ranks, p, fr["pvalue"])
+    assert c1["conclusion"].startswith("holds") and len(c1["pairs"]) == 8
+    assert all(pair["verdict"] == "holds (significant)" for pair in c2["pairs"])
+    # reverse: MinCorr best
+    rev = matrix.copy()
+    rev["min_corr"] = matrix.max(axis=1) + 0.01
+    r = report.average_ranks(rev)
+    c1, c2 = report.claims(rev, r, report.nemenyi(rev), report.friedman(rev)["pvalue"])
+    assert c2["conclusion"].startswith("contradicted")
+    # a missing method cannot be judged
+    c1, _ = report.claims(matrix.drop(columns=["t2"]), ranks.drop("t2"), None, math.nan)
+    assert "cannot be tested" in c1["conclusion"]
+
+
+def test_critical_difference_matches_demsar_table():
+    # Demsar (2006), Table 5a: q_0.05 for k = 7 is 2.949
+    assert report.critical_difference(7, 1) == pytest.approx(2.949 * math.sqrt(7 * 8 / 6), rel=1e-3)
+
+
+def test_experiment_end_to_end_through_the_cli(tmp_path):
+    """A two-run mnist-quick-style experiment: run, then report."""
+    config = tmp_path / "quick.toml"
+    config.write_text(cfgmod.load_config("mnist-quick").text
+                      .replace('name = "mnist-quick"', 'name = "quick-ci"')
+                      .replace("limit = 12000", "limit = 512\nval_limit = 500\ntest_limit = 500")
+                      .replace('methods = ["none", "t1", "t2", "l1", "l2", "min_corr", "decov"]',
+                               'methods = ["none", "t1"]')
+                      .replace("weights = [1e-5, 1e-4, 1e-3]", "weights = [1e-3]")
+                      .replace("seeds = [0, 1, 2]", "seeds = [0]")
+                      .replace("max_epochs = 4", "max_epochs = 1"))
+    out = tmp_path / "results"
+    assert cli.main(["experiment", "run", str(config), "--out", str(out), "--device", "cpu",
+                     "--no-progress"]) == 0
+    directory = out / "quick-ci"
+    rows = rows_of(directory)
+    assert len(rows) == 2
+    assert {r["method"] for r in rows} == {"none", "t1"}
+    assert all(r["train_size"] == "512" and r["test_size"] == "500" and r["epochs"] == "1" for r in rows)
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    assert len(list((directory / "curves").glob("*.csv"))) == 2
+    # a rerun has nothing to do
+    assert cli.main(["experiment", "run", str(config), "--out", str(out), "--device", "cpu",
+                     "--no-progress"]) == 0
+    assert len(rows_of(directory)) == 2
+    assert cli.main(["experiment", "report", "quick-ci", "--out", str(out)]) == 0
+    text = (directory / "report.md").read_text()
+    assert "Test accuracy (%)" in text and "epoch cap | 1 | 1200 | **differs**" in text
+    assert "255 twice" in text
+    assert (directory / "accuracy_vs_weight.png").stat().st_size > 1000
+    assert (directory / "selected.csv").is_file()
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.replace('methods = ["none", "l2"]', 'methods = ["foo"]'))
+    assert cli.main(["experiment", "run", str(bad), "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert "grid.methods: unknown method 'foo'" in capsys.readouterr().err
+
+
+def test_report_needs_runs(tmp_path):
+    with pytest.raises(ValueError, match="runs.csv"):
+        report.write_report(tmp_path / "nothing")
