@@ -75,7 +75,7 @@ def check_activations(A, name: str = "activations") -> torch.Tensor:
 
 
 def check_dissimilarity(D, name: str = "dissimilarity matrix", symmetry_tol: float | None = None) -> torch.Tensor:
-    """Validate a dissimilarity matrix: square, n >= 2, finite, symmetric, non-negative.
+    """Validate a dissimilarity matrix: square, n >= 2, finite, symmetric, non-negative, zero diagonal.
 
     Parameters
     ----------
@@ -98,6 +98,13 @@ def check_dissimilarity(D, name: str = "dissimilarity matrix", symmetry_tol: flo
     if lo < 0:
         raise ValueError(
             f"{name} has a negative entry ({lo.item():.3g}); dissimilarities must be >= 0"
+        )
+    diag = Dd.diagonal()
+    if bool((diag != 0).any()):
+        k = int((diag != 0).nonzero()[0])
+        raise ValueError(
+            f"{name} has a non-zero diagonal (D[{k}, {k}] = {diag[k].item():.3g}); every neuron is at "
+            "dissimilarity 0 from itself: set the diagonal to 0 (D.fill_diagonal_(0))"
         )
     if symmetry_tol is None:
         symmetry_tol = 100 * torch.finfo(D.dtype).eps

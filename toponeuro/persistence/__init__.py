@@ -51,6 +51,7 @@ BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", "toponeuro.persistence.torch_mst", ("torch",), True),
     "giotto-ph": Backend("giotto-ph", "toponeuro.persistence.giotto", ("gph",), True),
     "ripser": Backend("ripser", "toponeuro.persistence.ripser_values", ("ripser",), False),
+    "numba": Backend("numba", "toponeuro.persistence.numba_host", ("numba",), True),
 }
 
 

@@ -19,10 +19,10 @@ light) trees; the deaths agree exactly.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
+
+from .boruvka import boruvka_edges
 
 try:  # numba is optional: without it the torch Boruvka serves CPU tensors too
     import numba
@@ -160,116 +160,6 @@ def prim_edges(D: torch.Tensor) -> torch.Tensor:
     else:
         _prim_compiled(X, out)
     return torch.from_numpy(out)
-
-
-def _pointer_jump(parent: torch.Tensor) -> torch.Tensor:
-    """Roots of a forest given by parent pointers (roots point to themselves)."""
-    while True:
-        grand = parent[parent]
-        if torch.equal(grand, parent):
-            return parent
-        parent = grand
-
-
-# Most elements of a temporary (rows of D gathered per component) that
-# Boruvka allocates at once: 2^24 float32 = 64 MiB.
-_BLOCK_ELEMENTS = 1 << 24
-
-
-def _first_endpoint(X, rep, target, comp, inf) -> torch.Tensor:
-    """For each component: the first vertex of its target component at the lightest weight.
-
-    X: (n, n); rep, target: (c,) the representative vertex of each component
-    and the component it joins; comp: (n,) component labels. Returns (c,)
-    vertices. Rows are gathered in blocks of at most ``_BLOCK_ELEMENTS``
-    elements, so no (c, n) temporary is ever allocated.
-    """
-    n = X.shape[0]
-    c = rep.shape[0]
-    block = max(1, _BLOCK_ELEMENTS // n)
-    parts = []
-    for start in range(0, c, block):
-        stop = min(start + block, c)
-        row = X[rep[start:stop]]
-        row = torch.where(comp[None, :] == target[start:stop, None], row, inf)
-        # argmin takes the first index among equal minima: the smallest vertex
-        parts.append(row.argmin(dim=1))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
-    """Exact MST by Boruvka's algorithm in torch, on ``D``'s device.
-
-    D: (n, n) tensor -> (n - 1, 2) LongTensor on ``D``'s device.
-
-    Each round every component picks its lightest outgoing edge, ties going
-    to the smallest target component label; this order admits no cycle of
-    picks other than mutual pairs (kept once), so the picks form a forest,
-    which is contracted. ``R[i, b]`` holds the lightest
-    edge from vertex ``i`` into component ``b``; columns are contracted after
-    each round, so the first round reads ``n x n`` and later ones ``n x c``
-    with ``c <= n / 2``.
-
-    Memory: ``R`` is the one ``n x n`` working copy (besides ``D``); the
-    contraction allocates the ``n x c`` successor (``c <= n / 2``) before
-    ``R`` is freed; other temporaries are vectors or blocks of at most
-    ``_BLOCK_ELEMENTS`` elements. Synchronisation: a few host reads per
-    round (the component count, the pointer-jumping test), never per vertex.
-    """
-    n = D.shape[0]
-    dev = D.device
-    X = D.detach()
-    if X.dtype not in (torch.float32, torch.float64):
-        X = X.float()
-    inf = torch.tensor(float("inf"), dtype=X.dtype, device=dev)
-    verts = torch.arange(n, device=dev)
-    comp = verts.clone()  # component of each vertex, labels 0..c-1
-    R = X.clone()  # the one working copy
-    R.diagonal().fill_(inf)
-    c = n
-    picked = []
-    while c > 1:
-        # lightest edge from each vertex into another component; argmin takes
-        # the first index among ties, i.e. the smallest component label
-        w, b = R.min(dim=1)
-        # per component: the lightest (weight, target component) over its
-        # vertices; weights are >= 0 so their bits order like the floats
-        bits = w.view(torch.int64 if w.dtype == torch.float64 else torch.int32).to(torch.int64)
-        if w.dtype == torch.float64:
-            # 64-bit weight bits leave no room for the label: rank the weights
-            bits = torch.unique(w, return_inverse=True)[1]
-        key = (bits << 32) | b
-        best = torch.full((c,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
-        best.scatter_reduce_(0, comp, key, reduce="amin")
-        # the representative vertex of each component: the smallest achieving it
-        hit = key == best[comp]
-        rep = torch.full((c,), n, dtype=torch.long, device=dev)
-        rep.scatter_reduce_(0, comp, torch.where(hit, verts, n), reduce="amin")
-        target = best & 0xFFFFFFFF  # the component each component joins
-        if c == n:
-            # first round: every vertex is its own component, labelled by itself
-            other = target
-        else:
-            other = _first_endpoint(X, rep, target, comp, inf)
-        # a mutual pick (a -> b and b -> a) is one edge: keep it once
-        src = torch.arange(c, device=dev)
-        mutual = target[target] == src
-        keep = ~(mutual & (src > target))
-        picked.append(torch.stack([rep[keep], other[keep]], dim=1))
-        parent = torch.where(mutual & (src < target), src, target)
-        root = _pointer_jump(parent)
-        labels, new = torch.unique(root, return_inverse=True)
-        c = labels.numel()
-        comp = new[comp]
-        if c > 1:
-            # contract columns: R'[i, b'] = min over b in b' of R[i, b]
-            with warnings.catch_warnings():  # "index_reduce() is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                R = torch.full((n, c), float("inf"), dtype=X.dtype, device=dev).index_reduce_(
-                    1, new, R, "amin", include_self=True
-                )
-            R.scatter_(1, comp[:, None], inf.expand(n, 1))
-    return torch.cat(picked) if picked else torch.empty((0, 2), dtype=torch.long, device=dev)
 
 
 def death_edges(D: torch.Tensor) -> torch.Tensor:
