@@ -24,14 +24,14 @@ from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 import toponeuro as tn
 from toponeuro import persistence as ph
-from toponeuro.persistence import torch_mst
+from toponeuro.persistence import boruvka, torch_mst
 
 BACKENDS = ph.available_backends()
 EDGE_BACKENDS = [b for b in BACKENDS if ph.BACKENDS[b].gives_edges]
 DTYPES = [torch.float32, torch.float64]
 KINDS = ["random", "tied", "duplicated", "constant"]
 SIZES = [2, 3, 17, 300]
-EXACT_BACKENDS = {"torch"}  # exact in D's dtype
+EXACT_BACKENDS = {"torch", "numba"}  # exact in D's dtype
 
 needs_numba = pytest.mark.skipif(not torch_mst.HAVE_NUMBA, reason="prim_edges needs numba")
 
@@ -237,11 +237,37 @@ def test_kernels_give_an_exact_mst(kernel, dtype, kind, n, rng):
     assert {tuple(r) for r in c.tolist()} == {(min(i, j), max(i, j)) for i, j in e.tolist()}
 
 
+def kruskal_lexicographic(D: torch.Tensor) -> set[tuple[int, int]]:
+    """The MST under the strict order (D[i, j], i, j), i < j: unique, ties included (plain Kruskal)."""
+    X = D.double().numpy()
+    n = X.shape[0]
+    parent = list(range(n))
+
+    def root(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    tree = set()
+    for _, i, j in sorted((X[i, j], i, j) for i in range(n) for j in range(i + 1, n)):
+        a, b = root(i), root(j)
+        if a != b:
+            parent[a] = b
+            tree.add((i, j))
+    return tree
+
+
 @needs_numba
-def test_prim_edges_are_oriented(rng):
-    D = make_D("random", 40, torch.float64, rng)
-    e = torch_mst.prim_edges(D)
-    assert bool((e[:, 0] < e[:, 1]).all())
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prim_breaks_ties_by_weight_then_pair(kind, dtype, rng):
+    """prim_edges documents the tie order (D[i, j], i, j): under that strict order the MST is unique."""
+    for n in [2, 3, 9, 40]:
+        D = make_D(kind, n, dtype, rng)
+        e = torch_mst.prim_edges(D)
+        assert bool((e[:, 0] < e[:, 1]).all())
+        assert {tuple(r) for r in e.tolist()} == kruskal_lexicographic(D)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -254,6 +280,18 @@ def test_unique_mst_same_edges_everywhere(dtype, n, rng):
         assert {tuple(r) for r in ph.death_edges(D, backend=b).tolist()} == expected, b
     for fn in [torch_mst.prim_edges] * torch_mst.HAVE_NUMBA + [torch_mst.boruvka_edges]:
         assert {(min(i, j), max(i, j)) for i, j in fn(D).tolist()} == expected
+
+
+@pytest.mark.parametrize("block_entries", [1, 7, 300, 1000])
+@pytest.mark.parametrize("kind", KINDS)
+def test_boruvka_column_blocks(block_entries, kind, monkeypatch, rng):
+    """Round one reads D in column blocks (only for n > 8192 by default): small blocks, same tree."""
+    D = make_D(kind, 100, torch.float32, rng)
+    whole = torch_mst.boruvka_edges(D)
+    monkeypatch.setattr(boruvka, "_BLOCK_ENTRIES", block_entries)
+    blocked = torch_mst.boruvka_edges(D)
+    assert_spanning_tree(blocked, 100)
+    assert torch.equal(blocked, whole)
 
 
 def test_canonical_order_hand_computed():
@@ -343,24 +381,6 @@ def test_default_backend_is_torch(rng):
 
 
 # ----------------------------------------------------------------------------
-# known defect, kept as a strict xfail so a fix is noticed (see the report of issue 2)
-
-
-@pytest.mark.xfail(strict=True, reason="library bug: giotto-ph / ripser.py read a non-zero diagonal as vertex "
-                   "birth times; the torch backend ignores it; check_dissimilarity lets it through")
-@pytest.mark.parametrize("backend", ["giotto-ph", "ripser"])
-def test_nonzero_diagonal_is_ignored_or_rejected(backend, rng):
-    D = make_D("random", 6, torch.float64, rng) + torch.diag(torch.from_numpy(rng.random(6) + 0.5))
-    try:
-        d = ph.deaths(D, backend=backend)
-    except ValueError as err:
-        assert "diagonal" in str(err)
-        return
-    off = D - torch.diag(D.diagonal())
-    np.testing.assert_allclose(d.numpy(), scipy_deaths(off), atol=tolerance(backend, D))
-
-
-# ----------------------------------------------------------------------------
 # larger cases
 
 
@@ -432,7 +452,7 @@ def test_cuda_matches_cpu_and_scipy(dtype, kind, n, rng):
         assert d.device == Dc.device and d.dtype == dtype
         assert torch.equal(Dc[e[:, 0], e[:, 1]], d)
         np.testing.assert_allclose(d.double().cpu().numpy(), ref, rtol=0, atol=tolerance(b, D))
-        if b == "torch":  # exact on both devices: bit-identical deaths
+        if b in EXACT_BACKENDS:  # exact on both devices: bit-identical deaths
             assert torch.equal(d.cpu(), cpu_deaths)
         assert torch.equal(ph.death_edges(Dc, backend=b), e), "not deterministic on CUDA"
     if "ripser" in BACKENDS:
@@ -457,8 +477,9 @@ def test_cuda_boruvka_kernel(dtype, kind, n, rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", EDGE_BACKENDS)
 def test_cuda_gradient_stays_on_device(backend, rng):
-    A = torch.from_numpy(rng.standard_normal((64, 40))).float().cuda().requires_grad_(True)
-    A.data[:, 3] = 0.0  # a dead neuron
+    A = torch.from_numpy(rng.standard_normal((64, 40))).float()
+    A[:, 3] = 0.0  # a dead neuron
+    A = A.cuda().requires_grad_(True)
     T1 = tn.regularisers.t1(ph.deaths(tn.dissimilarity.abs_correlation(A), backend=backend))
     assert T1.is_cuda
     T1.backward()

@@ -151,6 +151,16 @@ def test_D_negative(fn):
 
 
 @pytest.mark.parametrize("fn", D_FUNCTIONS)
+@pytest.mark.parametrize("value", [0.5, 1e-7, 1e-30])
+def test_D_nonzero_diagonal(fn, value):
+    # giotto-ph and ripser.py would read a diagonal as vertex birth times: rejected for every backend
+    D = good_D(dtype=torch.float64)
+    D[2, 2] = value
+    with pytest.raises(ValueError, match=r"non-zero diagonal \(D\[2, 2\] = .*fill_diagonal_\(0\)"):
+        fn(D)
+
+
+@pytest.mark.parametrize("fn", D_FUNCTIONS)
 def test_D_integer_tensor(fn):
     with pytest.raises(ValueError, match="floating-point"):
         fn(torch.ones(3, 3, dtype=torch.int32) - torch.eye(3, dtype=torch.int32))
