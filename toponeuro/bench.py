@@ -463,7 +463,7 @@ def run_benchmark(
                 if bar is not None:
                     bar.set_description(f"{dev_name} n={n} {case.series}")
                 record = {"kind": case.kind, "series": case.series, "call": case.call,
-                          "device": dev_name, "n": n}
+                          "device": dev_name, "n": n, "load_average": _load_average()}
                 series_key = (dev_name, case.series)
                 estimate = extrapolate_seconds(history.get(series_key, []), n)
                 if estimate is not None and estimate > max_seconds_per_case:
@@ -571,6 +571,8 @@ def format_table(results: dict) -> str:
                            [[str(r["n"]), _fmt_ms(r["t1_forward_backward_s"]),
                              _fmt_ms(r["correlation_forward_backward_s"]), f"{r['ratio']:.2f}"] for r in reg])
         lines.append("")
+    lines.append(f"load average (1, 5, 15 min): {results.get('load_average_start')} at the start, "
+                 f"{results.get('load_average_end')} at the end, on {results['host']['cpu_count']} CPUs")
     unavailable = {k: v["error"] for k, v in results["backends"].items() if not v["available"]}
     unavailable.update({k: v["error"] for k, v in results["devices"].items() if not v["available"]})
     for name, why in unavailable.items():
