@@ -82,14 +82,16 @@ TARGET_REGULARISER_RATIO = 3.0
 # ---------------------------------------------------------------- inputs
 
 
-def benchmark_matrix(n: int, m: int, seed: int, dtype: torch.dtype = torch.float32):
-    """The benchmark's input at size ``n``, on the CPU.
+def benchmark_matrix(n: int, m: int, seed: int, dtype: torch.dtype = torch.float32,
+                     device: torch.device | str = "cpu"):
+    """The benchmark's input at size ``n``.
 
-    Returns ``(A, D)``: ``A: (m, n)`` standard normal activations from a
-    generator seeded by ``(seed, n)`` and ``D = abs_correlation(A): (n, n)``.
+    Returns ``(A, D)`` on ``device``: ``A: (m, n)`` standard normal activations,
+    drawn on the CPU from a generator seeded by ``(seed, n)`` (the same on
+    every machine), and ``D = abs_correlation(A): (n, n)`` computed on ``device``.
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + n)
-    A = torch.randn(m, n, generator=gen, dtype=dtype)
+    A = torch.randn(m, n, generator=gen, dtype=dtype).to(device)
     return A, abs_correlation(A).contiguous()
 
 
@@ -205,7 +207,7 @@ class _Case:
     kind: str  # "mst", "check", "mst+check", "regulariser", "correlation"
     series: str  # the line it belongs to: backend name, or the kind
     call: str  # what is timed, in words
-    fn: Callable[[], object] | None = None
+    make: Callable[[], Callable[[], object]]  # builds the timed call (and its inputs) when its turn comes
 
 
 def _t1_forward_backward(A0: torch.Tensor) -> torch.Tensor:
@@ -227,28 +229,38 @@ def _boruvka(D: torch.Tensor) -> torch.Tensor:
     return persistence.canonical_order(D, torch_mst.boruvka_edges(D))
 
 
-def _cases_for(device: torch.device, backends: list[str], A: torch.Tensor, D: torch.Tensor) -> list[_Case]:
+def _cases_for(device: torch.device, backends: list[str], inputs: dict) -> list[_Case]:
+    """The cases at one n on one device; ``inputs["A"], inputs["D"]`` are read when a case is made."""
     cases = []
+
+    def mst(name):
+        D = inputs["D"]
+        if persistence.BACKENDS[name].gives_edges:
+            return lambda: persistence.death_edges(D, backend=name, check=False)
+        return lambda: persistence.deaths(D, backend=name, check=False)
+
     for name in backends:
         if name in HOST_ONLY_BACKENDS and device.type != "cpu":
             continue
-        if persistence.BACKENDS[name].gives_edges:
-            fn = lambda name=name: persistence.death_edges(D, backend=name, check=False)  # noqa: E731
-            cases.append(_Case("mst", name, f"death_edges(D, {name!r}, check=False)", fn))
-        else:
-            fn = lambda name=name: persistence.deaths(D, backend=name, check=False)  # noqa: E731
-            cases.append(_Case("mst", name, f"deaths(D, {name!r}, check=False)", fn))
+        call = "death_edges" if persistence.BACKENDS[name].gives_edges else "deaths"
+        cases.append(_Case("mst", name, f"{call}(D, {name!r}, check=False)", lambda name=name: mst(name)))
         if name == "torch" and device.type == "cpu" and torch_mst.HAVE_NUMBA:
-            cases.append(_Case("mst", BORUVKA, "canonical_order(D, boruvka_edges(D))", lambda: _boruvka(D)))
-    cases.append(_Case("check", "check", "check_dissimilarity(D)", lambda: check_dissimilarity(D)))
+            cases.append(_Case("mst", BORUVKA, "canonical_order(D, boruvka_edges(D))",
+                               lambda: lambda D=inputs["D"]: _boruvka(D)))
+    cases.append(_Case("check", "check", "check_dissimilarity(D)",
+                       lambda: lambda D=inputs["D"]: check_dissimilarity(D)))
     if "torch" in backends:
         cases.append(_Case("mst+check", "torch+check", "death_edges(D, 'torch')",
-                           lambda: persistence.death_edges(D, backend="torch")))
-        upstream = torch.ones_like(D)
+                           lambda: lambda D=inputs["D"]: persistence.death_edges(D, backend="torch")))
         cases.append(_Case("regulariser", "t1", "T1 forward+backward from A (correlation, MST, gather)",
-                           lambda: _t1_forward_backward(A)))
+                           lambda: lambda A=inputs["A"]: _t1_forward_backward(A)))
+
+        def correlation_case():
+            A, upstream = inputs["A"], torch.ones_like(inputs["D"])  # a dense upstream gradient
+            return lambda: _correlation_forward_backward(A, upstream)
+
         cases.append(_Case("correlation", "correlation", "abs_correlation(A) forward+backward",
-                           lambda: _correlation_forward_backward(A, upstream)))
+                           correlation_case))
     return cases
 
 
@@ -446,8 +458,9 @@ def run_benchmark(
             "available": True, **_device_info(device)}
 
     live = [(name, device) for name, device, why in device_list if device is not None]
-    n_per_size = {name: len(_cases_for(device, usable, *benchmark_matrix(2, 2, 0))) for name, device in live}
-    total = len(ns) * sum(n_per_size.values())
+    # the matrix is built on the first device (the CPU when it is benchmarked) and copied to the others
+    results["config"]["matrix_built_on"] = live[0][0] if live else None
+    total = len(ns) * sum(len(_cases_for(device, usable, {})) for _, device in live)
     history: dict[tuple[str, str], list[tuple[int, float]]] = {}
     try:
         from tqdm.auto import tqdm
@@ -456,10 +469,19 @@ def run_benchmark(
     except ImportError:  # pragma: no cover
         bar = None
     for n in ns:
-        A_cpu, D_cpu = benchmark_matrix(n, m, seed, torch_dtype)
+        try:
+            A0, D0 = benchmark_matrix(n, m, seed, torch_dtype, live[0][1] if live else torch.device("cpu"))
+        except Exception as err:  # e.g. out of memory: report it and go on with the other sizes
+            results["cases"].append({"kind": "matrix", "series": "matrix", "call": "benchmark_matrix",
+                                     "device": live[0][0] if live else "cpu", "n": n, "status": "error",
+                                     "error": f"{type(err).__name__}: {err}"})
+            if bar is not None:
+                bar.update(total // len(ns))
+            continue
         for dev_name, device in live:
-            A, D = A_cpu.to(device), D_cpu.to(device)
-            for case in _cases_for(device, usable, A, D):
+            inputs = {"A": A0.to(device), "D": D0.to(device)}
+            itemsize = inputs["D"].element_size()
+            for case in _cases_for(device, usable, inputs):
                 if bar is not None:
                     bar.set_description(f"{dev_name} n={n} {case.series}")
                 record = {"kind": case.kind, "series": case.series, "call": case.call,
@@ -474,21 +496,22 @@ def run_benchmark(
                 else:
                     warmup = estimate is None or estimate * (repeats + 1) <= max_seconds_per_case
                     try:
-                        times, peak = time_call(case.fn, device, repeats, warmup, max_seconds_per_case)
+                        times, peak = time_call(case.make(), device, repeats, warmup, max_seconds_per_case)
                     except Exception as err:  # a backend failing at run time is reported, not fatal
                         record.update(status="error", error=f"{type(err).__name__}: {err}")
                     else:
                         record.update(status="ok", warmup=warmup, repeats=len(times), **_summary(times),
                                       peak_extra_bytes=peak,
                                       peak_extra_nxn=None if peak is None else
-                                      peak / (n * n * D.element_size()))
+                                      peak / (n * n * itemsize))
                         history[series_key] = history.get(series_key, []) + [(n, record["median_s"])]
                 results["cases"].append(record)
                 if bar is not None:
                     bar.update(1)
-            del A, D
+            del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        del A0, D0
     if bar is not None:
         bar.close()
     results["load_average_end"] = _load_average()
