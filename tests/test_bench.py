@@ -187,3 +187,13 @@ def test_cuda_run_records_gpu_and_memory(tmp_path):
     assert cases and all(c["status"] == "ok" for c in cases)
     assert all(c["peak_extra_bytes"] is not None for c in cases)
     assert {c["series"] for c in cases} == {"torch", "check", "torch+check", "t1", "correlation"}
+
+
+def test_threads_option_is_recorded_and_restored():
+    before = torch.get_num_threads()
+    results = bench.run_benchmark([16], m=8, repeats=1, backends=["torch"], devices=["cpu"], progress=False,
+                                  threads=1)
+    assert results["config"]["torch_threads"] == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        bench.run_benchmark([16], devices=["cpu"], progress=False, threads=0)

@@ -416,8 +416,13 @@ def run_benchmark(
     seed: int = 0,
     max_seconds_per_case: float = 30.0,
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict:
-    """Run the benchmark; returns the results as a JSON-ready dict (see the module doc)."""
+    """Run the benchmark; returns the results as a JSON-ready dict (see the module doc).
+
+    ``threads`` sets ``torch.set_num_threads`` for the run (restored after);
+    None keeps torch's default. giotto-ph uses its own 2 threads either way.
+    """
     if not ns or any(int(n) < 2 for n in ns):
         raise ValueError(f"--n needs sizes >= 2 (persistence needs 2 neurons), got {ns}")
     if m < 2:
@@ -428,6 +433,18 @@ def run_benchmark(
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if not max_seconds_per_case > 0:
         raise ValueError(f"--max-seconds-per-case must be > 0, got {max_seconds_per_case}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_per_case, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_per_case, progress) -> dict:
     ns = sorted({int(n) for n in ns})
     if backends is None:
         backends = persistence.available_backends()
@@ -446,6 +463,7 @@ def run_benchmark(
             "max_seconds_per_case": max_seconds_per_case, "backends": backends, "devices": devices,
             "dissimilarity": "abs_correlation (1 - |rho|) of standard normal activations",
             "giotto_threads": min(os.cpu_count() or 1, 2),
+            "torch_threads": torch.get_num_threads(),
         },
         **_environment(),
         "load_average_start": _load_average(),
@@ -686,6 +704,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="skip a case whose extrapolated time per call exceeds this, and stop its repeats "
                              "when they would (default 30; --quick: 10)")
     parser.add_argument("--quick", action="store_true", help="a short run: small n, 3 repeats, 10 s per case")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for the run (default: torch's default); on a machine "
+                             "shared with other jobs, 1 avoids stalls at OpenMP barriers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -699,7 +720,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = run_benchmark(ns, m=args.m, repeats=repeats, backends=args.backends, devices=devices,
                                 dtype=args.dtype, seed=args.seed, max_seconds_per_case=budget,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, threads=args.threads)
     except ValueError as err:
         print(f"toponeuro bench: {err}", file=sys.stderr)
         return 2
