@@ -200,7 +200,7 @@ def claims(matrix: pd.DataFrame, ranks: pd.Series | None, pvalues: pd.DataFrame 
         elif n_rev_sig:
             conclusion = (f"contradicted: {n_rev_sig} of {len(pairs)} comparisons are significantly reversed")
         elif n_rev:
-            conclusion = (f"not supported: {n_rev} of {len(pairs)} comparisons go the other way "
+            conclusion = (f"not supported: {n_rev} of {len(pairs)} comparisons reversed "
                           f"(none significantly); {n_sig} significant in the claimed direction")
         else:
             conclusion = (f"direction agrees in all {len(pairs)} comparisons, but only {n_sig} are significant "
@@ -497,6 +497,9 @@ def write_report(name_or_dir, out_root=DEFAULT_OUT) -> Path:
     if any(runs["max_epochs"] < paper.training.max_epochs) or any(runs["train_size"] < 48000):
         L += ["> **Caveat.** This experiment is cut relative to the paper's protocol (see the protocol table): "
               "its verdicts are about that cut protocol, not the paper's.", ""]
+    L += ["Each comparison \"A > B\" is judged by average ranks over the blocks (the basis of the Friedman "
+          "and Nemenyi tests): *holds (significant)* needs A to rank better, the Friedman test to reject and "
+          f"the Nemenyi p-value below {ALPHA}. The mean difference of test accuracy is shown alongside.", ""]
     for c in claims(matrix, ranks, pvalues, fr["pvalue"]):
         L += [f"**Claim: {c['claim']}** — {c['conclusion']}.", ""]
         if c["pairs"]:
@@ -511,9 +514,9 @@ def write_report(name_or_dir, out_root=DEFAULT_OUT) -> Path:
     L += ["## Comparing with the paper's numbers", "",
           "The paper's reference code divides the pixels by 255 twice (inputs in [0, 1/255]); we scale them "
           "once, to [0, 1] (`toponeuro.data`), as the paper's text describes. Absolute accuracies are therefore "
-          "not directly comparable with the paper's tables; the claims above are about the ranking of methods "
-          "trained on the same data with the same seeds, which the bug does not bias in either direction that "
-          "we know of.", ""]
+          "not directly comparable with the paper's tables, and we do not know how the bug affected the paper's "
+          "ranking of methods (inputs 255 times smaller change the scale of every activation). The claims above "
+          "are tested on correctly scaled inputs, with every method trained on the same data and seeds.", ""]
     L += ["## Files", "",
           "- `runs.csv`: one row per finished run; `curves/<run_id>.csv`: training curves per epoch.",
           "- `selected.csv`: the rows chosen by the selection rule.",
