@@ -183,12 +183,35 @@ def test_all_zero_matrix(backend):
 
 @pytest.mark.parametrize("fn", edge_functions())
 def test_negative_zero_entries(fn, rng):
-    """-0.0 passes validation (it is not < 0) and must order like +0.0 (Boruvka compares float bits)."""
-    for _ in range(20):
-        n = int(rng.integers(2, 30))
-        X = symmetric(rng.choice([0.0, 0.1, 0.2], size=(n, n)))
+    """-0.0 passes validation (it is not < 0) and must order like +0.0 (the kernels compare float bits)."""
+    # adversarial: D[i + 1, i] = -0.0, D[i, i + 1] = +0.0 around a cycle; if each vertex preferred
+    # the edge it sees as -0.0, every vertex would pick its successor and the picks would close a cycle
+    for n in [3, 4, 7]:
+        for dtype in DTYPES:
+            D = torch.zeros(n, n, dtype=dtype)
+            D[(torch.arange(n) + 1) % n, torch.arange(n)] = -0.0
+            assert torch.signbit(D).sum() == n
+            e = fn(D)
+            assert_spanning_tree(e, n)
+            assert torch.equal(D[e[:, 0], e[:, 1]].abs(), torch.zeros(n - 1, dtype=dtype))
+    # a matrix on which a Boruvka that ordered -0.0 before +0.0 returned a cycle
+    X = np.full((6, 6), 0.5)
+    for i, j in [(0, 4), (1, 3), (1, 4), (2, 5), (3, 5), (4, 5)]:
+        X[i, j] = X[j, i] = 0.0
+    np.fill_diagonal(X, 0.0)
+    for i, j in [(1, 4), (4, 5), (5, 2), (5, 3)]:
+        X[i, j] = -0.0
+    cases = [X]
+    for _ in range(60):  # sparse zeros with random signs, so that later Boruvka rounds meet them
+        n = int(rng.integers(4, 16))
+        pz = float(rng.choice([0.1, 0.2, 0.3, 0.5]))
+        X = symmetric(rng.choice([0.0, 0.5, 0.7], size=(n, n), p=[pz, (1 - pz) / 2, (1 - pz) / 2]))
         flip = (X == 0) & (rng.random((n, n)) < 0.5)
+        np.fill_diagonal(flip, False)
         X[flip] = -0.0
+        cases.append(X)
+    for X in cases:
+        n = X.shape[0]
         for dtype in DTYPES:
             D = torch.from_numpy(X).to(dtype)
             e = fn(D)
@@ -484,3 +507,17 @@ def test_cuda_gradient_stays_on_device(backend, rng):
     assert T1.is_cuda
     T1.backward()
     assert A.grad.is_cuda and torch.isfinite(A.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["boruvka_edges", "death_edges[torch]"])
+def test_cuda_negative_zero_entries(name, rng):
+    kernel = torch_mst.boruvka_edges if name == "boruvka_edges" else ph.death_edges
+
+    def on_cuda(D):
+        e = kernel(D.cuda())
+        assert e.is_cuda
+        return e.cpu()
+
+    test_negative_zero_entries(on_cuda, rng)
+
