@@ -164,13 +164,7 @@ def test_backends_agree_with_each_other(dtype, kind, n, rng):
         np.testing.assert_allclose(ph.deaths(D, backend=b).double().numpy(), ref, rtol=0, atol=tolerance(b, D))
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [pytest.param(b, marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="library bug: giotto.py calls .numpy() on the tensor as is; NumPy has no bfloat16"))
-     if b == "giotto-ph" else b for b in BACKENDS],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16(backend, rng):
     D = make_D("tied", 40, torch.float32, rng).to(torch.bfloat16)
     d = ph.deaths(D, backend=backend)

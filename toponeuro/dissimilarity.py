@@ -62,6 +62,12 @@ def correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     Ac = A - A.mean(0, keepdim=True)
     if bool(constant.any()):
         Ac = Ac.masked_fill(constant, 0.0)
+    # Scale each column by its largest |entry| first so that the sum of squares
+    # neither underflows nor overflows (activations of 1e-25 or 1e20 in fp32).
+    # Correlation is scale invariant, so a detached scale changes neither the
+    # value nor the gradient.
+    scale = Ac.detach().abs().amax(0)
+    Ac = Ac / torch.where(scale > 0, scale, torch.ones_like(scale))
     ss = (Ac * Ac).sum(0)
     # constant columns are exactly zero after masking; divide them by 1 so that
     # neither the value nor the gradient of the norm is 0/0.
