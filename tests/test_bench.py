@@ -152,6 +152,14 @@ def test_time_call_counts_warmup_and_stops_at_the_budget():
     assert len(calls) == 1 and len(times) == 1
 
 
+def test_time_calls_interleaves_rounds():
+    order = []
+    out = bench.time_calls([lambda: order.append("a"), lambda: order.append("b")], torch.device("cpu"),
+                           repeats=3, warmup=True)
+    assert order == ["a", "b"] * 4
+    assert [len(times) for times, _ in out] == [3, 3]
+
+
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
 def test_cpu_peak_memory_sees_a_temporary():
     size = 64 * 2**20  # bytes

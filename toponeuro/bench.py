@@ -14,7 +14,8 @@ that same matrix:
 * ``regulariser``: T1 forward and backward from the activations
   (correlation, MST, gather, backward), as :class:`TopologicalRegulariser`
   computes it, against ``correlation``: the forward and backward of
-  ``abs_correlation(A)`` alone.
+  ``abs_correlation(A)`` alone (with a dense upstream gradient). The two are
+  timed in alternation, so that their ratio sees the same machine load.
 
 Each case runs once to warm up, then ``--repeats`` times; the median, min and
 max are recorded (CUDA timings are bracketed by ``torch.cuda.synchronize``).
@@ -62,6 +63,7 @@ __all__ = [
     "QUICK_N",
     "benchmark_matrix",
     "time_call",
+    "time_calls",
     "extrapolate_seconds",
     "run_benchmark",
     "format_table",
@@ -147,6 +149,48 @@ class _PeakMemory:
         return None if status is None else max(0, status["VmHWM"] - self.base)
 
 
+def time_calls(
+    fns: list[Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    warmup: bool = True,
+    budget_s: float = math.inf,
+) -> list[tuple[list[float], int | None]]:
+    """Wall-clock seconds of each ``fn()`` over ``repeats`` interleaved rounds, and its peak extra memory.
+
+    Each round calls every function once, in order, so that functions
+    compared with each other see the same load. One untimed warm-up round
+    first if ``warmup``. Stops early (after at least one round) when the next
+    round would overrun ``budget_s`` seconds in all. Returns one
+    ``(times, peak_bytes)`` per function; ``peak_bytes`` (the largest over its
+    calls) is None where it cannot be measured.
+    """
+    started = time.perf_counter()
+    if warmup:
+        for fn in fns:
+            _sync(device)
+            fn()
+            _sync(device)
+    times: list[list[float]] = [[] for _ in fns]
+    peaks: list[int | None] = [None for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            memory = _PeakMemory(device)
+            memory.start()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+            peak = memory.stop()
+            if peak is not None:
+                peaks[k] = peak if peaks[k] is None else max(peaks[k], peak)
+        elapsed = time.perf_counter() - started
+        if elapsed + sum(t[-1] for t in times) > budget_s:
+            break
+    return list(zip(times, peaks))
+
+
 def time_call(
     fn: Callable[[], object],
     device: torch.device,
@@ -154,31 +198,8 @@ def time_call(
     warmup: bool = True,
     budget_s: float = math.inf,
 ) -> tuple[list[float], int | None]:
-    """Wall-clock seconds of ``fn()`` over ``repeats`` calls, and its peak extra memory.
-
-    One untimed warm-up call first if ``warmup``. Stops early (after at least
-    one timed call) when the next call would overrun ``budget_s`` seconds in
-    all. Returns ``(times, peak_bytes)``; ``peak_bytes`` is None where it
-    cannot be measured.
-    """
-    started = time.perf_counter()
-    if warmup:
-        _sync(device)
-        fn()
-        _sync(device)
-    memory = _PeakMemory(device)
-    memory.start()
-    times: list[float] = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - started
-        if elapsed + times[-1] > budget_s:
-            break
-    return times, memory.stop()
+    """:func:`time_calls` for one function: ``(times, peak_bytes)``."""
+    return time_calls([fn], device, repeats, warmup, budget_s)[0]
 
 
 def extrapolate_seconds(history: list[tuple[int, float]], n: int) -> float | None:
@@ -204,10 +225,14 @@ def extrapolate_seconds(history: list[tuple[int, float]], n: int) -> float | Non
 
 @dataclass
 class _Case:
-    kind: str  # "mst", "check", "mst+check", "regulariser", "correlation"
-    series: str  # the line it belongs to: backend name, or the kind
-    call: str  # what is timed, in words
-    make: Callable[[], Callable[[], object]]  # builds the timed call (and its inputs) when its turn comes
+    """One or more calls timed together (interleaved), each recorded as its own line."""
+
+    members: list[tuple[str, str, str]]  # (kind, series, call in words) per timed call
+    make: Callable[[], list[Callable[[], object]]]  # builds the calls (and inputs) when their turn comes
+
+
+def _single(kind: str, series: str, call: str, make: Callable[[], Callable[[], object]]) -> _Case:
+    return _Case([(kind, series, call)], lambda: [make()])
 
 
 def _t1_forward_backward(A0: torch.Tensor) -> torch.Tensor:
@@ -243,24 +268,24 @@ def _cases_for(device: torch.device, backends: list[str], inputs: dict) -> list[
         if name in HOST_ONLY_BACKENDS and device.type != "cpu":
             continue
         call = "death_edges" if persistence.BACKENDS[name].gives_edges else "deaths"
-        cases.append(_Case("mst", name, f"{call}(D, {name!r}, check=False)", lambda name=name: mst(name)))
+        cases.append(_single("mst", name, f"{call}(D, {name!r}, check=False)", lambda name=name: mst(name)))
         if name == "torch" and device.type == "cpu" and torch_mst.HAVE_NUMBA:
-            cases.append(_Case("mst", BORUVKA, "canonical_order(D, boruvka_edges(D))",
-                               lambda: lambda D=inputs["D"]: _boruvka(D)))
-    cases.append(_Case("check", "check", "check_dissimilarity(D)",
-                       lambda: lambda D=inputs["D"]: check_dissimilarity(D)))
+            cases.append(_single("mst", BORUVKA, "canonical_order(D, boruvka_edges(D))",
+                                 lambda: lambda D=inputs["D"]: _boruvka(D)))
+    cases.append(_single("check", "check", "check_dissimilarity(D)",
+                         lambda: lambda D=inputs["D"]: check_dissimilarity(D)))
     if "torch" in backends:
-        cases.append(_Case("mst+check", "torch+check", "death_edges(D, 'torch')",
-                           lambda: lambda D=inputs["D"]: persistence.death_edges(D, backend="torch")))
-        cases.append(_Case("regulariser", "t1", "T1 forward+backward from A (correlation, MST, gather)",
-                           lambda: lambda A=inputs["A"]: _t1_forward_backward(A)))
+        cases.append(_single("mst+check", "torch+check", "death_edges(D, 'torch')",
+                             lambda: lambda D=inputs["D"]: persistence.death_edges(D, backend="torch")))
 
-        def correlation_case():
+        def regulariser_pair():
             A, upstream = inputs["A"], torch.ones_like(inputs["D"])  # a dense upstream gradient
-            return lambda: _correlation_forward_backward(A, upstream)
+            return [lambda: _t1_forward_backward(A), lambda: _correlation_forward_backward(A, upstream)]
 
-        cases.append(_Case("correlation", "correlation", "abs_correlation(A) forward+backward",
-                           correlation_case))
+        # timed in alternation, so that their ratio sees the same load
+        cases.append(_Case([("regulariser", "t1", "T1 forward+backward from A (correlation, MST, gather)"),
+                            ("correlation", "correlation", "abs_correlation(A) forward+backward")],
+                           regulariser_pair))
     return cases
 
 
@@ -501,29 +526,33 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
             itemsize = inputs["D"].element_size()
             for case in _cases_for(device, usable, inputs):
                 if bar is not None:
-                    bar.set_description(f"{dev_name} n={n} {case.series}")
-                record = {"kind": case.kind, "series": case.series, "call": case.call,
-                          "device": dev_name, "n": n, "load_average": _load_average()}
-                series_key = (dev_name, case.series)
-                estimate = extrapolate_seconds(history.get(series_key, []), n)
+                    bar.set_description(f"{dev_name} n={n} {'+'.join(m[1] for m in case.members)}")
+                load = _load_average()
+                records = [{"kind": kind, "series": series, "call": call, "device": dev_name, "n": n,
+                            "load_average": load} for kind, series, call in case.members]
+                keys = [(dev_name, series) for _, series, _ in case.members]
+                estimates = [extrapolate_seconds(history.get(key, []), n) for key in keys]
+                estimate = None if None in estimates else sum(estimates)
                 if estimate is not None and estimate > max_seconds_per_case:
-                    record.update(status="skipped", estimated_s=estimate,
-                                  reason=f"one call estimated at {estimate:.3g} s > "
-                                         f"--max-seconds-per-case {max_seconds_per_case:g}")
-                    history[series_key] = history.get(series_key, []) + [(n, estimate)]
+                    for record, key, one in zip(records, keys, estimates):
+                        record.update(status="skipped", estimated_s=one,
+                                      reason=f"one call estimated at {estimate:.3g} s > "
+                                             f"--max-seconds-per-case {max_seconds_per_case:g}")
+                        history[key] = history.get(key, []) + [(n, one)]
                 else:
                     warmup = estimate is None or estimate * (repeats + 1) <= max_seconds_per_case
                     try:
-                        times, peak = time_call(case.make(), device, repeats, warmup, max_seconds_per_case)
+                        measured = time_calls(case.make(), device, repeats, warmup, max_seconds_per_case)
                     except Exception as err:  # a backend failing at run time is reported, not fatal
-                        record.update(status="error", error=f"{type(err).__name__}: {err}")
+                        for record in records:
+                            record.update(status="error", error=f"{type(err).__name__}: {err}")
                     else:
-                        record.update(status="ok", warmup=warmup, repeats=len(times), **_summary(times),
-                                      peak_extra_bytes=peak,
-                                      peak_extra_nxn=None if peak is None else
-                                      peak / (n * n * itemsize))
-                        history[series_key] = history.get(series_key, []) + [(n, record["median_s"])]
-                results["cases"].append(record)
+                        for record, key, (times, peak) in zip(records, keys, measured):
+                            record.update(status="ok", warmup=warmup, repeats=len(times), **_summary(times),
+                                          peak_extra_bytes=peak,
+                                          peak_extra_nxn=None if peak is None else peak / (n * n * itemsize))
+                            history[key] = history.get(key, []) + [(n, record["median_s"])]
+                results["cases"].extend(records)
                 if bar is not None:
                     bar.update(1)
             del inputs
