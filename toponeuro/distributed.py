@@ -16,10 +16,13 @@ rank's equal slice, is averaged by DDP to the global mean as usual.)
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["SYNC_MODES", "is_distributed", "gather_batch"]
+__all__ = ["SYNC_MODES", "is_distributed", "gather_batch", "init_from_env", "rank", "world_size", "local_device"]
 
 SYNC_MODES = ("global", "local")
 
@@ -27,6 +30,42 @@ SYNC_MODES = ("global", "local")
 def is_distributed() -> bool:
     """True inside an initialised process group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def init_from_env(device: str | torch.device | None = None) -> bool:
+    """Join the process group that ``torchrun`` describes, once.
+
+    With ``WORLD_SIZE > 1`` in the environment (``torchrun --nproc_per_node=N``),
+    initialise the default group: NCCL when ``device`` is CUDA, gloo otherwise.
+    Returns True inside a group of more than one rank.
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return is_distributed()
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 outside a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun, a CUDA device becomes this process's GPU (``LOCAL_RANK``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def gather_batch(A: torch.Tensor, sync: str = "global") -> torch.Tensor:
@@ -58,4 +97,8 @@ def gather_batch(A: torch.Tensor, sync: str = "global") -> torch.Tensor:
             f"sync='global' needs the same batch size on every rank, got {[int(s) for s in sizes]}; "
             "drop the last incomplete batch (drop_last=True)"
         )
-    return torch.cat(all_gather(A.contiguous()), dim=0)
+    with warnings.catch_warnings():
+        # torch >= 2.9 marks this autograd-aware all_gather deprecated in favour of a private API
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(A.contiguous())
+    return torch.cat(parts, dim=0)

@@ -128,7 +128,8 @@ class TopologicalRegulariser(nn.Module):
         if self.recorder is None:
             raise ValueError(f"formula {self.formula!r} uses the weights, not activations")
         A = self.sampler(self.recorder.layers(), self.recorder.output_name)
-        return gather_batch(check_activations(A), self.sync)
+        # gather before checking, so that every rank sees (and rejects) the same batch
+        return check_activations(gather_batch(A, self.sync))
 
     def dissimilarity_matrix(self) -> torch.Tensor:
         """(n, n) dissimilarity of the sampled neurons of the last pass."""

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
+
 __all__ = [
     "METHODS",
     "WEIGHTED_METHODS",
@@ -292,6 +294,15 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
     Returns
     -------
     FitResult
+
+    Notes
+    -----
+    Under ``torchrun`` (``WORLD_SIZE > 1``) it joins the process group (NCCL on
+    CUDA, gloo on CPU), wraps the model in DistributedDataParallel on this
+    rank's device, and gives each rank an equal slice of every batch of
+    ``config.batch_size``; the regulariser sees the global batch (its default
+    ``sync="global"``), so the step is the single-process step. Rank 0's
+    validation numbers decide early stopping on every rank.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -303,6 +314,10 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     dev = resolve_device(device)
+    # under torchrun: one process per device, DDP, each rank a slice of every batch
+    distributed.init_from_env(dev)
+    dev = distributed.local_device(dev)
+    rank, world = distributed.rank(), distributed.world_size()
     X_train, y_train = _check_xy(train, "train")
     X_val, y_val = _check_xy(val, "val")
     if X_train.shape[0] < 2:
@@ -313,6 +328,10 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
         X_test, y_test = _check_xy(test, "test")
         X_test, y_test = X_test.to(dev), y_test.to(dev)
     model.to(dev)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        progress = progress and rank == 0
 
     weighted = method in WEIGHTED_METHODS and weight > 0
     reg = make_regulariser(model, method, backend=backend, dissimilarity=dissimilarity, sampler=sampler,
@@ -344,11 +363,14 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
                 batches = 0
                 for lo in range(0, n_train, bs):
                     idx = order[lo:lo + bs]
+                    if world > 1:
+                        # equal slices on every rank (the global gather needs them)
+                        idx = idx[: idx.numel() // world * world].chunk(world)[rank] if idx.numel() >= world else idx[:0]
                     if idx.numel() < 2:  # a lone leftover sample has no correlations; skip it
                         continue
                     for group in optimiser.param_groups:
                         group["lr"] = config.lr_at(step)
-                    logits = model(X_train[idx])
+                    logits = net(X_train[idx])
                     ce = F.cross_entropy(logits, y_train[idx])
                     loss = ce
                     if reg is not None:
@@ -372,6 +394,10 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
                 if not (math.isfinite(train_loss) and math.isfinite(train_reg)):
                     diverged = True
                 val_loss, val_acc = evaluate(model, X_val, y_val, config.eval_batch_size)
+                if world > 1:  # rank 0's numbers decide early stopping everywhere
+                    shared = torch.tensor([val_loss, val_acc], dtype=torch.float64, device=dev)
+                    torch.distributed.broadcast(shared, 0)
+                    val_loss, val_acc = shared.tolist()
                 if not math.isfinite(val_loss):
                     diverged = True
                 record = {
@@ -380,7 +406,7 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
                     "lr": optimiser.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                 }
                 history.append(record)
-                if on_epoch is not None:
+                if on_epoch is not None and rank == 0:
                     on_epoch(dict(record))
                 if bar is not None:
                     bar.update(1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, models, persistence
+from . import data, distributed, models, persistence
 from .dissimilarity import DISSIMILARITIES, correlation
 from .nn import TopologicalRegulariser
 from .training import TrainConfig, device_label, fit, resolve_device, seed_everything
@@ -46,7 +46,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def held_out_statistics(model: torch.nn.Module, X: torch.Tensor, backend: str) -> dict:
     """Mean |rho| between recorded neurons, T1 and the deaths, on one batch ``X``."""
     model.eval()  # dropout off: measure the network as it predicts
-    with TopologicalRegulariser(model, formula="t1", backend=backend) as reg, torch.enable_grad():
+    with TopologicalRegulariser(model, formula="t1", backend=backend, sync="local") as reg, torch.enable_grad():
         model(X)
         A = reg.activations().detach()
         C = correlation(A)
@@ -95,8 +95,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--weight must be a finite number >= 0")
     persistence._backend(args.backend)  # a clear error for an unknown backend, before any training
     device = resolve_device(args.device)
+    # under torchrun every rank trains its slice of each batch (DDP); rank 0 reports
+    distributed.init_from_env(device)
+    device = distributed.local_device(device)
+    writer = distributed.rank() == 0
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
 
     train = data.load(args.dataset, "train")
     if args.limit is not None:
@@ -115,12 +120,14 @@ def run(args: argparse.Namespace) -> int:
         result = fit(model, train, val, test, method=method, weight=weight, config=config,
                      backend=args.backend, dissimilarity=args.dissimilarity, device=device, seed=args.seed,
                      progress=not args.no_progress, progress_desc=f"{args.model} {method}")
-        stats = held_out_statistics(model, held_out, args.backend)
+        stats = held_out_statistics(model, held_out, args.backend) if writer else {}
         runs[method] = {
             "method": method, "weight": weight, **result.summary(), "wall_seconds": time.perf_counter() - t0,
             "held_out": stats, "history": result.history,
         }
 
+    if not writer:
+        return 0
     base, reg = runs["none"], runs[args.formula]
     label = f"{args.formula} (lambda={args.weight:g})"
     rows = [
@@ -142,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": args.dataset, "model": args.model, "formula": args.formula, "weight": args.weight,
         "backend": args.backend, "dissimilarity": args.dissimilarity, "epochs": args.epochs,
         "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit, "device": device_label(device),
+        "world_size": distributed.world_size(),
         "torch_version": torch.__version__, "runs": runs,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

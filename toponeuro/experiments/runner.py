@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .. import training
+from .. import distributed, training
 from .config import ExperimentConfig, RunSpec
 
 __all__ = [
@@ -340,14 +340,22 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     dev = training.resolve_device(device)
+    # under torchrun every rank trains each run together (DDP); rank 0 alone writes
+    if distributed.init_from_env(dev):
+        if jobs > 1:
+            raise ValueError("under torchrun the ranks train each run together (DDP): use --jobs 1")
+        dev = distributed.local_device(dev)
+    writer = distributed.rank() == 0
+    progress = progress and writer
     directory = experiment_dir(config, out_root)
-    directory.mkdir(parents=True, exist_ok=True)
     runs_csv = directory / "runs.csv"
-    curves_dir = directory / "curves"
-    _repair_torn_line(runs_csv)
+    curves_dir = directory / "curves" if writer else None
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+        _repair_torn_line(runs_csv)
     _check_header(runs_csv)
     _check_protocol(read_rows(runs_csv), config, directory)
-    if config.text:
+    if config.text and writer:
         (directory / "config.toml").write_text(config.text, encoding="utf-8")
 
     done, pending = pending_runs(config, directory)
@@ -369,14 +377,16 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
 
     def record(status: str, run_id: str, payload) -> None:
         if status == "ok":
-            append_row(runs_csv, payload)
+            if writer:
+                append_row(runs_csv, payload)
             summary.finished += 1
             summary.pending -= 1
             if bar is not None:
                 bar.set_postfix_str(f"{run_id}: test {payload['test_accuracy']:.4f}")
         else:
             summary.failed.append(run_id)
-            with open(directory / "errors.log", "a", encoding="utf-8") as fh:
+            with open(directory / f"errors{'' if writer else f'.rank{distributed.rank()}'}.log", "a",
+                      encoding="utf-8") as fh:
                 stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                 fh.write(f"--- {stamp} {run_id}\n{payload}\n")
             message = f"run {run_id} failed (traceback in {directory / 'errors.log'}): " \
