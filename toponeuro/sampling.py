@@ -198,7 +198,25 @@ class AllNeurons(Sampler):
         return {name: None for name in layers}
 
 
-class ImportanceSampler(Sampler):
+class _FractionSampler(Sampler):
+    """``floor(p * width)`` neurons of every hidden layer (subclasses say which); the
+    output layer whole when ``keep_output``."""
+
+    def select(self, layers, output_name):
+        chosen = {}
+        for name, A in layers.items():
+            if name == output_name and self.keep_output:
+                chosen[name] = None
+            else:
+                chosen[name] = torch.sort(self._pick(A, math.floor(self.p * A.shape[1]))).values
+        return chosen
+
+    def _pick(self, A: torch.Tensor, k: int) -> torch.Tensor:
+        """k column indices of the layer's (m, width) activations ``A``."""
+        raise NotImplementedError
+
+
+class ImportanceSampler(_FractionSampler):
     """The paper's importance sampler.
 
     For every hidden layer, the ``floor(p * width)`` neurons with the highest
@@ -210,20 +228,12 @@ class ImportanceSampler(Sampler):
         self.p = _check_fraction(p)
         self.keep_output = keep_output
 
-    def select(self, layers, output_name):
-        chosen = {}
-        for name, A in layers.items():
-            if name == output_name and self.keep_output:
-                chosen[name] = None
-                continue
-            k = math.floor(self.p * A.shape[1])
-            score = A.detach().abs().mean(0)
-            order = torch.argsort(score, descending=True, stable=True)
-            chosen[name] = torch.sort(order[:k]).values
-        return chosen
+    def _pick(self, A, k):
+        score = A.detach().abs().mean(0)
+        return torch.argsort(score, descending=True, stable=True)[:k]
 
 
-class RandomSampler(Sampler):
+class RandomSampler(_FractionSampler):
     """Uniformly random ``floor(p * width)`` neurons per layer, redrawn at every call.
 
     The draws come from a generator seeded with ``seed``: the same seed gives
@@ -239,16 +249,8 @@ class RandomSampler(Sampler):
     def reset(self) -> None:
         self._generator.manual_seed(self.seed)
 
-    def select(self, layers, output_name):
-        chosen = {}
-        for name, A in layers.items():
-            if name == output_name and self.keep_output:
-                chosen[name] = None
-                continue
-            width = A.shape[1]
-            k = math.floor(self.p * width)
-            chosen[name] = torch.sort(torch.randperm(width, generator=self._generator)[:k]).values
-        return chosen
+    def _pick(self, A, k):
+        return torch.randperm(A.shape[1], generator=self._generator)[:k]
 
 
 class IndexSampler(Sampler):
