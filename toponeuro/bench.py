@@ -662,9 +662,6 @@ def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
 def plot_results(results: dict, path: Path) -> None:
     """Two panels: time against n (log-log, one line per series and device, min-max
     bars) and the regulariser's cost ratio against n, saved to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cases = results["cases"]

@@ -12,6 +12,10 @@ each rank's (identical) value sends to a slice, so rank ``r`` receives
 which leaves exactly ``sum_r dR/dA_r dA_r/dtheta = dR/dtheta``, the
 single-process gradient of the global batch. (The task loss, a mean over each
 rank's equal slice, is averaged by DDP to the global mean as usual.)
+
+``"global"`` is a collective: every rank must call the regulariser, with the
+same number of neurons. A regulariser called on one rank only (a diagnostic
+on rank 0, say) waits forever for the others; use ``sync="local"`` there.
 """
 
 from __future__ import annotations

@@ -557,7 +557,7 @@ def _check_formula(formula: str) -> None:
 
 def _check_backend(backend: str) -> None:
     if backend not in edge_backends():
-        persistence._backend(backend)  # unknown or not installed: raises naming what is available
+        persistence.get_backend(backend)  # unknown or not installed: raises naming what is available
         raise ValueError(f"backend {backend!r} gives no death edges, hence no gradient; use one of {edge_backends()}")
 
 

@@ -69,7 +69,7 @@ class TopologicalRegulariser(nn.Module):
         if formula not in FORMULAS:
             raise ValueError(f"unknown formula {formula!r}; choose one of {FORMULAS}")
         if backend not in persistence.available_backends():
-            persistence._backend(backend)  # raises the ValueError naming what is available
+            persistence.get_backend(backend)  # raises the ValueError naming what is available
         if formula in ("t1", "t2") and not persistence.BACKENDS[backend].gives_edges:
             raise ValueError(
                 f"backend {backend!r} gives death values without gradient; T1/T2 need death edges: "

@@ -58,9 +58,6 @@ def held_out_statistics(model: torch.nn.Module, X: torch.Tensor, backend: str) -
 
 
 def plot_persistence(before: list[float], after: list[float], labels: tuple[str, str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(10, 4))
@@ -93,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit {args.limit} is smaller than --batch-size {args.batch_size}")
     if not math.isfinite(args.weight) or args.weight < 0:
         raise ValueError("--weight must be a finite number >= 0")
-    persistence._backend(args.backend)  # a clear error for an unknown backend, before any training
+    persistence.get_backend(args.backend)  # a clear error for an unknown backend, before any training
     device = resolve_device(args.device)
     # under torchrun every rank trains its slice of each batch (DDP); rank 0 reports
     distributed.init_from_env(device)

@@ -212,9 +212,6 @@ def claims(matrix: pd.DataFrame, ranks: pd.Series | None, pvalues: pd.DataFrame 
 # -- figures ------------------------------------------------------------------------------------
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

@@ -25,7 +25,7 @@ import torch
 
 from .._validation import check_dissimilarity
 
-__all__ = ["death_edges", "deaths", "available_backends", "BACKENDS", "Backend", "canonical_order"]
+__all__ = ["death_edges", "deaths", "available_backends", "get_backend", "BACKENDS", "Backend", "canonical_order"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,9 @@ def available_backends() -> list[str]:
     return [name for name, b in BACKENDS.items() if all(_importable(r) for r in b.requires)]
 
 
-def _backend(name: str) -> Backend:
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name``; a ValueError naming the available ones if it
+    is unknown or not installed here."""
     if name not in BACKENDS:
         raise ValueError(
             f"unknown persistence backend {name!r}; available here: {available_backends()} "
@@ -124,7 +126,7 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
     ``i < j``, ascending by ``D[i, j]``, ties by ``(i, j)``. For a given backend
     the same matrix always gives the same edges, ties included.
     """
-    b = _backend(backend)
+    b = get_backend(backend)
     if not b.gives_edges:
         raise ValueError(
             f"backend {backend!r} gives death values only, not death edges; "
@@ -152,7 +154,7 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     the death edges, hence differentiable with respect to ``D``; a value-only
     backend (``"ripser"``) returns values without gradient.
     """
-    b = _backend(backend)
+    b = get_backend(backend)
     if check:
         D = check_dissimilarity(D)
     if b.gives_edges:
