@@ -26,7 +26,7 @@ def test_train_limit_2000_one_epoch_writes_figure_and_summary(tmp_path, capsys):
         # T1 is the sum of (1 - death) over the n - 1 death edges
         assert len(held["deaths"]) == held["neurons"] - 1
         assert held["t1"] == pytest.approx(sum(1 - d for d in held["deaths"]), rel=1e-5)
-    assert summary["runs"]["t1"]["weight"] == 1e-3 and summary["runs"]["none"]["weight"] == 0.0
+    assert summary["runs"]["t1"]["weight"] == 1e-4 and summary["runs"]["none"]["weight"] == 0.0
     png = (out / "persistence.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

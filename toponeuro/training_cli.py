@@ -31,7 +31,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formula", default="t1", choices=FORMULAS, help="the regulariser of the second run")
     p.add_argument("--backend", default="torch", help="persistence backend (default: torch)")
     p.add_argument("--dissimilarity", default="abs_correlation", choices=sorted(DISSIMILARITIES))
-    p.add_argument("--weight", type=float, default=1e-3, help="lambda, the regulariser's weight")
+    p.add_argument("--weight", type=float, default=1e-4,
+                   help="lambda, the regulariser's weight (default 1e-4; with about 1000 neurons, 1e-3 "
+                        "and more can collapse the MLP to a constant prediction within a few epochs)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (early stopping may end sooner)")
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
