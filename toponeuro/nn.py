@@ -68,9 +68,9 @@ class TopologicalRegulariser(nn.Module):
         super().__init__()
         if formula not in FORMULAS:
             raise ValueError(f"unknown formula {formula!r}; choose one of {FORMULAS}")
-        if backend not in persistence.available_backends():
-            persistence.get_backend(backend)  # raises the ValueError naming what is available
-        if formula in ("t1", "t2") and not persistence.BACKENDS[backend].gives_edges:
+        # unknown or not installed: a ValueError naming what is available
+        spec = persistence.get_backend(backend)
+        if formula in ("t1", "t2") and not spec.gives_edges:
             raise ValueError(
                 f"backend {backend!r} gives death values without gradient; T1/T2 need death edges: "
                 f"use one of {[b for b in persistence.available_backends() if persistence.BACKENDS[b].gives_edges]}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._validation import check_activations
-from .dissimilarity import correlation
+from .dissimilarity import _safe_sqrt, correlation
 
 __all__ = ["t1", "t2", "min_corr", "decov", "l1", "l2", "FORMULAS_ON_DEATHS", "FORMULAS_ON_ACTIVATIONS"]
 
@@ -50,9 +50,7 @@ def t2(deaths: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     mean = deaths.mean()
     var = ((deaths - mean) ** 2).mean()
-    positive = var > 0
-    std = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), torch.zeros_like(var))
-    return alpha * std - (1.0 - alpha) * mean
+    return alpha * _safe_sqrt(var) - (1.0 - alpha) * mean
 
 
 def min_corr(A: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,10 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
     if check:
         D = check_dissimilarity(D)
     with torch.no_grad():
-        edges = b.load().death_edges(D.detach())
+        X = D.detach()
+        if X.dtype not in (torch.float32, torch.float64):
+            X = X.float()  # half and bfloat16 widen exactly; plug-ins see float32/float64 only
+        edges = b.load().death_edges(X)
         return canonical_order(D, edges)
 
 

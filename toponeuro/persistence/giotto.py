@@ -40,10 +40,7 @@ def _complete_with_zero_edges(X: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 def death_edges(D: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """(n, n) dissimilarity -> (n - 1, 2) death edges (on D's device)."""
-    X = D.detach().cpu()
-    if X.dtype not in (torch.float32, torch.float64):
-        X = X.float()  # half and bfloat16 widen exactly; numpy has no bfloat16
-    X = X.numpy()
+    X = D.detach().cpu().numpy()
     if n_threads is None:
         n_threads = min(os.cpu_count() or 1, 2)
     out = ripser_parallel(X, metric="precomputed", maxdim=0, return_generators=True, n_threads=n_threads)

@@ -4,11 +4,11 @@
   installed. It reads each row of the matrix once, straight from the tensor's
   memory (no copy for a contiguous float32/float64 CPU tensor), and keeps
   O(n) state besides.
-* CUDA tensors (and CPU without numba): Boruvka's algorithm in torch, a
-  logarithmic number of rounds of whole-matrix reductions, with column
-  contraction so that later rounds work on ``(n, components)`` matrices.
-  It never copies the matrix to the host and synchronises a few times per
-  round (never per vertex).
+* CUDA tensors (and CPU without numba): Boruvka's algorithm in torch
+  (:mod:`toponeuro.persistence.boruvka`), a logarithmic number of rounds of
+  whole-matrix reductions with row contraction, so that later rounds work on
+  ``(components, n)`` matrices. It never copies the matrix to the host and
+  synchronises a few times per round (never per vertex).
 
 Both break ties by a fixed strict total order (Prim: ``(D[i, j], i, j)``
 with ``i < j``; Boruvka: weight, then component labels), so each returns
