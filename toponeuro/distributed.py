@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-__all__ = ["SYNC_MODES", "is_distributed", "gather_batch", "init_from_env", "rank", "world_size", "local_device"]
+__all__ = ["SYNC_MODES", "is_distributed", "gather_batch", "init_from_env", "rank", "world_size", "local_device", "setup"]
 
 SYNC_MODES = ("global", "local")
 
@@ -70,6 +70,15 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and is_distributed():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def setup(device: str | torch.device) -> torch.device:
+    """Join torchrun's process group if there is one; return this rank's device.
+
+    Outside torchrun (or with one process) the device comes back unchanged.
+    """
+    init_from_env(device)
+    return local_device(device)
 
 
 def gather_batch(A: torch.Tensor, sync: str = "global") -> torch.Tensor:

@@ -315,8 +315,7 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     dev = resolve_device(device)
     # under torchrun: one process per device, DDP, each rank a slice of every batch
-    distributed.init_from_env(dev)
-    dev = distributed.local_device(dev)
+    dev = distributed.setup(dev)
     rank, world = distributed.rank(), distributed.world_size()
     X_train, y_train = _check_xy(train, "train")
     X_val, y_val = _check_xy(val, "val")

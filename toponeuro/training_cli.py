@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
     persistence.get_backend(args.backend)  # a clear error for an unknown backend, before any training
     device = resolve_device(args.device)
     # under torchrun every rank trains its slice of each batch (DDP); rank 0 reports
-    distributed.init_from_env(device)
-    device = distributed.local_device(device)
+    device = distributed.setup(device)
     writer = distributed.rank() == 0
     out = Path(args.out)
     if writer:

@@ -341,10 +341,9 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     dev = training.resolve_device(device)
     # under torchrun every rank trains each run together (DDP); rank 0 alone writes
-    if distributed.init_from_env(dev):
-        if jobs > 1:
-            raise ValueError("under torchrun the ranks train each run together (DDP): use --jobs 1")
-        dev = distributed.local_device(dev)
+    dev = distributed.setup(dev)
+    if distributed.world_size() > 1 and jobs > 1:
+        raise ValueError("under torchrun the ranks train each run together (DDP): use --jobs 1")
     writer = distributed.rank() == 0
     progress = progress and writer
     directory = experiment_dir(config, out_root)
