@@ -335,6 +335,32 @@ def test_boruvka_column_blocks(block_entries, kind, monkeypatch, rng):
     assert torch.equal(blocked, whole)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_boruvka_general_paths_same_tree(kind, dtype, monkeypatch, rng):
+    """The packed one-reduction pick (n <= 65536), the two-step pick used above that,
+    and pointer jumping that needs its settle loop all give the same edges."""
+    D = make_D(kind, 120, dtype, rng)
+    whole = torch_mst.boruvka_edges(D)
+    monkeypatch.setattr(boruvka, "_PACKED_MAX_N", 1)
+    monkeypatch.setattr(boruvka, "_JUMPS", 0)
+    general = torch_mst.boruvka_edges(D)
+    assert_spanning_tree(general, 120)
+    assert torch.equal(general, whole)
+    got = np.sort(D[general[:, 0], general[:, 1]].double().numpy())
+    np.testing.assert_allclose(got, scipy_deaths(D), rtol=0, atol=tolerance("torch", D))
+
+
+@pytest.mark.parametrize("n", [2, 3, 9, 100])
+def test_boruvka_one_long_chain(n):
+    """Points on a line with growing gaps: each vertex's nearest is its left neighbour,
+    so one round picks a chain of depth n - 1 (more than the jumps before the sync reach)."""
+    x = torch.arange(n, dtype=torch.float64).mul(torch.arange(1, n + 1)).div(2)  # gaps 1, 2, 3, ...
+    D = (x[:, None] - x[None, :]).abs()
+    e = torch_mst.boruvka_edges(D)
+    assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == {(i, i + 1) for i in range(n - 1)}
+
+
 def test_canonical_order_hand_computed():
     D = torch.tensor(
         [[0.0, 0.5, 0.2, 0.5],

@@ -3,15 +3,22 @@
 Every round, each component picks its lightest outgoing edge; under a strict
 total order on the candidate edges the picks form a forest, which is
 contracted. Components at least halve each round, so there are at most
-``log2(n)`` rounds, each a handful of whole-matrix kernels and two or three
-host synchronisations (sizes of the next round); nothing of size ``n x n``
-leaves the device and no loop runs once per vertex.
+``log2(n)`` rounds (about six for random matrices of a few thousand
+neurons). A round is some 35 small kernels and one host synchronisation (the
+size of the next round); nothing of size ``n x n`` leaves the device and no
+loop runs once per vertex. On a GPU, below n of about 16k, the time goes to
+launching those kernels rather than to reading memory, which is why a round
+is kept short: one packed reduction finds each component's weight, target
+and vertex at once; the endpoints inside the target components are found by
+one masked search without a sync; pointer jumping runs a fixed three steps
+(depth 8) and the sync also reports whether they reached every root.
 
 Layout: ``R[b, i]`` is the lightest edge between component ``b`` and vertex
 ``i`` (rows are components, so contraction moves contiguous rows). The first
 round reads ``D`` itself in column blocks (the diagonal masked in each
-block), and the first contraction reads ``D`` again: the only large buffer
-is ``R``, of ``n / 2 x n`` entries at most.
+block), and the first contraction reads ``D`` again: the only large buffers
+are ``R``, of ``n / 2 x n`` entries at most, and the endpoint search's
+blocks of ``_BLOCK_ENTRIES``.
 
 Tie-breaking: vertex ``i`` takes the lightest edge into another component
 with the smallest component label (``min`` returns the first index);
@@ -24,14 +31,15 @@ contain no cycle but the mutual ones (``a -> b`` and ``b -> a``), kept once.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
 __all__ = ["boruvka_edges"]
 
-_BLOCK_ENTRIES = 1 << 26  # round-one column blocks: 64M entries (256 MB in fp32)
+_BLOCK_ENTRIES = 1 << 26  # column and row blocks: 64M entries (256 MB in fp32)
+_PACKED_MAX_N = 1 << 16  # labels and vertices packed in 16 bits of a key
+_JUMPS = 3  # pointer-jumping steps before the round's sync checks for roots (reach 8)
 
 
 def _order_keys(w: torch.Tensor) -> torch.Tensor:
@@ -66,6 +74,29 @@ def _contract(src: torch.Tensor, labels: torch.Tensor, c_new: int) -> torch.Tens
         return out.index_reduce_(0, labels, src, "amin", include_self=True)
 
 
+def _component_picks(w, b, comp, c, verts):
+    """Each component's lightest outgoing edge.
+
+    w, b : (n,) each vertex's lightest edge to another component (weight, label).
+    comp : (n,) component labels, ``c`` of them.
+
+    Returns ``(target, rep)``, both (c,): the component each one picks, under
+    the order ``(weight, target label)``, and the smallest vertex of its own
+    that reaches the pick at that weight.
+    """
+    n = verts.numel()
+    best = torch.full((c,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=w.device)
+    if n <= _PACKED_MAX_N:
+        # labels and vertices fit 16 bits: one reduction finds weight, target and vertex
+        best.scatter_reduce_(0, comp, (_order_keys(w) << 32) | (b << 16) | verts, reduce="amin")
+        return (best >> 16) & 0xFFFF, best & 0xFFFF
+    key = (_order_keys(w) << 32) | b
+    best.scatter_reduce_(0, comp, key, reduce="amin")
+    rep = torch.full((c,), n, dtype=torch.long, device=w.device)
+    rep.scatter_reduce_(0, comp, torch.where(key == best[comp], verts, n), reduce="amin")
+    return best & 0xFFFFFFFF, rep
+
+
 def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
     """Exact MST of the complete graph weighted by ``D``, on ``D``'s device.
 
@@ -80,65 +111,59 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
     if n < 2:
         return torch.empty((0, 2), dtype=torch.long, device=dev)
     verts = torch.arange(n, device=dev)
-    w, b = _lightest_other_vertex(X)  # round one: every vertex is a component
+    w, target = _lightest_other_vertex(X)  # round one: every vertex is a component
+    rep = verts
     comp = verts
     c = n
     R = None
-    picked = []
+    reps, others, keeps = [], [], []
     while True:
-        src = torch.arange(c, device=dev)
-        key = (_order_keys(w) << 32) | b
-        if R is None:
-            best, rep = key, verts
-        else:
-            best = torch.full((c,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
-            best.scatter_reduce_(0, comp, key, reduce="amin")
-            rep = torch.full((c,), n, dtype=torch.long, device=dev)
-            rep.scatter_reduce_(0, comp, torch.where(key == best[comp], verts, n), reduce="amin")
-        target = best & 0xFFFFFFFF
+        src = verts[:c]
+        if R is not None:
+            target, rep = _component_picks(w, target, comp, c, verts)
         mutual = target[target] == src
-        keep = ~(mutual & (src > target))
-        kept = keep.nonzero().squeeze(1)  # sync: the number of new edges
-        a_rep, a_target = rep[kept], target[kept]
-        if R is None:
-            other = a_target  # components are vertices
-        else:
-            other = _endpoint_in(X, comp, c, a_rep, a_target, w[a_rep])
-        picked.append(torch.stack([a_rep, other], dim=1))
-        # merge: point each component at its target; a mutual pair's smaller label is its root
-        parent = torch.where(mutual & (src < target), src, target)
-        for _ in range(max(1, math.ceil(math.log2(c)))):
+        is_root = mutual & (src < target)  # a mutual pair's smaller label roots its tree
+        # every pick is a tree edge; a mutual pair picked the same edge twice
+        keeps.append(~mutual | is_root)
+        reps.append(rep)
+        others.append(target if R is None else _endpoint_in(X, comp, rep, target, w[rep]))
+        parent = torch.where(is_root, src, target)
+        for _ in range(_JUMPS):
             parent = parent[parent]
-        is_root = parent == src
-        new_label = torch.cumsum(is_root, 0) - 1
-        c_new = c - kept.numel()
+        # the round's one host sync: the next round's size, and how many
+        # components the jumps above brought to their root (pick chains are short)
+        c_new, settled = torch.stack([is_root.sum(), is_root[parent].sum()]).tolist()
         if c_new == 1:
             break
-        labels = new_label[parent]  # old component -> new component
+        while settled < c:
+            parent = parent[parent]
+            settled = int(is_root[parent].sum())
+        labels = (torch.cumsum(is_root, 0) - 1)[parent]  # old component -> new component
         R = _contract(X if R is None else R, labels if R is not None else labels[comp], c_new)
         comp = labels[comp]
         c = c_new
         R[comp, verts] = float("inf")  # a vertex's own component is not outgoing
-        w, b = R.min(dim=0)
-    return torch.cat(picked)
+        w, target = R.min(dim=0)
+    edges = torch.stack([torch.cat(reps), torch.cat(others)], dim=1)
+    # exactly n - 1 picks are kept: move them to the front, no sync for the count
+    kept = torch.argsort(torch.cat(keeps).view(torch.uint8), descending=True, stable=True)[: n - 1]
+    return edges[kept]
 
 
-def _endpoint_in(X, comp, c, rep, target, weight):
+def _endpoint_in(X, comp, rep, target, weight):
     """For each pick, the first vertex ``j`` of component ``target`` with ``X[rep, j] == weight``.
 
-    Searches only the vertices of the target components (sorted by component),
-    not whole rows.
+    Reads the rows ``X[rep]`` in blocks of at most ``_BLOCK_ENTRIES`` entries,
+    with no host synchronisation.
     """
-    dev = X.device
-    order = torch.argsort(comp, stable=True)
-    counts = torch.bincount(comp, minlength=c)
-    starts = torch.cumsum(counts, 0) - counts
-    lens = counts[target]
-    total = int(lens.sum())  # sync: the number of candidates
-    seg = torch.repeat_interleave(torch.arange(rep.numel(), device=dev), lens, output_size=total)
-    pos = torch.arange(total, device=dev) - (torch.cumsum(lens, 0) - lens)[seg]
-    cand = order[starts[target][seg] + pos]
-    hit = X[rep[seg], cand] == weight[seg]
     n = X.shape[0]
-    out = torch.full((rep.numel(),), n, dtype=torch.long, device=dev)
-    return out.scatter_reduce_(0, seg, torch.where(hit, cand, n), reduce="amin")
+    block = max(1, _BLOCK_ENTRIES // n)
+    if rep.numel() <= block:
+        hit = (X[rep] == weight[:, None]) & (comp == target[:, None])
+        return hit.view(torch.uint8).argmax(dim=1)  # the first hit (there is one)
+    out = torch.empty_like(rep)
+    for s in range(0, rep.numel(), block):
+        e = min(rep.numel(), s + block)
+        hit = (X[rep[s:e]] == weight[s:e, None]) & (comp == target[s:e, None])
+        out[s:e] = hit.view(torch.uint8).argmax(dim=1)  # the first hit (there is one)
+    return out

@@ -8,7 +8,7 @@
   (:mod:`toponeuro.persistence.boruvka`), a logarithmic number of rounds of
   whole-matrix reductions with row contraction, so that later rounds work on
   ``(components, n)`` matrices. It never copies the matrix to the host and
-  synchronises a few times per round (never per vertex).
+  synchronises once per round (never per vertex).
 
 Both break ties by a fixed strict total order (Prim: ``(D[i, j], i, j)``
 with ``i < j``; Boruvka: weight, then component labels), so each returns
