@@ -70,6 +70,25 @@ def test_every_backend_and_extra_is_timed_at_every_n(tiny_run):
         assert {("torch", 16), ("torch", 32), ("torch+check", 16)} <= speedups
 
 
+def test_torch_ops_recorded_for_the_torch_series(tiny_run):
+    _, out = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    for c in results["cases"]:
+        assert ("torch_ops" in c) == (c["series"] in bench.OP_COUNTED_SERIES), c["series"]
+    if persistence.torch_mst.HAVE_NUMBA:
+        boruvka = [c["torch_ops"] for c in results["cases"] if c["series"] == bench.BORUVKA]
+        prim = [c["torch_ops"] for c in results["cases"] if c["series"] == "torch"]
+        # the host Prim is one numba call (plus the canonical order); Boruvka is rounds of torch ops
+        assert min(boruvka) > 2 * max(prim)
+
+
+def test_count_torch_ops_by_hand():
+    x = torch.arange(6.0).reshape(2, 3)
+    assert bench.count_torch_ops(lambda: (x + 1).sum()) == 2  # add, sum
+    assert bench.count_torch_ops(lambda: x.T.unsqueeze(0)[0, 1:]) == 0  # views launch nothing
+    assert bench.count_torch_ops(lambda: x.mT.contiguous()) == 1  # the copy
+
+
 def test_benchmark_matrix_is_seeded_and_is_one_minus_abs_rho():
     A, D = bench.benchmark_matrix(20, 10, seed=3)
     A2, D2 = bench.benchmark_matrix(20, 10, seed=3)

@@ -79,6 +79,7 @@ BORUVKA = "torch-boruvka"  # the torch backend's CUDA algorithm, timed on CPU
 HOST_ONLY_BACKENDS = {"giotto-ph", "ripser"}  # they copy the matrix to the host
 REFERENCE_BACKEND = "giotto-ph"
 TARGET_REGULARISER_RATIO = 3.0
+OP_COUNTED_SERIES = {"torch", BORUVKA, "torch+check"}  # torch dispatches per call are recorded
 
 
 # ---------------------------------------------------------------- inputs
@@ -189,6 +190,29 @@ def time_calls(
         if elapsed + sum(t[-1] for t in times) > budget_s:
             break
     return list(zip(times, peaks))
+
+
+def count_torch_ops(fn: Callable[[], object]) -> int:
+    """The number of torch operators one call of ``fn`` dispatches, views excluded.
+
+    On a GPU each is (at least) one kernel launch and its host-side dispatch,
+    so for the small-n Boruvka, which is bound by launches rather than by
+    memory, this count explains the time on any machine. Kernels that run
+    outside torch (numba, giotto-ph) are not seen.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:  # views (and scalar wrapping) launch no kernel
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), _Counter() as counter:
+        fn()
+    return counter.ops
 
 
 def time_call(
@@ -542,15 +566,20 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
                 else:
                     warmup = estimate is None or estimate * (repeats + 1) <= max_seconds_per_case
                     try:
-                        measured = time_calls(case.make(), device, repeats, warmup, max_seconds_per_case)
+                        calls = case.make()
+                        measured = time_calls(calls, device, repeats, warmup, max_seconds_per_case)
+                        ops = [count_torch_ops(call) if series in OP_COUNTED_SERIES else None
+                               for call, (_, series, _) in zip(calls, case.members)]
                     except Exception as err:  # a backend failing at run time is reported, not fatal
                         for record in records:
                             record.update(status="error", error=f"{type(err).__name__}: {err}")
                     else:
-                        for record, key, (times, peak) in zip(records, keys, measured):
+                        for record, key, (times, peak), n_ops in zip(records, keys, measured, ops):
                             record.update(status="ok", warmup=warmup, repeats=len(times), **_summary(times),
                                           peak_extra_bytes=peak,
                                           peak_extra_nxn=None if peak is None else peak / (n * n * itemsize))
+                            if n_ops is not None:
+                                record["torch_ops"] = n_ops
                             history[key] = history.get(key, []) + [(n, record["median_s"])]
                 results["cases"].extend(records)
                 if bar is not None:
@@ -633,6 +662,10 @@ def format_table(results: dict) -> str:
                     row.append("-" if ref is None or t is None else f"{ref / t:.0f}x")
             rows.append(row)
         lines += _grid(head, rows)
+        counted = [c for c in dev_cases if "torch_ops" in c]
+        if counted:
+            lines.append(f"{device}: torch operators per call, views excluded (on a GPU, kernel launches): "
+                         + ", ".join(f"{c['series']} n={c['n']}: {c['torch_ops']}" for c in counted))
         reg = [r for r in results["summary"]["regulariser"] if r["device"] == device]
         if reg:
             lines.append(f"{device}: regulariser cost, T1 forward+backward from A vs abs_correlation "
