@@ -326,7 +326,7 @@ def test_unique_mst_same_edges_everywhere(dtype, n, rng):
 @pytest.mark.parametrize("block_entries", [1, 7, 300, 1000])
 @pytest.mark.parametrize("kind", KINDS)
 def test_boruvka_column_blocks(block_entries, kind, monkeypatch, rng):
-    """Round one reads D in column blocks (only for n > 8192 by default): small blocks, same tree."""
+    """Round one reads D in column blocks and the endpoint search reads rows in blocks: small blocks, same tree."""
     D = make_D(kind, 100, torch.float32, rng)
     whole = torch_mst.boruvka_edges(D)
     monkeypatch.setattr(boruvka, "_BLOCK_ENTRIES", block_entries)

@@ -15,10 +15,11 @@ one masked search without a sync; pointer jumping runs a fixed three steps
 
 Layout: ``R[b, i]`` is the lightest edge between component ``b`` and vertex
 ``i`` (rows are components, so contraction moves contiguous rows). The first
-round reads ``D`` itself in column blocks (the diagonal masked in each
-block), and the first contraction reads ``D`` again: the only large buffers
-are ``R``, of ``n / 2 x n`` entries at most, and the endpoint search's
-blocks of ``_BLOCK_ENTRIES``.
+round reads ``D`` itself in blocks of at most ``n / 2`` columns (the
+diagonal masked in each block), and the first contraction reads ``D`` again.
+The large buffers are that column block, then ``R`` (at most ``n / 2`` rows)
+beside the endpoint search's blocks of at most ``n / 4`` rows: together
+within one copy of ``D`` (``_BLOCK_ENTRIES`` caps the blocks further).
 
 Tie-breaking: vertex ``i`` takes the lightest edge into another component
 with the smallest component label (``min`` returns the first index);
@@ -37,7 +38,7 @@ import torch
 
 __all__ = ["boruvka_edges"]
 
-_BLOCK_ENTRIES = 1 << 26  # column and row blocks: 64M entries (256 MB in fp32)
+_BLOCK_ENTRIES = 1 << 26  # column and row blocks: at most 64M entries (256 MB in fp32)
 _PACKED_MAX_N = 1 << 16  # labels and vertices packed in 16 bits of a key
 _JUMPS = 3  # pointer-jumping steps before the round's sync checks for roots (reach 8)
 
@@ -56,13 +57,14 @@ def _lightest_other_vertex(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     n = X.shape[0]
     w = torch.empty(n, dtype=X.dtype, device=X.device)
     j = torch.empty(n, dtype=torch.long, device=X.device)
-    block = max(1, min(n, _BLOCK_ENTRIES // n))
+    block = max(1, min((n + 1) // 2, _BLOCK_ENTRIES // n))  # at most half of D at a time
     for s in range(0, n, block):
         e = min(n, s + block)
         sub = X[:, s:e].clone()
         k = torch.arange(e - s, device=X.device)
         sub[k + s, k] = float("inf")
         w[s:e], j[s:e] = sub.min(dim=0)
+        del sub  # before the next block's copy exists
     return w, j
 
 
@@ -153,17 +155,16 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
 def _endpoint_in(X, comp, rep, target, weight):
     """For each pick, the first vertex ``j`` of component ``target`` with ``X[rep, j] == weight``.
 
-    Reads the rows ``X[rep]`` in blocks of at most ``_BLOCK_ENTRIES`` entries,
-    with no host synchronisation.
+    Reads the rows ``X[rep]`` in blocks of at most ``n / 4`` rows (and
+    ``_BLOCK_ENTRIES`` entries), with no host synchronisation.
     """
     n = X.shape[0]
-    block = max(1, _BLOCK_ENTRIES // n)
-    if rep.numel() <= block:
-        hit = (X[rep] == weight[:, None]) & (comp == target[:, None])
-        return hit.view(torch.uint8).argmax(dim=1)  # the first hit (there is one)
+    # at most n / 4 rows at a time: with R (n / 2 rows at most), within one copy of D
+    block = max(1, min((n + 3) // 4, _BLOCK_ENTRIES // n))
     out = torch.empty_like(rep)
     for s in range(0, rep.numel(), block):
         e = min(rep.numel(), s + block)
         hit = (X[rep[s:e]] == weight[s:e, None]) & (comp == target[s:e, None])
         out[s:e] = hit.view(torch.uint8).argmax(dim=1)  # the first hit (there is one)
+        del hit
     return out
