@@ -246,3 +246,174 @@ def test_bad_deaths(fn, deaths, match):
 def test_t2_alpha_out_of_range(alpha):
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
         R.t2(torch.tensor([0.1, 0.2]), alpha=alpha)
+
+
+# ----------------------------------------------------------------------------
+# the fused CPU pass over D (min, max, max |D - D.T| at once) and its fallback
+
+from toponeuro import _validation as V  # noqa: E402
+
+needs_fused = pytest.mark.skipif(V.numba is None, reason="the fused CPU pass needs numba")
+
+
+def _reference_summary(X: np.ndarray) -> tuple[float, float, float]:
+    return float(X.min()), float(X.max()), float(np.abs(X - X.T).max())
+
+
+def _symmetric(rng, n, dtype):
+    X = rng.random((n, n)).astype(dtype)
+    X = (X + X.T) / 2
+    np.fill_diagonal(X, 0)
+    return X
+
+
+# sizes around the band (32 float32 / 16 float64 rows) and block (16 / 8) widths:
+# ragged last band, ragged block tail, a single partial band, exact multiples
+FUSED_SIZES = {np.float32: [2, 3, 15, 16, 17, 32, 37, 64, 70, 129], np.float64: [2, 7, 8, 9, 16, 21, 33, 45]}
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_summary_matches_numpy_on_random_matrices(dtype, rng):
+    for n in FUSED_SIZES[dtype]:
+        X = rng.random((n, n)).astype(dtype) * rng.choice([1e-3, 1.0, 1e3])
+        assert V._fused_summary(X) == _reference_summary(X), n  # asymmetric everywhere
+        S = _symmetric(rng, n, dtype)
+        assert V._fused_summary(S) == _reference_summary(S) and _reference_summary(S)[2] == 0.0, n
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype,n", [(np.float32, 37), (np.float32, 70), (np.float64, 21), (np.float64, 45)])
+def test_fused_summary_finds_one_asymmetric_entry_anywhere(dtype, n, rng):
+    # every position: diagonal block, row band, column band, ragged last band and block tail
+    S = _symmetric(rng, n, dtype) * dtype(0.5)
+    for i in range(n):
+        for j in range(n):
+            X = S.copy()
+            X[i, j] = dtype(0.75) + dtype(0.001) * dtype((i * n + j) % 97)  # also the unique maximum
+            got = V._fused_summary(X)
+            assert got == _reference_summary(X), (i, j)
+            if i != j:
+                assert got[2] == float(abs(X[i, j] - X[j, i])) > 0, (i, j)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype,n", [(np.float32, 37), (np.float64, 21)])
+def test_fused_summary_finds_the_minimum_anywhere(dtype, n, rng):
+    S = _symmetric(rng, n, dtype) + dtype(1)  # no zeros: the planted one is the minimum
+    for i in range(n):
+        for j in range(n):
+            X = S.copy()
+            X[i, j] = dtype(0.5)
+            assert V._fused_summary(X) == _reference_summary(X), (i, j)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -1e-30, -0.5, -np.finfo(np.float64).tiny])
+def test_fused_summary_declines_bad_entries_anywhere(dtype, bad, rng):
+    n = 37 if dtype == np.float32 else 21
+    S = _symmetric(rng, n, dtype)
+    for i in range(n):
+        for j in range(n):
+            X = S.copy()
+            X[i, j] = dtype(bad)  # -tiny underflows to -0.0 in float32: that one is fine
+            got = V._fused_summary(X)
+            if X[i, j] == 0:
+                assert got == _reference_summary(X), (i, j)
+            else:
+                assert got is None, (i, j)
+    X = S.copy()
+    X[3, 1] = np.copysign(np.array(np.nan, dtype=dtype), -1)
+    assert np.signbit(X[3, 1]) and V._fused_summary(X) is None
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_summary_reads_negative_zero_as_zero(dtype, rng):
+    n = 40
+    X = _symmetric(rng, n, dtype)
+    np.fill_diagonal(X, -0.0)
+    X[5, 33] = X[33, 5] = -0.0
+    X[6, 7] = -0.0  # X[7, 6] stays positive: asymmetric by X[7, 6]
+    assert np.signbit(X[5, 33]) and np.signbit(X[0, 0])
+    assert V._fused_summary(X) == _reference_summary(X)
+    assert V._fused_summary(X)[0] == 0.0
+    # and the public check accepts -0.0 (as 0), on the diagonal too
+    Y = torch.from_numpy(_symmetric(rng, n, dtype))
+    Y.fill_diagonal_(-0.0)
+    Y[5, 33] = Y[33, 5] = -0.0
+    assert check_dissimilarity(Y) is Y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_matrix_summary_same_for_every_layout(dtype, layout, rng):
+    A = torch.from_numpy(rng.random((90, 90))).to(dtype)
+    if layout == "transposed":
+        D = A.T  # column-major: summarised as its contiguous transpose, no copy
+    elif layout == "strided":
+        D = A[::2, 1::2]
+    else:
+        D = A[:45, :45].clone()
+    lo, hi, asym, finite = V._matrix_summary(D)
+    assert finite and (lo, hi, asym) == _reference_summary(D.contiguous().numpy())
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_check_non_contiguous_D(layout):
+    G = good_D(64, torch.float64)
+    D = G.T if layout == "transposed" else torch.stack([G, G], dim=-1)[..., 0]
+    assert not D.is_contiguous()
+    assert check_dissimilarity(D) is D
+    D[2, 9] += 0.01
+    with pytest.raises(ValueError, match=r"not symmetric \(max \|D - D\.T\| = 0\.01\)"):
+        check_dissimilarity(D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_check_half_precision_D(dtype):
+    D = good_D(40, torch.float32).to(dtype)
+    assert check_dissimilarity(D) is D
+    D[3, 30] += 5  # beyond 100 eps of bfloat16 (0.78) times max |D|
+    with pytest.raises(ValueError, match="not symmetric"):
+        check_dissimilarity(D)
+    D[3, 30] = D[30, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"contains NaN or inf \(first at index \(3, 30\)\)"):
+        check_dissimilarity(D)
+
+
+# positions for the larger matrices below: diagonal block, row band, column band, ragged corner
+BAD_POSITIONS = [(1, 3), (2, 400), (400, 2), (598, 597), (597, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where", BAD_POSITIONS)
+def test_large_D_errors_at_every_position(dtype, where):
+    i, j = where
+    G = good_D(599, dtype)
+    cases = [
+        (float("nan"), rf"contains NaN or inf \(first at index \({min(i, j)}, {max(i, j)}\)\)"),
+        (float("inf"), r"contains NaN or inf"),
+        (-0.25, r"negative entry \(-0\.25\)"),
+    ]
+    for value, match in cases:
+        D = G.clone()
+        D[i, j] = D[j, i] = value
+        with pytest.raises(ValueError, match=match):
+            check_dissimilarity(D)
+    D = G.clone()
+    D[i, j] += 0.01
+    with pytest.raises(ValueError, match=r"not symmetric"):
+        check_dissimilarity(D)
+
+
+@pytest.mark.slow
+def test_check_16384_float32():
+    n = 16384
+    A = torch.randn(64, n, generator=torch.Generator().manual_seed(1))
+    D = tn.dissimilarity.abs_correlation(A)
+    assert check_dissimilarity(D) is D
+    D[n - 1, 3] += 0.01
+    with pytest.raises(ValueError, match="not symmetric"):
+        check_dissimilarity(D)
