@@ -408,6 +408,133 @@ def test_large_D_errors_at_every_position(dtype, where):
         check_dissimilarity(D)
 
 
+# ----------------------------------------------------------------------------
+# death_edges / deaths: the check overlapped with the MST (CPU, >= 2 threads)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _record_backend_threads(monkeypatch):
+    import threading
+
+    seen = []
+    real = ph._backend_edges
+
+    def spy(D, b):
+        seen.append(threading.current_thread().name)
+        return real(D, b)
+
+    monkeypatch.setattr(ph, "_backend_edges", spy)
+    return seen
+
+
+def _mst_reference_deaths(D: torch.Tensor) -> np.ndarray:
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    X = D.double().numpy().copy()
+    X[X == 0] = 1e-300  # scipy reads 0 as "no edge"; off the diagonal there are none here
+    np.fill_diagonal(X, 0)
+    T = minimum_spanning_tree(X).toarray()
+    return np.sort(T[T != 0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overlapped_check_gives_the_unchecked_edges(backend, dtype, two_threads, monkeypatch):
+    if backend not in ph.available_backends():
+        pytest.skip(f"{backend} not installed")
+    seen = _record_backend_threads(monkeypatch)
+    D = good_D(ph._OVERLAP_MIN_N + 21, dtype)
+    edges = ph.death_edges(D, backend=backend)
+    assert seen and seen[-1].startswith("toponeuro-mst")  # it did run in the worker
+    assert torch.equal(edges, ph.death_edges(D, backend=backend, check=False))
+    d = ph.deaths(D, backend=backend)
+    assert seen[-1].startswith("toponeuro-mst")
+    assert torch.equal(d, D[edges[:, 0], edges[:, 1]])
+    np.testing.assert_allclose(d.double().numpy(), _mst_reference_deaths(D), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call", ["death_edges", "deaths"])
+def test_no_overlap_with_one_thread_small_n_or_other_backends(call, one_thread, monkeypatch):
+    seen = _record_backend_threads(monkeypatch)
+    getattr(ph, call)(good_D(ph._OVERLAP_MIN_N + 1))
+    torch.set_num_threads(2)
+    getattr(ph, call)(good_D(ph._OVERLAP_MIN_N - 1))
+    getattr(ph, call)(good_D(ph._OVERLAP_MIN_N + 1), backend="giotto-ph")
+    getattr(ph, call)(good_D(ph._OVERLAP_MIN_N + 1), check=False)
+    assert seen and not any(name.startswith("toponeuro-mst") for name in seen)
+
+
+@pytest.mark.parametrize("call", ["death_edges", "deaths"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_overlapped_and_serial_checks_raise_the_same_errors(call, threads, monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seen = _record_backend_threads(monkeypatch)
+        n = ph._OVERLAP_MIN_N + 37
+        G = good_D(n)
+        cases = []
+        D = G.clone(); D[5, 300] = D[300, 5] = float("nan")
+        cases.append((D, r"contains NaN or inf \(first at index \(5, 300\)\)"))
+        D = G.clone(); D[n - 1, 2] = D[2, n - 1] = float("-inf")
+        cases.append((D, rf"contains NaN or inf \(first at index \(2, {n - 1}\)\)"))
+        D = G.clone(); D[7, 8] = D[8, 7] = -0.25
+        cases.append((D, r"negative entry \(-0\.25\)"))
+        D = G.clone(); D[9, 9] = 0.5
+        cases.append((D, r"non-zero diagonal \(D\[9, 9\] = 0\.5"))
+        D = G.clone(); D[0, n - 2] += 0.01
+        cases.append((D, r"not symmetric"))
+        D = torch.full((n, n), float("nan"))
+        cases.append((D, r"contains NaN or inf \(first at index \(0, 0\)\)"))
+        for D, match in cases:
+            with pytest.raises(ValueError, match=match):
+                getattr(ph, call)(D)
+        assert len(seen) == (len(cases) if threads == 2 else 0)  # the MST ran (and was discarded) only when overlapped
+        with pytest.raises(ValueError, match=r"must be square"):
+            getattr(ph, call)(torch.rand(n, n + 1))  # the form is checked before any kernel sees D
+        assert len(seen) == (len(cases) if threads == 2 else 0)
+        assert torch.equal(ph.death_edges(G), ph.death_edges(G, check=False))  # and it still works after
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_overlapped_backend_error_propagates(two_threads, monkeypatch):
+    def broken(D, b):
+        raise RuntimeError("backend failed")
+
+    monkeypatch.setattr(ph, "_backend_edges", broken)
+    G = good_D(ph._OVERLAP_MIN_N + 3)
+    with pytest.raises(RuntimeError, match="backend failed"):
+        ph.death_edges(G)
+    G[4, 4] = 1.0  # both fail: the check's message wins
+    with pytest.raises(ValueError, match="non-zero diagonal"):
+        ph.death_edges(G)
+
+
+def test_overlapped_check_keeps_autograd(two_threads):
+    D = good_D(ph._OVERLAP_MIN_N + 5, torch.float64).requires_grad_(True)
+    ph.deaths(D).sum().backward()
+    e = ph.death_edges(D.detach(), check=False)
+    expected = torch.zeros_like(D)
+    expected[e[:, 0], e[:, 1]] = 1
+    assert torch.equal(D.grad, expected)
+
+
 @pytest.mark.slow
 def test_check_16384_float32():
     n = 16384

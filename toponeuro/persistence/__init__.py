@@ -19,11 +19,14 @@ registered in :data:`BACKENDS` below: adding one touches one file and one line.
 from __future__ import annotations
 
 import importlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_dissimilarity
+from .._validation import _check_dissimilarity_form, _check_dissimilarity_values, check_dissimilarity
 
 __all__ = ["death_edges", "deaths", "available_backends", "get_backend", "BACKENDS", "Backend", "canonical_order"]
 
@@ -108,6 +111,76 @@ def canonical_order(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo[by_weight], hi[by_weight]], dim=1)
 
 
+# Backends whose CPU kernel is safe on any values of a square floating matrix
+# (NaN, inf, negative, asymmetric): the compiled Prim loops of torch_mst run
+# a fixed n - 1 steps and only ever index inside the matrix. For these, on
+# CPU, the O(n^2) check of D runs while the backend computes.
+_OVERLAP_SAFE = ("torch", "numba")
+_OVERLAP_MIN_N = 512  # below this the hand-off costs about what it saves
+
+_worker = None
+_worker_pid = None
+_worker_lock = threading.Lock()
+
+
+def _mst_worker() -> ThreadPoolExecutor:
+    """The one-thread pool that runs a backend while the caller checks D.
+
+    Created on first use; a forked child makes its own (a pool's thread does
+    not survive ``fork``). Its idle thread is joined at interpreter exit.
+    """
+    global _worker, _worker_pid
+    with _worker_lock:
+        if _worker is None or _worker_pid != os.getpid():
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="toponeuro-mst")
+            _worker_pid = os.getpid()
+        return _worker
+
+
+def _can_overlap(D: torch.Tensor, b: Backend) -> bool:
+    if b.name not in _OVERLAP_SAFE or D.device.type != "cpu" or D.shape[0] < _OVERLAP_MIN_N:
+        return False
+    if torch.get_num_threads() < 2:  # the user's thread budget: one core, run in turn
+        return False
+    from . import torch_mst
+
+    return torch_mst.HAVE_NUMBA  # without numba the torch backend runs Boruvka: not overlapped
+
+
+def _backend_edges(D: torch.Tensor, b: Backend) -> torch.Tensor:
+    """The backend's MST of ``D`` (unchecked), in canonical order, without grad."""
+    with torch.no_grad():
+        X = D.detach()
+        if X.dtype not in (torch.float32, torch.float64):
+            X = X.float()  # half and bfloat16 widen exactly; plug-ins see float32/float64 only
+        edges = b.load().death_edges(X)
+        return canonical_order(D, edges)
+
+
+def _checked_edges(D, b: Backend, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D as a tensor, its death edges), validating D first when ``check``.
+
+    On CPU, for a backend in :data:`_OVERLAP_SAFE`, n >= 512 and
+    ``torch.get_num_threads() >= 2``, the backend runs in a worker thread
+    (:func:`_mst_worker`) while this thread checks D's values (both kernels
+    release the GIL). If the check fails, its ValueError is raised once the
+    backend has finished, and the backend's result is discarded.
+    """
+    if not check:
+        return D, _backend_edges(D, b)
+    D = _check_dissimilarity_form(D)
+    if not _can_overlap(D, b):
+        _check_dissimilarity_values(D)
+        return D, _backend_edges(D, b)
+    job = _mst_worker().submit(_backend_edges, D, b)
+    try:
+        _check_dissimilarity_values(D)
+    except BaseException:
+        wait([job])  # let the kernel finish with D before the error propagates
+        raise
+    return D, job.result()
+
+
 def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch.Tensor:
     """The MST edges of the complete graph weighted by ``D``: the death edges.
 
@@ -119,6 +192,10 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
         A name from :func:`available_backends` that gives edges.
     check : bool
         Validate ``D`` first (one pass over the matrix, a few syncs on GPU).
+        On CPU with at least 2 torch threads and n >= 512, the check of the
+        ``"torch"`` and ``"numba"`` backends runs alongside the MST, in one
+        module-level worker thread: a bad ``D`` still raises the check's
+        ValueError, and no edges are returned.
 
     Returns
     -------
@@ -132,14 +209,7 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
             f"backend {backend!r} gives death values only, not death edges; "
             f"use one of {[n for n in available_backends() if BACKENDS[n].gives_edges]}"
         )
-    if check:
-        D = check_dissimilarity(D)
-    with torch.no_grad():
-        X = D.detach()
-        if X.dtype not in (torch.float32, torch.float64):
-            X = X.float()  # half and bfloat16 widen exactly; plug-ins see float32/float64 only
-        edges = b.load().death_edges(X)
-        return canonical_order(D, edges)
+    return _checked_edges(D, b, check)[1]
 
 
 def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch.Tensor:
@@ -150,6 +220,7 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     D : (n, n) tensor
     backend : str
     check : bool
+        As in :func:`death_edges` (the same overlap of check and MST).
 
     Returns
     -------
@@ -158,11 +229,11 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     backend (``"ripser"``) returns values without gradient.
     """
     b = get_backend(backend)
+    if b.gives_edges:
+        D, e = _checked_edges(D, b, check)
+        return D[e[:, 0], e[:, 1]]
     if check:
         D = check_dissimilarity(D)
-    if b.gives_edges:
-        e = death_edges(D, backend=backend, check=False)
-        return D[e[:, 0], e[:, 1]]
     with torch.no_grad():
         values = b.load().death_values(D.detach())
     return torch.sort(values.to(device=D.device, dtype=D.dtype)).values
