@@ -372,6 +372,29 @@ def test_canonical_order_hand_computed():
     assert ph.canonical_order(D, edges).tolist() == [[1, 3], [0, 2], [2, 3]]
 
 
+@pytest.mark.parametrize("order", [ph.canonical_order, ph._canonical_order_torch, ph._canonical_order_numpy])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_canonical_order_against_sorted(order, dtype, rng):
+    """Random edges with many tied weights (and -0.0 against 0.0), either orientation:
+    Python's sorted by (weight, i, j), on the NumPy path (CPU float32/float64) and
+    on the torch path (CUDA, and half precision)."""
+    if order is ph._canonical_order_numpy and dtype in (torch.float16, torch.bfloat16):
+        pytest.skip("the NumPy path takes float32/float64 only")
+    n = 40
+    X = rng.integers(0, 4, size=(n, n)).astype(np.float64) / 4
+    X = np.minimum(X, X.T)
+    X[X == 0] = -0.0  # compares equal to 0.0: ties are broken by (i, j) all the same
+    np.fill_diagonal(X, 0)
+    D = torch.from_numpy(X).to(dtype)
+    pairs = rng.choice(n * n, size=150, replace=False)
+    edges = np.stack([pairs // n, pairs % n], axis=1)
+    edges = torch.from_numpy(edges[edges[:, 0] != edges[:, 1]])
+    expected = sorted((float(D[i, j]), min(i, j), max(i, j)) for i, j in edges.tolist())
+    got = order(D, edges)
+    assert got.dtype == torch.long
+    assert got.tolist() == [[i, j] for _, i, j in expected]
+
+
 # ----------------------------------------------------------------------------
 # determinism
 

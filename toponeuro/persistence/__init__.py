@@ -24,6 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._validation import _check_dissimilarity_form, _check_dissimilarity_values, check_dissimilarity
@@ -101,6 +102,23 @@ def canonical_order(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     (k, 2) LongTensor on ``D``'s device, ascending by weight, ties by ``(i, j)``.
     """
     edges = edges.to(device=D.device, dtype=torch.long)
+    if D.device.type == "cpu" and D.dtype in (torch.float32, torch.float64):
+        return _canonical_order_numpy(D, edges)
+    return _canonical_order_torch(D, edges)
+
+
+def _canonical_order_numpy(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    # On CPU the torch dispatches cost more than the two small sorts
+    # themselves (0.5 ms against 0.1 ms at n = 2048): the same order in NumPy.
+    e = edges.numpy()
+    lo, hi = np.minimum(e[:, 0], e[:, 1]), np.maximum(e[:, 0], e[:, 1])
+    by_pair = np.argsort(lo * D.shape[0] + hi)  # equal keys are equal rows: stability is moot
+    lo, hi = lo[by_pair], hi[by_pair]
+    by_weight = np.argsort(D.detach().numpy()[lo, hi], kind="stable")
+    return torch.from_numpy(np.stack([lo[by_weight], hi[by_weight]], axis=1))
+
+
+def _canonical_order_torch(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     lo = torch.minimum(edges[:, 0], edges[:, 1])
     hi = torch.maximum(edges[:, 0], edges[:, 1])
     n = D.shape[0]
