@@ -38,6 +38,7 @@ def test_cli_end_to_end_writes_json_and_png(tiny_run):
     assert results["config"]["n"] == [16, 32]
     assert results["config"]["repeats"] == 1
     assert results["versions"]["torch"] == torch.__version__
+    assert results["commit"]  # the source the numbers came from (or "unknown")
     assert results["devices"]["cpu"]["available"]
     assert results["devices"]["cpu"]["name"]
     assert (out / "timings.png").read_bytes()[:8] == PNG_MAGIC

@@ -89,7 +89,14 @@ class RunSummary:
 
 
 def git_commit() -> str:
-    """``git rev-parse --short HEAD`` of the package's repository, or ``"unknown"``."""
+    """``git rev-parse --short HEAD`` of the package's repository, or ``"unknown"``.
+
+    ``TOPONEURO_COMMIT`` in the environment takes precedence: a copy of the
+    tree without ``.git`` (as on a rented GPU machine) can still record the
+    commit it was copied from.
+    """
+    if os.environ.get("TOPONEURO_COMMIT", "").strip():
+        return os.environ["TOPONEURO_COMMIT"].strip()
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
