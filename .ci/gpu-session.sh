@@ -5,7 +5,8 @@
 # of the results to $OUT. On a machine with network access, `pip install -e .` replaces the first line.
 # The committed data/bench/cuda predates the Boruvka rewrite of a346d0a/ecf16d4 (one host sync per
 # round, about a third fewer kernels): the next GPU session should rerun the first two steps
-# (CUDA tests, bench) before anything else.
+# (CUDA tests, bench) before anything else. Run it as `TOPONEURO_COMMIT=<hash> bash .ci/gpu-session.sh`
+# (the copied tree has no .git) so that results record their commit.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/device.txt; python3 -c "import torch;print(torch.__version__)" >> $OUT/device.txt
