@@ -413,18 +413,10 @@ def test_large_D_errors_at_every_position(dtype, where):
 
 
 @pytest.fixture
-def two_threads():
+def set_threads():
+    """``set_threads(k)`` sets torch's thread count for the rest of the test (restored after)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    yield torch.set_num_threads
     torch.set_num_threads(before)
 
 
@@ -454,7 +446,8 @@ def _mst_reference_deaths(D: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("backend", ["torch", "numba"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_overlapped_check_gives_the_unchecked_edges(backend, dtype, two_threads, monkeypatch):
+def test_overlapped_check_gives_the_unchecked_edges(backend, dtype, set_threads, monkeypatch):
+    set_threads(2)
     if backend not in ph.available_backends():
         pytest.skip(f"{backend} not installed")
     seen = _record_backend_threads(monkeypatch)
@@ -469,10 +462,11 @@ def test_overlapped_check_gives_the_unchecked_edges(backend, dtype, two_threads,
 
 
 @pytest.mark.parametrize("call", ["death_edges", "deaths"])
-def test_no_overlap_with_one_thread_small_n_or_other_backends(call, one_thread, monkeypatch):
+def test_no_overlap_with_one_thread_small_n_or_other_backends(call, set_threads, monkeypatch):
+    set_threads(1)
     seen = _record_backend_threads(monkeypatch)
     getattr(ph, call)(good_D(ph._OVERLAP_MIN_N + 1))
-    torch.set_num_threads(2)
+    set_threads(2)
     getattr(ph, call)(good_D(ph._OVERLAP_MIN_N - 1))
     getattr(ph, call)(good_D(ph._OVERLAP_MIN_N + 1), backend="giotto-ph")
     getattr(ph, call)(good_D(ph._OVERLAP_MIN_N + 1), check=False)
@@ -481,39 +475,36 @@ def test_no_overlap_with_one_thread_small_n_or_other_backends(call, one_thread, 
 
 @pytest.mark.parametrize("call", ["death_edges", "deaths"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_overlapped_and_serial_checks_raise_the_same_errors(call, threads, monkeypatch):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        seen = _record_backend_threads(monkeypatch)
-        n = ph._OVERLAP_MIN_N + 37
-        G = good_D(n)
-        cases = []
-        D = G.clone(); D[5, 300] = D[300, 5] = float("nan")
-        cases.append((D, r"contains NaN or inf \(first at index \(5, 300\)\)"))
-        D = G.clone(); D[n - 1, 2] = D[2, n - 1] = float("-inf")
-        cases.append((D, rf"contains NaN or inf \(first at index \(2, {n - 1}\)\)"))
-        D = G.clone(); D[7, 8] = D[8, 7] = -0.25
-        cases.append((D, r"negative entry \(-0\.25\)"))
-        D = G.clone(); D[9, 9] = 0.5
-        cases.append((D, r"non-zero diagonal \(D\[9, 9\] = 0\.5"))
-        D = G.clone(); D[0, n - 2] += 0.01
-        cases.append((D, r"not symmetric"))
-        D = torch.full((n, n), float("nan"))
-        cases.append((D, r"contains NaN or inf \(first at index \(0, 0\)\)"))
-        for D, match in cases:
-            with pytest.raises(ValueError, match=match):
-                getattr(ph, call)(D)
-        assert len(seen) == (len(cases) if threads == 2 else 0)  # the MST ran (and was discarded) only when overlapped
-        with pytest.raises(ValueError, match=r"must be square"):
-            getattr(ph, call)(torch.rand(n, n + 1))  # the form is checked before any kernel sees D
-        assert len(seen) == (len(cases) if threads == 2 else 0)
-        assert torch.equal(ph.death_edges(G), ph.death_edges(G, check=False))  # and it still works after
-    finally:
-        torch.set_num_threads(before)
+def test_overlapped_and_serial_checks_raise_the_same_errors(call, threads, set_threads, monkeypatch):
+    set_threads(threads)
+    seen = _record_backend_threads(monkeypatch)
+    n = ph._OVERLAP_MIN_N + 37
+    G = good_D(n)
+    cases = []
+    D = G.clone(); D[5, 300] = D[300, 5] = float("nan")
+    cases.append((D, r"contains NaN or inf \(first at index \(5, 300\)\)"))
+    D = G.clone(); D[n - 1, 2] = D[2, n - 1] = float("-inf")
+    cases.append((D, rf"contains NaN or inf \(first at index \(2, {n - 1}\)\)"))
+    D = G.clone(); D[7, 8] = D[8, 7] = -0.25
+    cases.append((D, r"negative entry \(-0\.25\)"))
+    D = G.clone(); D[9, 9] = 0.5
+    cases.append((D, r"non-zero diagonal \(D\[9, 9\] = 0\.5"))
+    D = G.clone(); D[0, n - 2] += 0.01
+    cases.append((D, r"not symmetric"))
+    D = torch.full((n, n), float("nan"))
+    cases.append((D, r"contains NaN or inf \(first at index \(0, 0\)\)"))
+    for D, match in cases:
+        with pytest.raises(ValueError, match=match):
+            getattr(ph, call)(D)
+    assert len(seen) == (len(cases) if threads == 2 else 0)  # the MST ran (and was discarded) only when overlapped
+    with pytest.raises(ValueError, match=r"must be square"):
+        getattr(ph, call)(torch.rand(n, n + 1))  # the form is checked before any kernel sees D
+    assert len(seen) == (len(cases) if threads == 2 else 0)
+    assert torch.equal(ph.death_edges(G), ph.death_edges(G, check=False))  # and it still works after
 
 
-def test_overlapped_backend_error_propagates(two_threads, monkeypatch):
+def test_overlapped_backend_error_propagates(set_threads, monkeypatch):
+    set_threads(2)
     def broken(D, b):
         raise RuntimeError("backend failed")
 
@@ -526,7 +517,8 @@ def test_overlapped_backend_error_propagates(two_threads, monkeypatch):
         ph.death_edges(G)
 
 
-def test_overlapped_check_keeps_autograd(two_threads):
+def test_overlapped_check_keeps_autograd(set_threads):
+    set_threads(2)
     D = good_D(ph._OVERLAP_MIN_N + 5, torch.float64).requires_grad_(True)
     ph.deaths(D).sum().backward()
     e = ph.death_edges(D.detach(), check=False)
