@@ -70,10 +70,11 @@ def _lightest_other_vertex(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def _contract(src: torch.Tensor, labels: torch.Tensor, c_new: int) -> torch.Tensor:
     """(c, n) -> (c_new, n): row-wise minimum over the rows that share a new label."""
-    out = torch.full((c_new, src.shape[1]), float("inf"), dtype=src.dtype, device=src.device)
+    # every new label has at least one row: no fill needed (include_self=False)
+    out = torch.empty((c_new, src.shape[1]), dtype=src.dtype, device=src.device)
     with warnings.catch_warnings():  # "index_reduce() is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        return out.index_reduce_(0, labels, src, "amin", include_self=True)
+        return out.index_reduce_(0, labels, src, "amin", include_self=False)
 
 
 def _component_picks(w, b, comp, c, verts):
@@ -87,15 +88,18 @@ def _component_picks(w, b, comp, c, verts):
     that reaches the pick at that weight.
     """
     n = verts.numel()
-    best = torch.full((c,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=w.device)
+    # every component has a vertex, so no slot keeps its (unfilled) initial value
+    best = torch.empty(c, dtype=torch.int64, device=w.device)
     if n <= _PACKED_MAX_N:
-        # labels and vertices fit 16 bits: one reduction finds weight, target and vertex
-        best.scatter_reduce_(0, comp, (_order_keys(w) << 32) | (b << 16) | verts, reduce="amin")
+        # labels and vertices fit 16 bits: one reduction finds weight, target and vertex;
+        # the fields do not overlap, so adding them is or-ing them (two kernels, not four)
+        key = torch.add(torch.add(verts, b, alpha=1 << 16), _order_keys(w), alpha=1 << 32)
+        best.scatter_reduce_(0, comp, key, reduce="amin", include_self=False)
         return (best >> 16) & 0xFFFF, best & 0xFFFF
-    key = (_order_keys(w) << 32) | b
-    best.scatter_reduce_(0, comp, key, reduce="amin")
-    rep = torch.full((c,), n, dtype=torch.long, device=w.device)
-    rep.scatter_reduce_(0, comp, torch.where(key == best[comp], verts, n), reduce="amin")
+    key = torch.add(b, _order_keys(w), alpha=1 << 32)
+    best.scatter_reduce_(0, comp, key, reduce="amin", include_self=False)
+    rep = torch.empty(c, dtype=torch.long, device=w.device)
+    rep.scatter_reduce_(0, comp, torch.where(key == best[comp], verts, n), reduce="amin", include_self=False)
     return best & 0xFFFFFFFF, rep
 
 
@@ -134,7 +138,7 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
             parent = parent[parent]
         # the round's one host sync: the next round's size, and how many
         # components the jumps above brought to their root (pick chains are short)
-        c_new, settled = torch.stack([is_root.sum(), is_root[parent].sum()]).tolist()
+        c_new, settled = torch.stack([is_root, is_root[parent]]).sum(dim=1).tolist()
         if c_new == 1:
             break
         while settled < c:
@@ -161,6 +165,9 @@ def _endpoint_in(X, comp, rep, target, weight):
     n = X.shape[0]
     # at most n / 4 rows at a time: with R (n / 2 rows at most), within one copy of D
     block = max(1, min((n + 3) // 4, _BLOCK_ENTRIES // n))
+    if rep.numel() <= block:
+        hit = (X[rep] == weight[:, None]) & (comp == target[:, None])
+        return hit.view(torch.uint8).argmax(dim=1)  # the first hit (there is one)
     out = torch.empty_like(rep)
     for s in range(0, rep.numel(), block):
         e = min(rep.numel(), s + block)
