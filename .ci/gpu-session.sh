@@ -3,7 +3,7 @@
 # data/bench/cuda and data/results/*-gpu. It expects the giotto-ph and ripser wheels for the
 # GPU machine's Python in .whl/ (that machine has no network) and writes logs and a tarball
 # of the results to $OUT. On a machine with network access, `pip install -e .` replaces the first line.
-# The committed data/bench/cuda predates the Boruvka rewrite of a346d0a/ecf16d4 (one host sync per
+# The committed data/bench/cuda predates the Boruvka rewrite of a346d0a..948660f (one host sync per
 # round, about a third fewer kernels): the next GPU session should rerun the first two steps
 # (CUDA tests, bench) before anything else. Run it as `TOPONEURO_COMMIT=<hash> bash .ci/gpu-session.sh`
 # (the copied tree has no .git) so that results record their commit.
