@@ -361,6 +361,74 @@ def test_boruvka_one_long_chain(n):
     assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == {(i, i + 1) for i in range(n - 1)}
 
 
+def rounding_asymmetric(D: torch.Tensor, rng) -> torch.Tensor:
+    """D with about a third of its lower-triangle entries moved one ulp up: what a
+    correlation computed without symmetrising looks like; the check accepts it."""
+    up = torch.nextafter(D, torch.full_like(D, 2.0))
+    lower = torch.tril(torch.from_numpy(rng.random(D.shape) < 0.35), -1)
+    lower[1, 0] = True
+    return torch.where(lower, up, D)
+
+
+@pytest.mark.parametrize("kind", ["random", "tied"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("boruvka_on_cpu", [False, True])
+def test_slightly_asymmetric_input_gives_the_upper_triangle_mst(kind, dtype, backend, boruvka_on_cpu,
+                                                              monkeypatch, rng):
+    """A matrix within the check's symmetry tolerance but not exactly symmetric: every
+    backend gets the upper triangle mirrored, so the deaths are the exact MST of the
+    weights they are gathered from (D[i, j], i < j), and the edges form a tree."""
+    if boruvka_on_cpu:
+        if backend != "torch":
+            pytest.skip("the Boruvka switch concerns the torch backend")
+        monkeypatch.setattr(torch_mst, "HAVE_NUMBA", False)  # the CUDA algorithm on CPU
+    for n in [3, 40, 150]:
+        S = make_D(kind, n, dtype, rng)
+        D = rounding_asymmetric(S, rng)
+        assert not torch.equal(D, D.T)
+        upper = torch.triu(D) + torch.triu(D, 1).T
+        e = ph.death_edges(D, backend=backend)
+        assert_spanning_tree(e, n)
+        assert connected_components(sp.coo_matrix((np.ones(n - 1), (e[:, 0], e[:, 1])), shape=(n, n)))[0] == 1
+        got = ph.deaths(D, backend=backend)
+        np.testing.assert_allclose(got.double().numpy(), scipy_deaths(upper), rtol=0,
+                                   atol=tolerance(backend, upper))
+        assert torch.equal(got, D[e[:, 0], e[:, 1]])
+
+
+@pytest.mark.parametrize("case", ["one-ulp cycle", "asymmetric correlation", "inf block", "all inf"])
+def test_boruvka_rejects_inconsistent_unchecked_input(case, rng):
+    """With check=False nothing validates D; Boruvka must stop with a ValueError on weights
+    it cannot order consistently (it used to loop forever or return a non-tree)."""
+    if case == "one-ulp cycle":  # 0 -> 1 -> 2 -> 0 each at 1.0 while the reverse reads 1 + ulp
+        D = torch.full((3, 3), 1.0)
+        D.fill_diagonal_(0)
+        up = float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))
+        D[2, 0] = D[0, 1] = D[1, 2] = up
+    elif case == "asymmetric correlation":
+        A = rng.standard_normal((64, 200))
+        D = torch.from_numpy(1 - np.abs(np.corrcoef(A.T))).clamp(min=0)
+        D.fill_diagonal_(0)
+        assert not torch.equal(D, D.T)
+    elif case == "inf block":
+        D = torch.full((4, 4), float("inf"))
+        D[:2, :2] = D[2:, 2:] = 0.5
+        D.fill_diagonal_(0)
+    else:
+        D = torch.full((4, 4), float("inf"))
+        D.fill_diagonal_(0)
+    try:
+        e = torch_mst.boruvka_edges(D)
+    except ValueError as err:
+        assert "exactly symmetric matrix of finite weights" in str(err)
+        return
+    # an asymmetry can be harmless; then the answer must still be a spanning tree
+    assert case == "asymmetric correlation"
+    n = D.shape[0]
+    assert connected_components(sp.coo_matrix((np.ones(n - 1), (e[:, 0], e[:, 1])), shape=(n, n)))[0] == 1
+
+
 def test_canonical_order_hand_computed():
     D = torch.tensor(
         [[0.0, 0.5, 0.2, 0.5],
@@ -588,3 +656,29 @@ def test_cuda_negative_zero_entries(name, rng):
 
     test_negative_zero_entries(on_cuda, rng)
 
+
+
+@pytest.mark.cuda
+def test_cuda_boruvka_under_deterministic_algorithms(rng):
+    """Every reduction Boruvka uses is a minimum (order-independent); none may be one that
+    torch.use_deterministic_algorithms(True) refuses on CUDA (index_reduce_ is)."""
+    D = make_D("tied", 300, torch.float32, rng)
+    expected = torch_mst.boruvka_edges(D.cuda())
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(torch_mst.boruvka_edges(D.cuda()), expected)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.cuda
+def test_cuda_slightly_asymmetric_and_inconsistent_input(rng):
+    D = rounding_asymmetric(make_D("tied", 150, torch.float32, rng), rng)
+    upper = torch.triu(D) + torch.triu(D, 1).T
+    d = ph.deaths(D.cuda())
+    np.testing.assert_allclose(d.double().cpu().numpy(), scipy_deaths(upper), rtol=0, atol=1e-12)
+    bad = torch.full((4, 4), float("inf"))
+    bad.fill_diagonal_(0)
+    with pytest.raises(ValueError, match="exactly symmetric matrix of finite weights"):
+        torch_mst.boruvka_edges(bad.cuda())

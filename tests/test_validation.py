@@ -517,6 +517,24 @@ def test_overlapped_backend_error_propagates(set_threads, monkeypatch):
         ph.death_edges(G)
 
 
+def test_no_worker_at_shutdown_falls_back_to_check_then_mst(set_threads, monkeypatch):
+    """After the interpreter starts shutting down, a pool refuses new work
+    (RuntimeError): the call then checks and computes in turn, same result."""
+    set_threads(2)
+
+    class Refusing:
+        def submit(self, *args):
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    G = good_D(ph._OVERLAP_MIN_N + 3)
+    expected = ph.death_edges(G, check=False)
+    monkeypatch.setattr(ph, "_mst_worker", lambda: Refusing())
+    assert torch.equal(ph.death_edges(G), expected)
+    G[4, 4] = 1.0
+    with pytest.raises(ValueError, match="non-zero diagonal"):
+        ph.death_edges(G)
+
+
 def test_overlapped_check_keeps_autograd(set_threads):
     set_threads(2)
     D = good_D(ph._OVERLAP_MIN_N + 5, torch.float64).requires_grad_(True)

@@ -331,9 +331,11 @@ def _check_dissimilarity_form(D, name: str = "dissimilarity matrix") -> torch.Te
     return D
 
 
-def _check_dissimilarity_values(D: torch.Tensor, name: str = "dissimilarity matrix", symmetry_tol: float | None = None) -> None:
+def _check_dissimilarity_values(D: torch.Tensor, name: str = "dissimilarity matrix",
+                                symmetry_tol: float | None = None) -> float:
     """The O(n^2) part of :func:`check_dissimilarity`, for a ``D`` that passed
-    :func:`_check_dissimilarity_form`: finite, >= 0, zero diagonal, symmetric."""
+    :func:`_check_dissimilarity_form`: finite, >= 0, zero diagonal, symmetric.
+    Returns ``max |D - D.T|`` (within the tolerance; 0 for an exactly symmetric D)."""
     lo, hi, asym, finite = _matrix_summary(D.detach())
     if not finite:
         _check_finite(D, name)  # locates the NaN or inf and raises
@@ -355,3 +357,4 @@ def _check_dissimilarity_values(D: torch.Tensor, name: str = "dissimilarity matr
             f"{name} is not symmetric (max |D - D.T| = {asym:.3g}); "
             "symmetrise it, e.g. D = (D + D.T) / 2"
         )
+    return asym

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._validation import _check_dissimilarity_form, _check_dissimilarity_values, check_dissimilarity
+from .._validation import _check_dissimilarity_form, _check_dissimilarity_values
 
 __all__ = ["death_edges", "deaths", "available_backends", "get_backend", "BACKENDS", "Backend", "canonical_order"]
 
@@ -175,6 +175,18 @@ def _backend_edges(D: torch.Tensor, b: Backend) -> torch.Tensor:
         return canonical_order(D, edges)
 
 
+def _upper_mirrored(D: torch.Tensor) -> torch.Tensor:
+    """``D`` with its lower triangle replaced by the upper one's mirror (a copy, without grad).
+
+    The check accepts a ``D`` whose two triangles differ by rounding (up to
+    100 machine epsilons); the backends assume exact symmetry, and the deaths
+    are gathered from the upper triangle, so that is the one they are given.
+    """
+    X = D.detach()
+    k = torch.arange(X.shape[0], device=X.device)
+    return torch.where(k[:, None] <= k[None, :], X, X.mT)
+
+
 def _checked_edges(D, b: Backend, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(D as a tensor, its death edges), validating D first when ``check``.
 
@@ -182,21 +194,30 @@ def _checked_edges(D, b: Backend, check: bool) -> tuple[torch.Tensor, torch.Tens
     ``torch.get_num_threads() >= 2``, the backend runs in a worker thread
     (:func:`_mst_worker`) while this thread checks D's values (both kernels
     release the GIL). If the check fails, its ValueError is raised once the
-    backend has finished, and the backend's result is discarded.
+    backend has finished, and the backend's result is discarded. A ``D`` that
+    passes but is not exactly symmetric goes to the backend as
+    :func:`_upper_mirrored`.
     """
     if not check:
         return D, _backend_edges(D, b)
     D = _check_dissimilarity_form(D)
-    if not _can_overlap(D, b):
-        _check_dissimilarity_values(D)
-        return D, _backend_edges(D, b)
-    job = _mst_worker().submit(_backend_edges, D, b)
+    job = None
+    if _can_overlap(D, b):
+        try:
+            job = _mst_worker().submit(_backend_edges, D, b)
+        except RuntimeError:  # the interpreter is shutting down: no new threads
+            job = None
     try:
-        _check_dissimilarity_values(D)
+        asym = _check_dissimilarity_values(D)
     except BaseException:
-        wait([job])  # let the kernel finish with D before the error propagates
+        if job is not None:
+            wait([job])  # let the kernel finish with D before the error propagates
         raise
-    return D, job.result()
+    if asym > 0:
+        if job is not None:
+            wait([job])
+        return D, _backend_edges(_upper_mirrored(D), b)
+    return D, job.result() if job is not None else _backend_edges(D, b)
 
 
 def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch.Tensor:
@@ -205,7 +226,12 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
     Parameters
     ----------
     D : (n, n) tensor
-        Symmetric, non-negative, finite dissimilarity matrix.
+        Symmetric, non-negative, finite dissimilarity matrix. A ``D`` whose
+        triangles differ by rounding only (the check allows 100 machine
+        epsilons) is read through its upper triangle, from which the deaths
+        are gathered. With ``check=False`` the backends assume all this: the
+        torch backend's Boruvka (CUDA) raises a ValueError on weights it
+        cannot order consistently; the results of the others are unspecified.
     backend : str
         A name from :func:`available_backends` that gives edges.
     check : bool
@@ -250,8 +276,10 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     if b.gives_edges:
         D, e = _checked_edges(D, b, check)
         return D[e[:, 0], e[:, 1]]
+    X = D
     if check:
-        D = check_dissimilarity(D)
+        D = _check_dissimilarity_form(D)
+        X = _upper_mirrored(D) if _check_dissimilarity_values(D) > 0 else D
     with torch.no_grad():
-        values = b.load().death_values(D.detach())
+        values = b.load().death_values(X.detach())
     return torch.sort(values.to(device=D.device, dtype=D.dtype)).values

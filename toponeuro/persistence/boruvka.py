@@ -32,7 +32,7 @@ contain no cycle but the mutual ones (``a -> b`` and ``b -> a``), kept once.
 
 from __future__ import annotations
 
-import warnings
+import math
 
 import torch
 
@@ -70,11 +70,11 @@ def _lightest_other_vertex(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def _contract(src: torch.Tensor, labels: torch.Tensor, c_new: int) -> torch.Tensor:
     """(c, n) -> (c_new, n): row-wise minimum over the rows that share a new label."""
-    # every new label has at least one row: no fill needed (include_self=False)
+    # every new label has at least one row: no fill needed (include_self=False).
+    # scatter_reduce_ rather than index_reduce_, which CUDA flags as
+    # nondeterministic (a minimum is not); the expanded index is a view.
     out = torch.empty((c_new, src.shape[1]), dtype=src.dtype, device=src.device)
-    with warnings.catch_warnings():  # "index_reduce() is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        return out.index_reduce_(0, labels, src, "amin", include_self=False)
+    return out.scatter_reduce_(0, labels[:, None].expand_as(src), src, "amin", include_self=False)
 
 
 def _component_picks(w, b, comp, c, verts):
@@ -132,18 +132,32 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
         # every pick is a tree edge; a mutual pair picked the same edge twice
         keeps.append(~mutual | is_root)
         reps.append(rep)
-        others.append(target if R is None else _endpoint_in(X, comp, rep, target, w[rep]))
+        found = is_root  # round one needs no endpoint search: a stand-in row for the sync
+        if R is None:
+            others.append(target)
+        else:
+            other, found = _endpoint_in(X, comp, rep, target, w[rep])
+            others.append(other)
         parent = torch.where(is_root, src, target)
         for _ in range(_JUMPS):
             parent = parent[parent]
-        # the round's one host sync: the next round's size, and how many
-        # components the jumps above brought to their root (pick chains are short)
-        c_new, settled = torch.stack([is_root, is_root[parent]]).sum(dim=1).tolist()
+        # the round's one host sync: the next round's size, how many components
+        # the jumps above brought to their root (pick chains are short), and
+        # how many picks found their endpoint
+        c_new, settled, n_found = torch.stack([is_root, is_root[parent], found]).sum(dim=1).tolist()
+        if settled < c:
+            for _ in range(max(1, math.ceil(math.log2(c)))):
+                parent = parent[parent]
+            settled = int(is_root[parent].sum())
+        if settled < c or (R is not None and n_found < c):
+            # with exact, finite weights the picks form a forest rooted at mutual
+            # pairs and every pick has its endpoint; anything else is bad input
+            raise ValueError(
+                "boruvka_edges needs an exactly symmetric matrix of finite weights (the picks of a "
+                "round do not form a forest); validate D first (check_dissimilarity, or check=True)"
+            )
         if c_new == 1:
             break
-        while settled < c:
-            parent = parent[parent]
-            settled = int(is_root[parent].sum())
         labels = (torch.cumsum(is_root, 0) - 1)[parent]  # old component -> new component
         R = _contract(X if R is None else R, labels if R is not None else labels[comp], c_new)
         comp = labels[comp]
@@ -157,7 +171,8 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
 
 
 def _endpoint_in(X, comp, rep, target, weight):
-    """For each pick, the first vertex ``j`` of component ``target`` with ``X[rep, j] == weight``.
+    """For each pick, the first vertex ``j`` of component ``target`` with ``X[rep, j] == weight``,
+    and whether there is one (always, for an exactly symmetric ``X``).
 
     Reads the rows ``X[rep]`` in blocks of at most ``n / 4`` rows (and
     ``_BLOCK_ENTRIES`` entries), with no host synchronisation.
@@ -167,11 +182,13 @@ def _endpoint_in(X, comp, rep, target, weight):
     block = max(1, min((n + 3) // 4, _BLOCK_ENTRIES // n))
     if rep.numel() <= block:
         hit = (X[rep] == weight[:, None]) & (comp == target[:, None])
-        return hit.view(torch.uint8).argmax(dim=1)  # the first hit (there is one)
+        return hit.view(torch.uint8).argmax(dim=1), hit.any(dim=1)  # the first hit, and whether there is one
     out = torch.empty_like(rep)
+    found = torch.empty_like(rep, dtype=torch.bool)
     for s in range(0, rep.numel(), block):
         e = min(rep.numel(), s + block)
         hit = (X[rep[s:e]] == weight[s:e, None]) & (comp == target[s:e, None])
-        out[s:e] = hit.view(torch.uint8).argmax(dim=1)  # the first hit (there is one)
+        out[s:e] = hit.view(torch.uint8).argmax(dim=1)
+        found[s:e] = hit.any(dim=1)
         del hit
-    return out
+    return out, found
