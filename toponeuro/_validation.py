@@ -207,8 +207,7 @@ def _matrix_summary(D: torch.Tensor) -> tuple[float, float, float, bool]:
 
     CPU float32/float64 with numba: one fused pass (:func:`_fused_summary`);
     it declines matrices with a NaN, inf or negative entry, which take the
-    torch path below. There ``max |D - D.T|`` is only computed when the
-    entries are finite and >= 0 (else the caller raises before reading it).
+    torch path below (where the caller then finds and names the bad entry).
     """
     if D.device.type == "cpu" and numba is not None and D.dtype in (torch.float32, torch.float64):
         # min, max and max |D - D.T| are the same for D.T: a transposed view needs no copy
@@ -216,13 +215,6 @@ def _matrix_summary(D: torch.Tensor) -> tuple[float, float, float, bool]:
         summary = _fused_summary(X.numpy())
         if summary is not None:
             return (*summary, True)
-        lo, hi = D.aminmax()  # NaN propagates; inf shows as an extreme
-        lo, hi = lo.item(), hi.item()
-        finite = math.isfinite(lo) and math.isfinite(hi)
-        if not finite or lo < 0:
-            return lo, hi, math.nan, finite
-        asym = _max_asymmetry(D).item()  # pragma: no cover - the fused pass declines only bad input
-        return lo, hi, asym, math.isfinite(asym)
     lo, hi = D.aminmax()  # NaN propagates; inf shows as an extreme
     lo, hi, asym = torch.stack([lo, hi, _max_asymmetry(D)]).double().tolist()
     finite = all(math.isfinite(v) for v in (lo, hi, asym))
