@@ -4,8 +4,8 @@ Every round, each component picks its lightest outgoing edge; under a strict
 total order on the candidate edges the picks form a forest, which is
 contracted. Components at least halve each round, so there are at most
 ``log2(n)`` rounds (about six for random matrices of a few thousand
-neurons). A round is some 35 small kernels and one host synchronisation (the
-size of the next round); nothing of size ``n x n`` leaves the device and no
+neurons). A round is about 40 small kernels and one host synchronisation (the
+size of the next round, and whether the round's picks are consistent); nothing of size ``n x n`` leaves the device and no
 loop runs once per vertex. On a GPU, below n of about 16k, the time goes to
 launching those kernels rather than to reading memory, which is why a round
 is kept short: one packed reduction finds each component's weight, target

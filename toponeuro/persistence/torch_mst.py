@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .boruvka import boruvka_edges
+from .boruvka import _PACKED_MAX_N, boruvka_edges
 
 try:  # numba is optional: without it the torch Boruvka serves CPU tensors too
     import numba
@@ -34,8 +34,8 @@ __all__ = ["death_edges", "prim_edges", "boruvka_edges", "HAVE_NUMBA"]
 HAVE_NUMBA = numba is not None
 
 # The packed Prim kernel stores an edge as one int64 key
-# ``bits(w) << 32 | i << 16 | j`` (i < j), so vertex labels must fit 16 bits.
-_PACKED_MAX_N = 1 << 16
+# ``bits(w) << 32 | i << 16 | j`` (i < j): vertex labels must fit 16 bits, the
+# same bound as Boruvka's packed picks (``_PACKED_MAX_N``).
 
 
 def _prim_packed_kernel(D, out):
