@@ -19,29 +19,26 @@ def _n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# hand computations, 28x28 inputs
-PARAMS_28 = {
-    "mlp": _linear(784, 450) + _linear(450, 350) + _linear(350, 200) + _linear(200, 10),
-    "mlp-dropout": _linear(784, 450) + _linear(450, 350) + _linear(350, 200) + _linear(200, 10),
-    "mlp-deep": _linear(784, 300)
-    + _linear(300, 250)
-    + _linear(250, 200)
-    + _linear(200, 150)
-    + _linear(150, 100)
-    + _linear(100, 10),
-    "cnn": _conv3x3(1, 16) + _conv3x3(16, 32) + _linear(32 * 7 * 7, 128) + _linear(128, 10),
-}
-# 8x8 inputs (digits): 64 input features; the CNN pools 8 -> 4 -> 2
-PARAMS_8 = {
-    "mlp": _linear(64, 450) + _linear(450, 350) + _linear(350, 200) + _linear(200, 10),
-    "mlp-deep": _linear(64, 300)
-    + _linear(300, 250)
-    + _linear(250, 200)
-    + _linear(200, 150)
-    + _linear(150, 100)
-    + _linear(100, 10),
-    "cnn": _conv3x3(1, 16) + _conv3x3(16, 32) + _linear(32 * 2 * 2, 128) + _linear(128, 10),
-}
+def _hand_counts(features, side):
+    """Parameters of every network by hand, for ``features`` input pixels; the CNN's
+    two poolings leave ``side x side`` maps of 32 channels."""
+    mlp = _linear(features, 450) + _linear(450, 350) + _linear(350, 200) + _linear(200, 10)
+    return {
+        "mlp": mlp,
+        "mlp-dropout": mlp,
+        "mlp-deep": _linear(features, 300)
+        + _linear(300, 250)
+        + _linear(250, 200)
+        + _linear(200, 150)
+        + _linear(150, 100)
+        + _linear(100, 10),
+        "cnn": _conv3x3(1, 16) + _conv3x3(16, 32) + _linear(32 * side * side, 128) + _linear(128, 10),
+    }
+
+
+PARAMS_28 = _hand_counts(28 * 28, 7)  # 28x28 inputs
+PARAMS_8 = _hand_counts(8 * 8, 2)  # 8x8 inputs (digits): the CNN pools 8 -> 4 -> 2
+
 HIDDEN = {
     "mlp": [450, 350, 200],
     "mlp-dropout": [450, 350, 200],
