@@ -24,14 +24,14 @@ from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 import toponeuro as tn
 from toponeuro import persistence as ph
-from toponeuro.persistence import boruvka, torch_mst
+from toponeuro.persistence import boruvka, boruvka_static, cuda_graph, torch_mst
 
 BACKENDS = ph.available_backends()
 EDGE_BACKENDS = [b for b in BACKENDS if ph.BACKENDS[b].gives_edges]
 DTYPES = [torch.float32, torch.float64]
 KINDS = ["random", "tied", "duplicated", "constant"]
 SIZES = [2, 3, 17, 300]
-EXACT_BACKENDS = {"torch", "numba"}  # exact in D's dtype
+EXACT_BACKENDS = {"torch", "numba", "torch-graph"}  # exact in D's dtype
 
 needs_numba = pytest.mark.skipif(not torch_mst.HAVE_NUMBA, reason="prim_edges needs numba")
 
@@ -429,6 +429,145 @@ def test_boruvka_rejects_inconsistent_unchecked_input(case, rng):
     assert connected_components(sp.coo_matrix((np.ones(n - 1), (e[:, 0], e[:, 1])), shape=(n, n)))[0] == 1
 
 
+# ----------------------------------------------------------------------------
+# the static-shape Boruvka behind the torch-graph backend (eager here; captured on CUDA)
+
+STATIC_SIZES = [2, 3, 4, 5, 17, 127, 128, 129, 300]
+
+
+def line_points_D(n: int) -> torch.Tensor:
+    """Points on a line with growing gaps 1, 2, 3, ...: each vertex's nearest is its left
+    neighbour, so one round picks a chain of depth n - 1. The MST is the path."""
+    x = torch.arange(n, dtype=torch.float64).mul(torch.arange(1, n + 1)).div(2)
+    return (x[:, None] - x[None, :]).abs()
+
+
+@pytest.mark.parametrize("dense_max", [1, 2, 8, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_boruvka_is_an_exact_mst(dense_max, dtype, kind, monkeypatch, rng):
+    """Rounds, then the dense step, at several hand-over points (1: rounds only; 128: the
+    default, where n <= 128 is the dense step alone)."""
+    monkeypatch.setattr(boruvka_static, "DENSE_MAX", dense_max)
+    for n in STATIC_SIZES:
+        D = make_D(kind, n, dtype, rng)
+        X = D.clone()
+        e = boruvka_static.boruvka_edges_static(X)
+        assert_spanning_tree(e, n)
+        got = np.sort(D[e[:, 0], e[:, 1]].double().numpy())
+        np.testing.assert_allclose(got, scipy_deaths(D), rtol=0, atol=tolerance("torch", D))
+        assert torch.equal(X.diagonal(), torch.full((n,), float("inf"), dtype=dtype))  # documented: overwritten
+
+
+@pytest.mark.parametrize("dense_max", [1, 128])
+@pytest.mark.parametrize("n", [2, 3, 17, 300])
+def test_static_boruvka_unique_mst_is_scipys(dense_max, n, monkeypatch, rng):
+    monkeypatch.setattr(boruvka_static, "DENSE_MAX", dense_max)
+    D = distinct_weights_D(n, torch.float32, rng)
+    e = boruvka_static.boruvka_edges_static(D.clone())
+    assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == scipy_tree_edges(D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_boruvka_rounds_pick_the_dynamic_ones(dtype, kind, monkeypatch, rng):
+    """Same tie-breaking, same labels: with rounds only (no dense step), the static kernel
+    returns the dynamic Boruvka's tree, ties included."""
+    monkeypatch.setattr(boruvka_static, "DENSE_MAX", 1)
+    for n in [2, 17, 300]:
+        D = make_D(kind, n, dtype, rng)
+        static = {tuple(r) for r in boruvka_static.boruvka_edges_static(D.clone()).tolist()}
+        assert static == {tuple(r) for r in torch_mst.boruvka_edges(D).tolist()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_boruvka_blocked_searches_same_tree(kind, monkeypatch, rng):
+    D = make_D(kind, 300, torch.float32, rng)
+    monkeypatch.setattr(boruvka_static, "DENSE_MAX", 4)
+    whole = boruvka_static.boruvka_edges_static(D.clone())
+    monkeypatch.setattr(boruvka_static, "_BLOCK_ENTRIES", 700)  # blocks of 2 rows
+    monkeypatch.setattr(boruvka_static, "_SMALL_SEARCH", 0)
+    assert torch.equal(boruvka_static.boruvka_edges_static(D.clone()), whole)
+
+
+@pytest.mark.parametrize("n", [9, 100, 129])
+def test_static_boruvka_one_long_chain(n, monkeypatch):
+    """A chain of depth n - 1 in one round: the fixed ceil(log2 c) jumps must reach its root."""
+    monkeypatch.setattr(boruvka_static, "DENSE_MAX", 1)
+    e = boruvka_static.boruvka_edges_static(line_points_D(n))
+    assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == {(i, i + 1) for i in range(n - 1)}
+
+
+@pytest.mark.parametrize("dense_max", [1, 128])
+def test_static_boruvka_tree_whole_after_round_one(dense_max, monkeypatch):
+    """A hub nearest to everyone: one round joins all, and every later round (and the
+    dense step) sees a single component among padding slots; it must add nothing."""
+    monkeypatch.setattr(boruvka_static, "DENSE_MAX", dense_max)
+    n = 300
+    D = torch.ones(n, n)
+    D[0, :] = D[:, 0] = 0.25
+    D.fill_diagonal_(0)
+    e = boruvka_static.boruvka_edges_static(D.clone())
+    assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == {(0, j) for j in range(1, n)}
+
+
+@pytest.mark.parametrize("n", [2, 5, 128, 129, 1000, 65536])
+def test_static_boruvka_has_no_data_dependent_shape(n):
+    """On the meta device there is no data: an .item(), a nonzero, a boolean mask or a
+    unique would raise. The static Boruvka runs there, which is what CUDA graph capture
+    needs; the dynamic one (a sync per round) does not, the control that the check bites."""
+    M = torch.empty(n, n, device="meta")
+    e = boruvka_static.boruvka_edges_static(M)
+    assert e.device.type == "meta" and tuple(e.shape) == (n - 1, 2) and e.dtype == torch.long
+    if n <= 1000:
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            boruvka.boruvka_edges(torch.empty(n, n, device="meta"))
+
+
+@pytest.mark.parametrize("case", ["one-ulp cycle", "asymmetric correlation", "inf block", "all inf", "nan"])
+def test_static_boruvka_bad_unchecked_input_stays_in_range(case, rng):
+    """With check=False a bad matrix gives unspecified edges, but never an index out of range
+    (on CUDA that would be a device-side assert) and never a hang."""
+    n = 200 if case == "asymmetric correlation" else 6
+    if case == "asymmetric correlation":
+        A = rng.standard_normal((64, n))
+        D = torch.from_numpy(1 - np.abs(np.corrcoef(A.T))).float().clamp(min=0)
+    elif case == "one-ulp cycle":
+        D = torch.full((n, n), 1.0)
+        up = float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)))
+        D[2, 0] = D[0, 1] = D[1, 2] = up
+    else:
+        D = torch.full((n, n), float("nan" if case == "nan" else "inf"))
+        if case == "inf block":
+            D[:3, :3] = D[3:, 3:] = 0.5
+    D.fill_diagonal_(0)
+    for dense_max in [1, 128]:
+        boruvka_static.DENSE_MAX, before = dense_max, boruvka_static.DENSE_MAX
+        try:
+            e = boruvka_static.boruvka_edges_static(D.clone())
+        finally:
+            boruvka_static.DENSE_MAX = before
+        assert tuple(e.shape) == (n - 1, 2) and bool(((e >= 0) & (e < n)).all())
+
+
+def test_static_boruvka_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="2 <= n"):
+        boruvka_static.boruvka_edges_static(torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="square"):
+        boruvka_static.boruvka_edges_static(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="2 <= n <= 65536"):
+        boruvka_static.boruvka_edges_static(torch.empty(65537, 65537, device="meta"))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        boruvka_static.boruvka_edges_static(torch.zeros(3, 3, dtype=torch.int32))
+
+
+def test_static_bounds_halve_down_to_the_dense_step():
+    assert boruvka_static.static_bounds(8192) == [8192, 4096, 2048, 1024, 512, 256, 128]
+    assert boruvka_static.static_bounds(129) == [129, 64]
+    assert boruvka_static.static_bounds(128) == [128]
+    assert boruvka_static.static_bounds(2) == [2]
+
+
 def test_canonical_order_hand_computed():
     D = torch.tensor(
         [[0.0, 0.5, 0.2, 0.5],
@@ -682,3 +821,74 @@ def test_cuda_slightly_asymmetric_and_inconsistent_input(rng):
     bad.fill_diagonal_(0)
     with pytest.raises(ValueError, match="exactly symmetric matrix of finite weights"):
         torch_mst.boruvka_edges(bad.cuda())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [2, 3, 129, 300, pytest.param(3000, marks=pytest.mark.slow)])
+def test_cuda_graph_replays_the_static_boruvka(kind, n, rng):
+    cuda_graph.clear()
+    D = make_D(kind, n, torch.float32, rng).cuda()
+    first = cuda_graph.death_edges(D)  # captures, then replays
+    assert first.is_cuda
+    assert_spanning_tree(first, n)
+    key = (torch.cuda.current_device(), n)
+    graph = cuda_graph._graphs[key]
+    assert graph is not None, "the capture failed and the backend fell back"
+    assert torch.equal(first, boruvka_static.boruvka_edges_static(D.clone()))  # the eager kernels, same edges
+    D2 = make_D(kind, n, torch.float32, rng).cuda()
+    second = cuda_graph.death_edges(D2)
+    assert cuda_graph._graphs[key] is graph  # replayed, not captured again
+    assert torch.equal(first, boruvka_static.boruvka_edges_static(D.clone())), "the result aliases the graph's buffer"
+    assert torch.equal(second, boruvka_static.boruvka_edges_static(D2.clone()))
+    d = ph.deaths(D2, backend="torch-graph")
+    np.testing.assert_allclose(d.double().cpu().numpy(), scipy_deaths(D2.cpu()), rtol=0, atol=1e-12)
+    assert torch.equal(d.cpu(), ph.deaths(D2.cpu(), backend="torch"))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_cache_keeps_the_latest_sizes(rng):
+    cuda_graph.clear()
+    dev = torch.cuda.current_device()
+    for n in [10, 20, 30]:
+        cuda_graph.death_edges(make_D("random", n, torch.float32, rng).cuda())
+    assert list(cuda_graph._graphs) == [(dev, n) for n in [10, 20, 30][-cuda_graph.MAX_GRAPHS:]]
+    cuda_graph.clear()
+    assert not cuda_graph._graphs
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_failure_falls_back_once(monkeypatch, rng):
+    cuda_graph.clear()
+
+    def refuse(n, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graph, "_Captured", refuse)
+    D = make_D("tied", 50, torch.float32, rng).cuda()
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        e = cuda_graph.death_edges(D)
+    assert torch.equal(e, torch_mst.boruvka_edges(D))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(cuda_graph.death_edges(D), e)  # remembered: no second warning
+    cuda_graph.clear()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_float64_and_deterministic_mode(rng):
+    D = make_D("tied", 200, torch.float64, rng).cuda()
+    assert torch.equal(cuda_graph.death_edges(D), torch_mst.boruvka_edges(D))  # float64 is not captured
+    cuda_graph.clear()
+    D32 = D.float()
+    expected = cuda_graph.death_edges(D32)
+    cuda_graph.clear()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(cuda_graph.death_edges(D32), expected)
+    finally:
+        torch.use_deterministic_algorithms(before)
+        cuda_graph.clear()

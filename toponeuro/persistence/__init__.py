@@ -56,6 +56,7 @@ BACKENDS: dict[str, Backend] = {
     "giotto-ph": Backend("giotto-ph", "toponeuro.persistence.giotto", ("gph",), True),
     "ripser": Backend("ripser", "toponeuro.persistence.ripser_values", ("ripser",), False),
     "numba": Backend("numba", "toponeuro.persistence.numba_host", ("numba",), True),
+    "torch-graph": Backend("torch-graph", "toponeuro.persistence.cuda_graph", ("torch",), True),
 }
 
 
