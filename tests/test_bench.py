@@ -217,6 +217,30 @@ def test_cuda_run_records_gpu_and_memory(tmp_path):
     assert {c["series"] for c in cases} == {"torch", "check", "torch+check", "t1", "correlation"}
 
 
+@pytest.mark.cuda
+def test_cuda_run_times_the_graph_backend_and_its_regulariser():
+    results = bench.run_benchmark([16, 200], m=8, repeats=2, backends=["torch", "torch-graph"], devices=["cuda"],
+                                  progress=False)
+    cases = [c for c in results["cases"] if c["device"] == "cuda"]
+    assert all(c["status"] == "ok" for c in cases), [c.get("error") for c in cases]
+    assert {"torch-graph", "t1-graph", "t1"} <= {c["series"] for c in cases}
+    assert all(c["torch_ops"] > 0 for c in cases if c["series"] == "torch-graph")
+    assert all(c["graph_held_bytes"] > 0 for c in cases if c["series"] in ("torch-graph", "t1-graph"))
+    reg = results["summary"]["regulariser"]
+    assert {(r["series"], r["n"]) for r in reg} == {(s, n) for s in ("t1", "t1-graph") for n in (16, 200)}
+
+
+def test_graph_backend_on_cpu_times_its_mst_not_its_regulariser():
+    results = bench.run_benchmark([16, 40], m=8, repeats=1, backends=["torch", "torch-graph"], devices=["cpu"],
+                                  progress=False)
+    series = {c["series"] for c in results["cases"]}
+    assert "torch-graph" in series and "t1-graph" not in series
+    counted = {c["n"]: c["torch_ops"] for c in results["cases"] if c["series"] == "torch-graph"}
+    assert set(counted) == {16, 40} and all(k > 0 for k in counted.values())
+    assert [r["series"] for r in results["summary"]["regulariser"]] == ["t1", "t1"]
+    assert "torch-graph x giotto" not in bench.format_table(results)  # no giotto-ph in this run
+
+
 def test_threads_option_is_recorded_and_restored():
     before = torch.get_num_threads()
     results = bench.run_benchmark([16], m=8, repeats=1, backends=["torch"], devices=["cpu"], progress=False,

@@ -82,7 +82,9 @@ REFERENCE_BACKEND = "giotto-ph"
 TARGET_REGULARISER_RATIO = 3.0
 # torch dispatches per call are recorded for these (not for torch+check, whose MST may run
 # in a worker thread that a dispatch mode does not see)
-OP_COUNTED_SERIES = {"torch", BORUVKA}
+OP_COUNTED_SERIES = {"torch", BORUVKA, "torch-graph"}
+# T1 series -> the backend its MST runs on; torch-graph's only on CUDA (on the CPU it is a test path)
+REGULARISER_SERIES = {"t1": "torch", "t1-graph": "torch-graph"}
 
 
 # ---------------------------------------------------------------- inputs
@@ -262,10 +264,10 @@ def _single(kind: str, series: str, call: str, make: Callable[[], Callable[[], o
     return _Case([(kind, series, call)], lambda: [make()])
 
 
-def _t1_forward_backward(A0: torch.Tensor) -> torch.Tensor:
+def _t1_forward_backward(A0: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     A = A0.detach().requires_grad_()
     D = abs_correlation(A)
-    deaths = persistence.deaths(D, backend="torch", check=False)
+    deaths = persistence.deaths(D, backend=backend, check=False)
     regularisers.t1(deaths).backward()
     return A.grad
 
@@ -304,16 +306,37 @@ def _cases_for(device: torch.device, backends: list[str], inputs: dict) -> list[
     if "torch" in backends:
         cases.append(_single("mst+check", "torch+check", "death_edges(D, 'torch')",
                              lambda: lambda D=inputs["D"]: persistence.death_edges(D, backend="torch")))
-
-        def regulariser_pair():
+    t1_series = [(series, b) for series, b in REGULARISER_SERIES.items()
+                 if b in backends and (b == "torch" or device.type == "cuda")]
+    if t1_series:
+        def regulariser_calls():
             A, upstream = inputs["A"], torch.ones_like(inputs["D"])  # a dense upstream gradient
-            return [lambda: _t1_forward_backward(A), lambda: _correlation_forward_backward(A, upstream)]
+            return [lambda b=b: _t1_forward_backward(A, b) for _, b in t1_series] + [
+                lambda: _correlation_forward_backward(A, upstream)]
 
         # timed in alternation, so that their ratio sees the same load
-        cases.append(_Case([("regulariser", "t1", "T1 forward+backward from A (correlation, MST, gather)"),
-                            ("correlation", "correlation", "abs_correlation(A) forward+backward")],
-                           regulariser_pair))
+        cases.append(_Case([("regulariser", series, f"T1 forward+backward from A (correlation, MST by {b!r}, gather)")
+                            for series, b in t1_series]
+                           + [("correlation", "correlation", "abs_correlation(A) forward+backward")],
+                           regulariser_calls))
     return cases
+
+
+def _backends_of(case: _Case) -> list[str]:
+    return [REGULARISER_SERIES.get(series, series) for _, series, _ in case.members]
+
+
+def _graph_held_bytes(device: torch.device) -> int:
+    """Device memory the torch-graph backend's captured graphs hold (then dropped): the
+    reserved memory that clearing them gives back."""
+    from .persistence import cuda_graph
+
+    _sync(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(device)
+    cuda_graph.clear()
+    torch.cuda.empty_cache()
+    return max(0, before - torch.cuda.memory_reserved(device))
 
 
 def _summary(times: list[float]) -> dict:
@@ -584,6 +607,11 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
                                           peak_extra_nxn=None if peak is None else peak / (n * n * itemsize))
                             if n_ops is not None:
                                 record["torch_ops"] = n_ops
+                        if device.type == "cuda" and any(b == "torch-graph" for b in _backends_of(case)):
+                            # the captured graph keeps its buffers between calls, outside the timed peaks
+                            held = _graph_held_bytes(device)
+                            for record in records:
+                                record.update(graph_held_bytes=held, graph_held_nxn=held / (n * n * itemsize))
                             history[key] = history.get(key, []) + [(n, record["median_s"])]
                 results["cases"].extend(records)
                 if bar is not None:
@@ -615,11 +643,12 @@ def _summarise(cases: list[dict]) -> dict:
         t = _median(cases, device, series, n)
         if ref is not None and t is not None and series != REFERENCE_BACKEND:
             ratios.append({"device": device, "series": series, "n": n, "speedup_vs_giotto_ph": ref / t})
-    for device, n in sorted({(c["device"], c["n"]) for c in cases if c["kind"] == "regulariser"}):
-        t1 = _median(cases, device, "t1", n)
+    for device, series, n in sorted({(c["device"], c["series"], c["n"]) for c in cases if c["kind"] == "regulariser"},
+                                    key=lambda k: (k[0], k[1] != "t1", k[1], k[2])):
+        t1 = _median(cases, device, series, n)
         corr = _median(cases, device, "correlation", n)
         if t1 is not None and corr is not None:
-            reg.append({"device": device, "n": n, "t1_forward_backward_s": t1,
+            reg.append({"device": device, "series": series, "n": n, "t1_forward_backward_s": t1,
                         "correlation_forward_backward_s": corr, "ratio": t1 / corr,
                         "target_ratio": TARGET_REGULARISER_RATIO})
     return {"speedup_vs_giotto_ph": ratios, "regulariser": reg}
@@ -650,8 +679,9 @@ def format_table(results: dict) -> str:
                      f"{results['config']['dtype']}, m = {results['config']['m']}")
         head = ["n"] + series
         has_ref = any(c["series"] == REFERENCE_BACKEND and c["status"] == "ok" for c in cases)
+        fast = [s for s in ("torch", "torch-graph", "torch+check") if s in series]
         if has_ref:
-            head += ["torch x giotto", "torch+check x giotto"]
+            head += [f"{s} x giotto" for s in fast]
         rows = []
         for n in ns:
             row = [str(n)]
@@ -661,11 +691,15 @@ def format_table(results: dict) -> str:
                            else rec["status"])
             if has_ref:
                 ref = _median(cases, "cpu", REFERENCE_BACKEND, n)
-                for s in ("torch", "torch+check"):
+                for s in fast:
                     t = _median(cases, device, s, n)
                     row.append("-" if ref is None or t is None else f"{ref / t:.0f}x")
             rows.append(row)
         lines += _grid(head, rows)
+        held = [c for c in dev_cases if "graph_held_nxn" in c and c["kind"] == "mst"]
+        if held:
+            lines.append(f"{device}: memory the torch-graph backend's captured graph holds between calls, x D: "
+                         + ", ".join(f"n={c['n']}: {c['graph_held_nxn']:.2f}" for c in held))
         counted = [c for c in dev_cases if "torch_ops" in c]
         if counted:
             lines.append(f"{device}: torch operators per call, views excluded (on a GPU, kernel launches): "
@@ -674,8 +708,8 @@ def format_table(results: dict) -> str:
         if reg:
             lines.append(f"{device}: regulariser cost, T1 forward+backward from A vs abs_correlation "
                          f"forward+backward (target <= {TARGET_REGULARISER_RATIO:g}x)")
-            lines += _grid(["n", "T1 ms", "correlation ms", "ratio"],
-                           [[str(r["n"]), _fmt_ms(r["t1_forward_backward_s"]),
+            lines += _grid(["series", "n", "T1 ms", "correlation ms", "ratio"],
+                           [[r.get("series", "t1"), str(r["n"]), _fmt_ms(r["t1_forward_backward_s"]),
                              _fmt_ms(r["correlation_forward_backward_s"]), f"{r['ratio']:.2f}"] for r in reg])
         lines.append("")
     lines.append(f"load average (1, 5, 15 min): {results.get('load_average_start')} at the start, "
@@ -722,9 +756,9 @@ def plot_results(results: dict, path: Path) -> None:
     if lines:
         ax_t.legend(fontsize=8)
     reg = results["summary"]["regulariser"]
-    for device in dict.fromkeys(r["device"] for r in reg):
-        pts = sorted((r["n"], r["ratio"]) for r in reg if r["device"] == device)
-        ax_r.plot(*zip(*pts), marker="o", label=f"T1 / correlation ({device})")
+    for device, series in dict.fromkeys((r["device"], r.get("series", "t1")) for r in reg):
+        pts = sorted((r["n"], r["ratio"]) for r in reg if r["device"] == device and r.get("series", "t1") == series)
+        ax_r.plot(*zip(*pts), marker="o", label=f"{series} / correlation ({device})")
     ax_r.axhline(TARGET_REGULARISER_RATIO, color="grey", linestyle="--", label=f"target {TARGET_REGULARISER_RATIO:g}x")
     ax_r.axhline(1.0, color="black", linewidth=0.5)
     ax_r.set_xscale("log", base=2)
