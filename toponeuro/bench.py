@@ -607,12 +607,12 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
                                           peak_extra_nxn=None if peak is None else peak / (n * n * itemsize))
                             if n_ops is not None:
                                 record["torch_ops"] = n_ops
-                        if device.type == "cuda" and any(b == "torch-graph" for b in _backends_of(case)):
+                            history[key] = history.get(key, []) + [(n, record["median_s"])]
+                        if device.type == "cuda" and "torch-graph" in _backends_of(case):
                             # the captured graph keeps its buffers between calls, outside the timed peaks
                             held = _graph_held_bytes(device)
                             for record in records:
                                 record.update(graph_held_bytes=held, graph_held_nxn=held / (n * n * itemsize))
-                            history[key] = history.get(key, []) + [(n, record["median_s"])]
                 results["cases"].extend(records)
                 if bar is not None:
                     bar.update(1)
