@@ -327,6 +327,8 @@ def test_unique_mst_same_edges_everywhere(dtype, n, rng):
 @pytest.mark.parametrize("kind", KINDS)
 def test_boruvka_column_blocks(block_entries, kind, monkeypatch, rng):
     """Round one reads D in column blocks and the endpoint search reads rows in blocks: small blocks, same tree."""
+    monkeypatch.setattr(boruvka, "DENSE_MAX", 4)  # rounds at this n, not the dense step alone
+    monkeypatch.setattr(boruvka, "_SMALL_SEARCH", 0)
     D = make_D(kind, 100, torch.float32, rng)
     whole = torch_mst.boruvka_edges(D)
     monkeypatch.setattr(boruvka, "_BLOCK_ENTRIES", block_entries)
@@ -340,6 +342,7 @@ def test_boruvka_column_blocks(block_entries, kind, monkeypatch, rng):
 def test_boruvka_general_paths_same_tree(kind, dtype, monkeypatch, rng):
     """The packed one-reduction pick (n <= 65536), the two-step pick used above that,
     and pointer jumping that needs its settle loop all give the same edges."""
+    monkeypatch.setattr(boruvka, "DENSE_MAX", 4)
     D = make_D(kind, 120, dtype, rng)
     whole = torch_mst.boruvka_edges(D)
     monkeypatch.setattr(boruvka, "_PACKED_MAX_N", 1)
@@ -351,13 +354,20 @@ def test_boruvka_general_paths_same_tree(kind, dtype, monkeypatch, rng):
     np.testing.assert_allclose(got, scipy_deaths(D), rtol=0, atol=tolerance("torch", D))
 
 
-@pytest.mark.parametrize("n", [2, 3, 9, 100])
-def test_boruvka_one_long_chain(n):
+def line_points_D(n: int) -> torch.Tensor:
+    """Points on a line with growing gaps 1, 2, 3, ...: each vertex's nearest is its left
+    neighbour, so one round picks a chain of depth n - 1. The MST is the path."""
+    x = torch.arange(n, dtype=torch.float64).mul(torch.arange(1, n + 1)).div(2)
+    return (x[:, None] - x[None, :]).abs()
+
+
+@pytest.mark.parametrize("dense_max", [1, 128])
+@pytest.mark.parametrize("n", [2, 3, 9, 100, 200])
+def test_boruvka_one_long_chain(n, dense_max, monkeypatch):
     """Points on a line with growing gaps: each vertex's nearest is its left neighbour,
     so one round picks a chain of depth n - 1 (more than the jumps before the sync reach)."""
-    x = torch.arange(n, dtype=torch.float64).mul(torch.arange(1, n + 1)).div(2)  # gaps 1, 2, 3, ...
-    D = (x[:, None] - x[None, :]).abs()
-    e = torch_mst.boruvka_edges(D)
+    monkeypatch.setattr(boruvka, "DENSE_MAX", dense_max)
+    e = torch_mst.boruvka_edges(line_points_D(n))
     assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == {(i, i + 1) for i in range(n - 1)}
 
 
@@ -398,7 +408,8 @@ def test_slightly_asymmetric_input_gives_the_upper_triangle_mst(kind, dtype, bac
 
 
 @pytest.mark.parametrize("case", ["one-ulp cycle", "asymmetric correlation", "inf block", "all inf"])
-def test_boruvka_rejects_inconsistent_unchecked_input(case, rng):
+@pytest.mark.parametrize("dense_max", [1, 128])
+def test_boruvka_rejects_inconsistent_unchecked_input(case, dense_max, monkeypatch, rng):
     """With check=False nothing validates D; Boruvka must stop with a ValueError on weights
     it cannot order consistently (it used to loop forever or return a non-tree)."""
     if case == "one-ulp cycle":  # 0 -> 1 -> 2 -> 0 each at 1.0 while the reverse reads 1 + ulp
@@ -418,6 +429,7 @@ def test_boruvka_rejects_inconsistent_unchecked_input(case, rng):
     else:
         D = torch.full((4, 4), float("inf"))
         D.fill_diagonal_(0)
+    monkeypatch.setattr(boruvka, "DENSE_MAX", dense_max)  # the rounds' checks, and the dense step's
     try:
         e = torch_mst.boruvka_edges(D)
     except ValueError as err:
@@ -435,37 +447,35 @@ def test_boruvka_rejects_inconsistent_unchecked_input(case, rng):
 STATIC_SIZES = [2, 3, 4, 5, 17, 127, 128, 129, 300]
 
 
-def line_points_D(n: int) -> torch.Tensor:
-    """Points on a line with growing gaps 1, 2, 3, ...: each vertex's nearest is its left
-    neighbour, so one round picks a chain of depth n - 1. The MST is the path."""
-    x = torch.arange(n, dtype=torch.float64).mul(torch.arange(1, n + 1)).div(2)
-    return (x[:, None] - x[None, :]).abs()
-
-
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("dense_max", [1, 2, 8, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_static_boruvka_is_an_exact_mst(dense_max, dtype, kind, monkeypatch, rng):
-    """Rounds, then the dense step, at several hand-over points (1: rounds only; 128: the
-    default, where n <= 128 is the dense step alone)."""
-    monkeypatch.setattr(boruvka_static, "DENSE_MAX", dense_max)
+def test_boruvka_rounds_then_dense_step_exact_mst(static, dense_max, dtype, kind, monkeypatch, rng):
+    """Both Boruvkas: rounds, then the dense step, at several hand-over points (1: rounds
+    only; 128: the default, where n <= 128 is the dense step alone)."""
+    monkeypatch.setattr(boruvka, "DENSE_MAX", dense_max)
     for n in STATIC_SIZES:
         D = make_D(kind, n, dtype, rng)
         X = D.clone()
-        e = boruvka_static.boruvka_edges_static(X)
+        e = boruvka_static.boruvka_edges_static(X) if static else torch_mst.boruvka_edges(X)
         assert_spanning_tree(e, n)
         got = np.sort(D[e[:, 0], e[:, 1]].double().numpy())
         np.testing.assert_allclose(got, scipy_deaths(D), rtol=0, atol=tolerance("torch", D))
-        assert torch.equal(X.diagonal(), torch.full((n,), float("inf"), dtype=dtype))  # documented: overwritten
+        if static:  # documented: overwritten
+            assert torch.equal(X.diagonal(), torch.full((n,), float("inf"), dtype=dtype))
+        else:
+            assert torch.equal(X, D)
 
 
 @pytest.mark.parametrize("dense_max", [1, 128])
 @pytest.mark.parametrize("n", [2, 3, 17, 300])
-def test_static_boruvka_unique_mst_is_scipys(dense_max, n, monkeypatch, rng):
-    monkeypatch.setattr(boruvka_static, "DENSE_MAX", dense_max)
+def test_boruvka_unique_mst_is_scipys(dense_max, n, monkeypatch, rng):
+    monkeypatch.setattr(boruvka, "DENSE_MAX", dense_max)
     D = distinct_weights_D(n, torch.float32, rng)
-    e = boruvka_static.boruvka_edges_static(D.clone())
-    assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == scipy_tree_edges(D)
+    for fn in [boruvka_static.boruvka_edges_static, torch_mst.boruvka_edges]:
+        e = fn(D.clone())
+        assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == scipy_tree_edges(D)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -473,7 +483,7 @@ def test_static_boruvka_unique_mst_is_scipys(dense_max, n, monkeypatch, rng):
 def test_static_boruvka_rounds_pick_the_dynamic_ones(dtype, kind, monkeypatch, rng):
     """Same tie-breaking, same labels: with rounds only (no dense step), the static kernel
     returns the dynamic Boruvka's tree, ties included."""
-    monkeypatch.setattr(boruvka_static, "DENSE_MAX", 1)
+    monkeypatch.setattr(boruvka, "DENSE_MAX", 1)
     for n in [2, 17, 300]:
         D = make_D(kind, n, dtype, rng)
         static = {tuple(r) for r in boruvka_static.boruvka_edges_static(D.clone()).tolist()}
@@ -483,17 +493,17 @@ def test_static_boruvka_rounds_pick_the_dynamic_ones(dtype, kind, monkeypatch, r
 @pytest.mark.parametrize("kind", KINDS)
 def test_static_boruvka_blocked_searches_same_tree(kind, monkeypatch, rng):
     D = make_D(kind, 300, torch.float32, rng)
-    monkeypatch.setattr(boruvka_static, "DENSE_MAX", 4)
+    monkeypatch.setattr(boruvka, "DENSE_MAX", 4)
     whole = boruvka_static.boruvka_edges_static(D.clone())
-    monkeypatch.setattr(boruvka_static, "_BLOCK_ENTRIES", 700)  # blocks of 2 rows
-    monkeypatch.setattr(boruvka_static, "_SMALL_SEARCH", 0)
+    monkeypatch.setattr(boruvka, "_BLOCK_ENTRIES", 700)  # blocks of 2 rows
+    monkeypatch.setattr(boruvka, "_SMALL_SEARCH", 0)
     assert torch.equal(boruvka_static.boruvka_edges_static(D.clone()), whole)
 
 
 @pytest.mark.parametrize("n", [9, 100, 129])
 def test_static_boruvka_one_long_chain(n, monkeypatch):
     """A chain of depth n - 1 in one round: the fixed ceil(log2 c) jumps must reach its root."""
-    monkeypatch.setattr(boruvka_static, "DENSE_MAX", 1)
+    monkeypatch.setattr(boruvka, "DENSE_MAX", 1)
     e = boruvka_static.boruvka_edges_static(line_points_D(n))
     assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == {(i, i + 1) for i in range(n - 1)}
 
@@ -502,7 +512,7 @@ def test_static_boruvka_one_long_chain(n, monkeypatch):
 def test_static_boruvka_tree_whole_after_round_one(dense_max, monkeypatch):
     """A hub nearest to everyone: one round joins all, and every later round (and the
     dense step) sees a single component among padding slots; it must add nothing."""
-    monkeypatch.setattr(boruvka_static, "DENSE_MAX", dense_max)
+    monkeypatch.setattr(boruvka, "DENSE_MAX", dense_max)
     n = 300
     D = torch.ones(n, n)
     D[0, :] = D[:, 0] = 0.25
@@ -525,7 +535,7 @@ def test_static_boruvka_has_no_data_dependent_shape(n):
 
 
 @pytest.mark.parametrize("case", ["one-ulp cycle", "asymmetric correlation", "inf block", "all inf", "nan"])
-def test_static_boruvka_bad_unchecked_input_stays_in_range(case, rng):
+def test_static_boruvka_bad_unchecked_input_stays_in_range(case, monkeypatch, rng):
     """With check=False a bad matrix gives unspecified edges, but never an index out of range
     (on CUDA that would be a device-side assert) and never a hang."""
     n = 200 if case == "asymmetric correlation" else 6
@@ -542,11 +552,8 @@ def test_static_boruvka_bad_unchecked_input_stays_in_range(case, rng):
             D[:3, :3] = D[3:, 3:] = 0.5
     D.fill_diagonal_(0)
     for dense_max in [1, 128]:
-        boruvka_static.DENSE_MAX, before = dense_max, boruvka_static.DENSE_MAX
-        try:
-            e = boruvka_static.boruvka_edges_static(D.clone())
-        finally:
-            boruvka_static.DENSE_MAX = before
+        monkeypatch.setattr(boruvka, "DENSE_MAX", dense_max)
+        e = boruvka_static.boruvka_edges_static(D.clone())
         assert tuple(e.shape) == (n - 1, 2) and bool(((e >= 0) & (e < n)).all())
 
 

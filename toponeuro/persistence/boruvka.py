@@ -4,7 +4,7 @@ Every round, each component picks its lightest outgoing edge; under a strict
 total order on the candidate edges the picks form a forest, which is
 contracted. Components at least halve each round, so there are at most
 ``log2(n)`` rounds (about six for random matrices of a few thousand
-neurons). A round is about 40 small kernels and one host synchronisation (the
+neurons). A round is about 30 small kernels and one host synchronisation (the
 size of the next round, and whether the round's picks are consistent); nothing of size ``n x n`` leaves the device and no
 loop runs once per vertex. On a GPU, below n of about 16k, the time goes to
 launching those kernels rather than to reading memory, which is why a round
@@ -12,6 +12,14 @@ is kept short: one packed reduction finds each component's weight, target
 and vertex at once; the endpoints inside the target components are found by
 one masked search without a sync; pointer jumping runs a fixed three steps
 (depth 8) and the sync also reports whether they reached every root.
+
+Once at most :data:`DENSE_MAX` (128) components are left, the last rounds
+(two to four, each with its sync) give way to one dense step without a sync
+(:func:`_dense_finish`): the component pairs are ranked by their lightest
+edge, and a pair is a tree edge iff its rank is the minimax rank over all
+paths between the two, which a few (min, max) squarings of the (c, c) rank
+matrix give. One sync then checks its input (:func:`_check_dense`). A matrix
+of at most 128 neurons is the dense step alone.
 
 Layout: ``R[b, i]`` is the lightest edge between component ``b`` and vertex
 ``i`` (rows are components, so contraction moves contiguous rows). The first
@@ -41,6 +49,10 @@ __all__ = ["boruvka_edges"]
 _BLOCK_ENTRIES = 1 << 26  # column and row blocks: at most 64M entries (256 MB in fp32)
 _PACKED_MAX_N = 1 << 16  # labels and vertices packed in 16 bits of a key
 _JUMPS = 3  # pointer-jumping steps before the round's sync checks for roots (reach 8)
+DENSE_MAX = 128  # components left for the dense step: (c, c, c) int16 ranks, 4 MB at 128 (c * c < 2**15)
+_SMALL_SEARCH = 1 << 22  # entries: an endpoint search this small runs in one block whatever n
+_INCONSISTENT = ("boruvka_edges needs an exactly symmetric matrix of finite weights (the picks of a "
+                 "round do not form a forest); validate D first (check_dissimilarity, or check=True)")
 
 
 def _order_keys(w: torch.Tensor) -> torch.Tensor:
@@ -117,6 +129,13 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
     if n < 2:
         return torch.empty((0, 2), dtype=torch.long, device=dev)
     verts = torch.arange(n, device=dev)
+    inf = torch.full((), float("inf"), dtype=X.dtype, device=dev)
+    if n <= DENSE_MAX:  # the dense step alone, on a copy whose diagonal is not an edge
+        Xd = X.clone()
+        Xd.diagonal().fill_(float("inf"))
+        edges, _, C = _dense_finish(Xd, Xd, verts, n, inf)
+        _check_dense(C)
+        return edges
     w, target = _lightest_other_vertex(X)  # round one: every vertex is a component
     rep = verts
     comp = verts
@@ -136,7 +155,7 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
         if R is None:
             others.append(target)
         else:
-            other, found = _endpoint_in(X, comp, rep, target, w[rep])
+            other, found = _first_match(X, rep, w[rep], comp, target)
             others.append(other)
         parent = torch.where(is_root, src, target)
         for _ in range(_JUMPS):
@@ -152,17 +171,21 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
         if settled < c or (R is not None and n_found < c):
             # with exact, finite weights the picks form a forest rooted at mutual
             # pairs and every pick has its endpoint; anything else is bad input
-            raise ValueError(
-                "boruvka_edges needs an exactly symmetric matrix of finite weights (the picks of a "
-                "round do not form a forest); validate D first (check_dissimilarity, or check=True)"
-            )
+            raise ValueError(_INCONSISTENT)
         if c_new == 1:
             break
         labels = (torch.cumsum(is_root, 0) - 1)[parent]  # old component -> new component
         R = _contract(X if R is None else R, labels if R is not None else labels[comp], c_new)
         comp = labels[comp]
         c = c_new
-        R[comp, verts] = float("inf")  # a vertex's own component is not outgoing
+        R[comp, verts] = inf  # a vertex's own component is not outgoing
+        if c <= DENSE_MAX:  # the last rounds in one step, with no sync but the check's
+            e, keep, C = _dense_finish(X, R, comp, c, inf)
+            _check_dense(C)
+            reps.append(e[:, 0])
+            others.append(e[:, 1])
+            keeps.append(keep)
+            break
         w, target = R.min(dim=0)
     edges = torch.stack([torch.cat(reps), torch.cat(others)], dim=1)
     # exactly n - 1 picks are kept: move them to the front, no sync for the count
@@ -170,25 +193,88 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
     return edges[kept]
 
 
-def _endpoint_in(X, comp, rep, target, weight):
-    """For each pick, the first vertex ``j`` of component ``target`` with ``X[rep, j] == weight``,
-    and whether there is one (always, for an exactly symmetric ``X``).
+def _first_match(M: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, comp: torch.Tensor,
+                 label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each ``k``, the first column ``j`` with ``M[rows[k], j] == weight[k]`` and
+    ``comp[j] == label[k]``, and whether there is one (always, for an exactly symmetric matrix).
 
-    Reads the rows ``X[rep]`` in blocks of at most ``n / 4`` rows (and
-    ``_BLOCK_ENTRIES`` entries), with no host synchronisation.
+    M : (r, n); rows, weight, label : (k,); comp : (n,). Reads the rows
+    ``M[rows]`` in blocks of at most ``n / 4`` rows (and ``_BLOCK_ENTRIES``
+    entries), with no host synchronisation: with ``R`` (``n / 2`` rows at
+    most) beside it, within one copy of ``D``.
     """
-    n = X.shape[0]
-    # at most n / 4 rows at a time: with R (n / 2 rows at most), within one copy of D
+    n = M.shape[1]
     block = max(1, min((n + 3) // 4, _BLOCK_ENTRIES // n))
-    if rep.numel() <= block:
-        hit = (X[rep] == weight[:, None]) & (comp == target[:, None])
-        return hit.view(torch.uint8).argmax(dim=1), hit.any(dim=1)  # the first hit, and whether there is one
-    out = torch.empty_like(rep)
-    found = torch.empty_like(rep, dtype=torch.bool)
-    for s in range(0, rep.numel(), block):
-        e = min(rep.numel(), s + block)
-        hit = (X[rep[s:e]] == weight[s:e, None]) & (comp == target[s:e, None])
-        out[s:e] = hit.view(torch.uint8).argmax(dim=1)
-        found[s:e] = hit.any(dim=1)
-        del hit
-    return out, found
+    if rows.numel() * n <= _SMALL_SEARCH:
+        block = max(1, rows.numel())  # a few MB: one block, fewer kernels
+    first, found = [], []
+    for s in range(0, max(rows.numel(), 1), block):  # one (empty) block when there are no rows
+        hit = (M[rows[s:s + block]] == weight[s:s + block, None]) & (comp == label[s:s + block, None])
+        first.append(hit.view(torch.uint8).argmax(dim=1))
+        found.append(hit.any(dim=1))
+        del hit  # before the next block's exists
+    if len(first) == 1:
+        return first[0], found[0]
+    return torch.cat(first), torch.cat(found)
+
+
+def _dense_finish(X: torch.Tensor, R: torch.Tensor, comp: torch.Tensor, c: int, inf: torch.Tensor):
+    """The MST between the ``c`` (at most) components left, in one dense step without a sync.
+
+    X : (n, n) the matrix; its diagonal is never read unless ``R is X``.
+    R : (c, n) lightest edge between each component and each vertex (``inf``
+        inside the component and in padding rows), or ``X`` itself with an
+        ``inf`` diagonal when every vertex is a component.
+    comp : (n,) component of each vertex.
+    inf : () ``inf`` in X's dtype, on its device.
+
+    Returns ``(edges, keep, C)``: (c - 1, 2) vertex pairs, which of them are
+    tree edges, and the (c, c) lightest edges between components. Pair
+    ``(a, b)`` gets the key ``(C[a, b], min, max)`` packed in an int64, then
+    its rank among the keys; ranks are distinct, so ``(a, b)`` is in the
+    (unique) MST of the components iff its rank equals the minimax rank over
+    all paths from ``a`` to ``b``, which ``ceil(log2(c - 1))`` squarings in
+    the (min, max) semiring give.
+    Padding components (static Boruvka) have only ``inf`` edges, heavier than
+    every finite one: they never shorten a path between real ones.
+    """
+    dev = X.device
+    if R is X:
+        C = X
+    else:
+        C = torch.full((c, c), float("inf"), dtype=X.dtype, device=dev)
+        C.scatter_reduce_(1, comp[None, :].expand_as(R), R, "amin")
+    ar = torch.arange(c, device=dev)
+    pair = torch.add(torch.maximum(ar[:, None], ar[None, :]), torch.minimum(ar[:, None], ar[None, :]), alpha=1 << 16)
+    K = torch.add(pair.view(-1), _order_keys(C.reshape(-1)), alpha=1 << 32)
+    # the keys' ranks (below c * c <= 2**14) order the pairs alike in int16: a quarter of
+    # the memory traffic of int64 keys in the (c, c, c) squarings
+    rank = torch.empty(c * c, dtype=torch.int16, device=dev)
+    rank.scatter_(0, torch.argsort(K), torch.arange(c * c, dtype=torch.int16, device=dev))
+    # (a, b) and (b, a) share a key, so they hold two adjacent ranks: keep the smaller for both
+    rank = torch.minimum(rank.view(c, c), rank.view(c, c).mT)
+    M = rank.clone()
+    M.diagonal().fill_(-1)  # a path may stay put
+    for _ in range(math.ceil(math.log2(max(c - 1, 1)))):
+        # M[a, b] = min_j max(M[a, j], M[j, b]); M stays symmetric, so M[j, b] = M[b, j]
+        # and the minimum runs over the last, contiguous axis
+        M = torch.maximum(M[:, None, :], M[None, :, :]).amin(dim=2)
+    tree = (rank == M) & (ar[:, None] < ar[None, :]) & (C < inf)
+    # at most c - 1 pairs are tree edges: move them to the front, no sync for the count
+    first = torch.argsort(tree.view(-1).view(torch.uint8), descending=True, stable=True)[: c - 1]
+    keep = tree.view(-1)[first]
+    a, b = first // c, first % c
+    if R is X:
+        return torch.stack([a, b], dim=1), keep, C
+    weight = C.reshape(-1)[first]
+    # the first vertex v of b that a reaches at that weight, then the first u of a that reaches v
+    v = _first_match(R, a, weight, comp, b)[0]
+    return torch.stack([_first_match(X, v, weight, comp, a)[0], v], dim=1), keep, C
+
+
+def _check_dense(C: torch.Tensor) -> None:
+    """A ValueError unless the (c, c) component weights are exactly symmetric and finite off
+    the diagonal: what the dense step needs for its tree (one host sync)."""
+    off = ~torch.eye(C.shape[0], dtype=torch.bool, device=C.device)
+    if not bool(((C == C.mT) & (torch.isfinite(C) | ~off)).all()):
+        raise ValueError(_INCONSISTENT)
