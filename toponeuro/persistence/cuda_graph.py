@@ -69,7 +69,7 @@ def _captured(n: int, device: torch.device) -> _Captured | None:
         _graphs.move_to_end(key)
         return _graphs[key]
     while len(_graphs) >= MAX_GRAPHS:
-        _graphs.popitem(last=False)
+        _drop(*_graphs.popitem(last=False))
     try:
         with torch.cuda.device(key[0]):
             graph = _Captured(n, torch.device("cuda", key[0]))
@@ -82,10 +82,16 @@ def _captured(n: int, device: torch.device) -> _Captured | None:
     return graph
 
 
+def _drop(key, graph) -> None:
+    if graph is not None:  # let its last replay finish before its graph and buffers go
+        torch.cuda.synchronize(key[0])
+
+
 def clear() -> None:
     """Drop every captured graph and its buffers (device memory returns to torch's cache)."""
     with _lock:
-        _graphs.clear()
+        while _graphs:
+            _drop(*_graphs.popitem())
 
 
 def death_edges(D: torch.Tensor) -> torch.Tensor:
