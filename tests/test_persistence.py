@@ -899,3 +899,15 @@ def test_cuda_graph_float64_and_deterministic_mode(rng):
     finally:
         torch.use_deterministic_algorithms(before)
         cuda_graph.clear()
+
+
+def test_dense_step_rejects_an_asymmetry_its_component_weights_hide(monkeypatch):
+    """C (lightest edges between components) can be symmetric while D is not: the dense
+    step's endpoint search then misses, and that must raise, not return a non-tree."""
+    monkeypatch.setattr(boruvka, "DENSE_MAX", 4)
+    L = 0.95
+    D = torch.tensor([[0, .01, .6, .6, .5, .5], [.01, 0, .6, .6, .5, .5], [.6, .6, 0, .01, .10, L],
+                      [.6, .6, .01, 0, L, .10], [.5, .5, .15, L, 0, .01], [.5, .5, L, .10, .01, 0]])
+    assert not torch.equal(D, D.T)
+    with pytest.raises(ValueError, match="exactly symmetric matrix of finite weights"):
+        torch_mst.boruvka_edges(D)

@@ -133,8 +133,8 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
     if n <= DENSE_MAX:  # the dense step alone, on a copy whose diagonal is not an edge
         Xd = X.clone()
         Xd.diagonal().fill_(float("inf"))
-        edges, _, C = _dense_finish(Xd, Xd, verts, n, inf)
-        _check_dense(C)
+        edges, _, C, found = _dense_finish(Xd, Xd, verts, n, inf)
+        _check_dense(C, found)
         return edges
     w, target = _lightest_other_vertex(X)  # round one: every vertex is a component
     rep = verts
@@ -180,8 +180,8 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
         c = c_new
         R[comp, verts] = inf  # a vertex's own component is not outgoing
         if c <= DENSE_MAX:  # the last rounds in one step, with no sync but the check's
-            e, keep, C = _dense_finish(X, R, comp, c, inf)
-            _check_dense(C)
+            e, keep, C, found = _dense_finish(X, R, comp, c, inf)
+            _check_dense(C, found)
             reps.append(e[:, 0])
             others.append(e[:, 1])
             keeps.append(keep)
@@ -228,8 +228,9 @@ def _dense_finish(X: torch.Tensor, R: torch.Tensor, comp: torch.Tensor, c: int, 
     comp : (n,) component of each vertex.
     inf : () ``inf`` in X's dtype, on its device.
 
-    Returns ``(edges, keep, C)``: (c - 1, 2) vertex pairs, which of them are
-    tree edges, and the (c, c) lightest edges between components. Pair
+    Returns ``(edges, keep, C, found)``: (c - 1, 2) vertex pairs, which of them
+    are tree edges, the (c, c) lightest edges between components, and whether
+    each kept pair found its endpoints (always, for an exactly symmetric ``X``). Pair
     ``(a, b)`` gets the key ``(C[a, b], min, max)`` packed in an int64, then
     its rank among the keys; ranks are distinct, so ``(a, b)`` is in the
     (unique) MST of the components iff its rank equals the minimax rank over
@@ -265,16 +266,18 @@ def _dense_finish(X: torch.Tensor, R: torch.Tensor, comp: torch.Tensor, c: int, 
     keep = tree.view(-1)[first]
     a, b = first // c, first % c
     if R is X:
-        return torch.stack([a, b], dim=1), keep, C
+        return torch.stack([a, b], dim=1), keep, C, keep | True
     weight = C.reshape(-1)[first]
     # the first vertex v of b that a reaches at that weight, then the first u of a that reaches v
-    v = _first_match(R, a, weight, comp, b)[0]
-    return torch.stack([_first_match(X, v, weight, comp, a)[0], v], dim=1), keep, C
+    v, found_v = _first_match(R, a, weight, comp, b)
+    u, found_u = _first_match(X, v, weight, comp, a)
+    return torch.stack([u, v], dim=1), keep, C, (found_u & found_v) | ~keep
 
 
-def _check_dense(C: torch.Tensor) -> None:
+def _check_dense(C: torch.Tensor, found: torch.Tensor) -> None:
     """A ValueError unless the (c, c) component weights are exactly symmetric and finite off
-    the diagonal: what the dense step needs for its tree (one host sync)."""
+    the diagonal and every kept pair found its endpoints: what the dense step needs for its
+    tree (one host sync)."""
     off = ~torch.eye(C.shape[0], dtype=torch.bool, device=C.device)
-    if not bool(((C == C.mT) & (torch.isfinite(C) | ~off)).all()):
+    if not bool(((C == C.mT) & (torch.isfinite(C) | ~off)).all() & found.all()):
         raise ValueError(_INCONSISTENT)

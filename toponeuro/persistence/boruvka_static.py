@@ -114,7 +114,7 @@ def boruvka_edges_static(X: torch.Tensor) -> torch.Tensor:
         R = contracted.scatter_reduce_(0, labels[:, None].expand_as(R), R, "amin")
         comp = labels[comp]
         R.index_put_((comp, verts), inf)  # a vertex's own component is not outgoing
-    e, keep, _ = _dense_finish(X, R, comp, bounds[-1], inf)
+    e, keep, _, _ = _dense_finish(X, R, comp, bounds[-1], inf)
     reps.append(e[:, 0])
     others.append(e[:, 1])
     keeps.append(keep)

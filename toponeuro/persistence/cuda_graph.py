@@ -53,8 +53,10 @@ class _Captured:
             boruvka_edges_static(self.X.clone())
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: a CUDA call from another thread (a DataLoader's pinning thread) does not break it
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # stream=: the class-wide default capture stream belongs to whichever device captured
+        # first, so a capture on another device would record nothing. thread_local: a CUDA call
+        # from another thread (a DataLoader's pinning thread) does not break the capture
+        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.edges = boruvka_edges_static(self.X)
 
     def __call__(self, D: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,8 @@ def _captured(n: int, device: torch.device) -> _Captured | None:
     while len(_graphs) >= MAX_GRAPHS:
         _drop(*_graphs.popitem(last=False))
     try:
-        with torch.cuda.device(key[0]):
+        # inference_mode(False): buffers made under inference mode could not be refilled outside it
+        with torch.cuda.device(key[0]), torch.inference_mode(False):
             graph = _Captured(n, torch.device("cuda", key[0]))
     except Exception as err:  # a capture torch or the driver refuses: fall back, once per size
         warnings.warn(f"toponeuro: CUDA graph capture failed at n={n} ({type(err).__name__}: {err}); "
