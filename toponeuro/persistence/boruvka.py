@@ -64,6 +64,27 @@ def _order_keys(w: torch.Tensor) -> torch.Tensor:
     return torch.unique(w, return_inverse=True)[1]
 
 
+def _pick_keys(verts: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each vertex's pick packed in one int64: ``weight key << 32 | target << 16 | vertex``.
+
+    For n <= 65536 the fields do not overlap, so adding them is or-ing them, and
+    one minimum orders by (weight, target label, vertex).
+    """
+    return torch.add(torch.add(verts, target, alpha=1 << 16), _order_keys(w), alpha=1 << 32)
+
+
+def _true_first(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the first ``k`` entries of a flat bool ``mask`` with the True ones in front
+    (each group in index order): no host sync for the count."""
+    return torch.argsort(mask.view(torch.uint8), descending=True, stable=True)[:k]
+
+
+def _kept_edges(reps: list, others: list, keeps: list, n: int) -> torch.Tensor:
+    """The (n - 1, 2) kept picks ``(rep, other)`` of every round: a valid matrix keeps exactly n - 1."""
+    edges = torch.stack([torch.cat(reps), torch.cat(others)], dim=1)
+    return edges[_true_first(torch.cat(keeps), n - 1)]
+
+
 def _lightest_other_vertex(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each vertex, its lightest edge to another vertex: (weight, vertex), by column blocks."""
     n = X.shape[0]
@@ -103,9 +124,8 @@ def _component_picks(w, b, comp, c, verts):
     # every component has a vertex, so no slot keeps its (unfilled) initial value
     best = torch.empty(c, dtype=torch.int64, device=w.device)
     if n <= _PACKED_MAX_N:
-        # labels and vertices fit 16 bits: one reduction finds weight, target and vertex;
-        # the fields do not overlap, so adding them is or-ing them (two kernels, not four)
-        key = torch.add(torch.add(verts, b, alpha=1 << 16), _order_keys(w), alpha=1 << 32)
+        # labels and vertices fit 16 bits: one reduction finds weight, target and vertex
+        key = _pick_keys(verts, b, w)
         best.scatter_reduce_(0, comp, key, reduce="amin", include_self=False)
         return (best >> 16) & 0xFFFF, best & 0xFFFF
     key = torch.add(b, _order_keys(w), alpha=1 << 32)
@@ -187,10 +207,8 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
             keeps.append(keep)
             break
         w, target = R.min(dim=0)
-    edges = torch.stack([torch.cat(reps), torch.cat(others)], dim=1)
-    # exactly n - 1 picks are kept: move them to the front, no sync for the count
-    kept = torch.argsort(torch.cat(keeps).view(torch.uint8), descending=True, stable=True)[: n - 1]
-    return edges[kept]
+    # exactly n - 1 picks are kept: moved to the front, no sync for the count
+    return _kept_edges(reps, others, keeps, n)
 
 
 def _first_match(M: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, comp: torch.Tensor,
@@ -261,12 +279,11 @@ def _dense_finish(X: torch.Tensor, R: torch.Tensor, comp: torch.Tensor, c: int, 
         # and the minimum runs over the last, contiguous axis
         M = torch.maximum(M[:, None, :], M[None, :, :]).amin(dim=2)
     tree = (rank == M) & (ar[:, None] < ar[None, :]) & (C < inf)
-    # at most c - 1 pairs are tree edges: move them to the front, no sync for the count
-    first = torch.argsort(tree.view(-1).view(torch.uint8), descending=True, stable=True)[: c - 1]
+    first = _true_first(tree.view(-1), c - 1)  # at most c - 1 pairs are tree edges
     keep = tree.view(-1)[first]
     a, b = first // c, first % c
     if R is X:
-        return torch.stack([a, b], dim=1), keep, C, keep | True
+        return torch.stack([a, b], dim=1), keep, C, torch.ones_like(keep)  # no search
     weight = C.reshape(-1)[first]
     # the first vertex v of b that a reaches at that weight, then the first u of a that reaches v
     v, found_v = _first_match(R, a, weight, comp, b)

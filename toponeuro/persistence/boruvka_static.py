@@ -29,7 +29,7 @@ import math
 import torch
 
 from . import boruvka
-from .boruvka import _PACKED_MAX_N, _dense_finish, _first_match, _order_keys
+from .boruvka import _PACKED_MAX_N, _dense_finish, _first_match, _kept_edges, _pick_keys
 
 __all__ = ["boruvka_edges_static", "static_bounds"]
 
@@ -86,8 +86,7 @@ def boruvka_edges_static(X: torch.Tensor) -> torch.Tensor:
             rep, tgt, active = verts, target, None  # every vertex is a component that picks
         else:
             best = torch.full((c,), _NO_PICK, dtype=torch.int64, device=dev)
-            key = torch.add(torch.add(verts, target, alpha=1 << 16), _order_keys(w), alpha=1 << 32)
-            best.scatter_reduce_(0, comp, key, reduce="amin")
+            best.scatter_reduce_(0, comp, _pick_keys(verts, target, w), reduce="amin")
             # a finite pick: padding slots, and a tree already whole, pick nothing
             active = best < (0x7F800000 << 32)
             tgt = torch.where(active, (best >> 16) & 0xFFFF, src)  # no pick: point at itself
@@ -118,7 +117,4 @@ def boruvka_edges_static(X: torch.Tensor) -> torch.Tensor:
     reps.append(e[:, 0])
     others.append(e[:, 1])
     keeps.append(keep)
-    edges = torch.stack([torch.cat(reps), torch.cat(others)], dim=1)
-    # a valid matrix keeps exactly n - 1 picks: move them to the front, no sync for the count
-    kept = torch.argsort(torch.cat(keeps).view(torch.uint8), descending=True, stable=True)[: n - 1]
-    return edges[kept]
+    return _kept_edges(reps, others, keeps, n)

@@ -49,8 +49,8 @@ class _Captured:
         self.X = torch.zeros((n, n), dtype=torch.float32, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # load every kernel once before capture
-            boruvka_edges_static(self.X.clone())
+        with torch.cuda.stream(side):  # load every kernel once before capture (X is refilled per call)
+            boruvka_edges_static(self.X)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # stream=: the class-wide default capture stream belongs to whichever device captured
