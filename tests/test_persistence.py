@@ -407,7 +407,7 @@ def test_slightly_asymmetric_input_gives_the_upper_triangle_mst(kind, dtype, bac
         assert torch.equal(got, D[e[:, 0], e[:, 1]])
 
 
-@pytest.mark.parametrize("case", ["one-ulp cycle", "asymmetric correlation", "inf block", "all inf"])
+@pytest.mark.parametrize("case", ["one-ulp cycle", "asymmetric correlation", "inf block", "all inf", "nan pair"])
 @pytest.mark.parametrize("dense_max", [1, 128])
 def test_boruvka_rejects_inconsistent_unchecked_input(case, dense_max, monkeypatch, rng):
     """With check=False nothing validates D; Boruvka must stop with a ValueError on weights
@@ -426,6 +426,9 @@ def test_boruvka_rejects_inconsistent_unchecked_input(case, dense_max, monkeypat
         D = torch.full((4, 4), float("inf"))
         D[:2, :2] = D[2:, 2:] = 0.5
         D.fill_diagonal_(0)
+    elif case == "nan pair":  # n > 128: round one's picks (min propagates NaN) meet it first
+        D = make_D("random", 150, torch.float32, rng)
+        D[3, 7] = D[7, 3] = float("nan")
     else:
         D = torch.full((4, 4), float("inf"))
         D.fill_diagonal_(0)
@@ -508,17 +511,27 @@ def test_static_boruvka_one_long_chain(n, monkeypatch):
     assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == {(i, i + 1) for i in range(n - 1)}
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dense_max", [1, 128])
-def test_static_boruvka_tree_whole_after_round_one(dense_max, monkeypatch):
+def test_static_boruvka_tree_whole_after_round_one(dtype, dense_max, monkeypatch):
     """A hub nearest to everyone: one round joins all, and every later round (and the
-    dense step) sees a single component among padding slots; it must add nothing."""
+    dense step) sees a single component among padding slots; it must keep nothing more
+    (float64 keys are ranks, in which inf is one more value: its picks must not count)."""
     monkeypatch.setattr(boruvka, "DENSE_MAX", dense_max)
+    kept = []
+
+    def counting(reps, others, keeps, n):
+        kept.append(int(torch.cat(keeps).sum()))
+        return boruvka._kept_edges(reps, others, keeps, n)
+
+    monkeypatch.setattr(boruvka_static, "_kept_edges", counting)
     n = 300
-    D = torch.ones(n, n)
+    D = torch.ones(n, n, dtype=dtype)
     D[0, :] = D[:, 0] = 0.25
     D.fill_diagonal_(0)
     e = boruvka_static.boruvka_edges_static(D.clone())
     assert {(min(i, j), max(i, j)) for i, j in e.tolist()} == {(0, j) for j in range(1, n)}
+    assert kept == [n - 1]
 
 
 @pytest.mark.parametrize("n", [2, 5, 128, 129, 1000, 65536])
@@ -532,6 +545,43 @@ def test_static_boruvka_has_no_data_dependent_shape(n):
     if n <= 1000:
         with pytest.raises((RuntimeError, NotImplementedError)):
             boruvka.boruvka_edges(torch.empty(n, n, device="meta"))
+
+
+def _dispatched_ops(fn) -> list[tuple[str, str | None]]:
+    """(aten operator, reduce argument) of every operator ``fn()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            reduce = kwargs.get("reduce", next((a for a in args if isinstance(a, str)), None))
+            seen.append((func.overloadpacket.__name__, reduce))
+            return func(*args, **kwargs)
+
+    seen = []
+    with torch.no_grad(), Recorder():
+        fn()
+    return seen
+
+
+# what torch.use_deterministic_algorithms reroutes on CUDA through a sorting kernel (slower;
+# in older torch, with a host sync that breaks graph capture) or refuses
+DETERMINISTIC_REROUTED = {"index_put", "index_put_", "_index_put_impl_", "scatter", "scatter_", "scatter_add",
+                          "scatter_add_", "index_add", "index_add_", "index_copy", "index_copy_", "put", "put_"}
+
+
+@pytest.mark.parametrize("n", [100, 300])
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_boruvka_kernels_avoid_what_deterministic_mode_reroutes(n, static, rng):
+    """Training runs under deterministic algorithms, and torch-graph captures there: every
+    scatter must be an exact min or max, and no index_put_ (CPU sees the same operators)."""
+    D = make_D("tied", n, torch.float32, rng)
+    fn = boruvka_static.boruvka_edges_static if static else torch_mst.boruvka_edges
+    ops = _dispatched_ops(lambda: fn(D.clone()))
+    assert not {name for name, _ in ops} & DETERMINISTIC_REROUTED
+    reductions = {reduce for name, reduce in ops if name.startswith("scatter_reduce")}
+    assert reductions <= {"amin", "amax"}
+    assert bool(reductions) == (n > boruvka.DENSE_MAX)  # the rounds contract by scatter_reduce_
 
 
 @pytest.mark.parametrize("case", ["one-ulp cycle", "asymmetric correlation", "inf block", "all inf", "nan"])
@@ -893,12 +943,150 @@ def test_cuda_graph_float64_and_deterministic_mode(rng):
     expected = cuda_graph.death_edges(D32)
     cuda_graph.clear()
     before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True)  # how training runs
     try:
-        assert torch.equal(cuda_graph.death_edges(D32), expected)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a capture that fell back would warn
+            assert torch.equal(cuda_graph.death_edges(D32), expected)
+        assert cuda_graph._graphs[(torch.cuda.current_device(), 200)] is not None
     finally:
         torch.use_deterministic_algorithms(before)
         cuda_graph.clear()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_failed_capture_restores_the_callers_stream(monkeypatch, rng):
+    """A sync inside the capture invalidates it and capture_end raises before torch.cuda.graph
+    restores the stream: the backend must put the caller's stream back and fall back."""
+    cuda_graph.clear()
+    real = boruvka_static.boruvka_edges_static
+
+    def syncing(X):
+        if torch.cuda.is_current_stream_capturing():
+            X.sum().item()  # not permitted while capturing
+        return real(X)
+
+    monkeypatch.setattr(cuda_graph, "boruvka_edges_static", syncing)
+    D = make_D("random", 60, torch.float32, rng).cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with pytest.warns(RuntimeWarning, match="capture failed"):
+            e = cuda_graph.death_edges(D)
+        assert torch.cuda.current_stream() == stream
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert torch.equal(e, torch_mst.boruvka_edges(D))
+    cuda_graph.clear()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_inside_the_callers_capture(rng):
+    """Called while the caller captures its own graph (a captured training step), the static
+    Boruvka becomes part of that graph: replaying it with new values gives their deaths."""
+    cuda_graph.clear()
+    n = 300
+    static_D = make_D("random", n, torch.float32, rng).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ph.deaths(static_D, backend="torch-graph", check=False)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ph.deaths(static_D, backend="torch-graph", check=False)
+    for kind in KINDS:
+        D = make_D(kind, n, torch.float32, rng)
+        static_D.copy_(D.cuda())
+        graph.replay()
+        np.testing.assert_allclose(out.double().cpu().numpy(), scipy_deaths(D), rtol=0, atol=1e-12)
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        with pytest.raises(ValueError, match="inside a CUDA graph capture needs float32"):
+            cuda_graph.death_edges(static_D.double())
+    cuda_graph.clear()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_from_two_streams_do_not_race(rng):
+    """The graph's input buffer is shared: a replay on another stream must wait for the
+    previous one, or it overwrites the input while it is read."""
+    cuda_graph.clear()
+    n = 2000
+    Ds = [make_D(kind, n, torch.float32, rng).cuda() for kind in ["random", "tied", "random", "duplicated"]]
+    expected = [boruvka_static.boruvka_edges_static(D.clone()) for D in Ds]
+    torch.cuda.synchronize()  # the inputs are ready for the side streams
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    got = []
+    for i, D in enumerate(Ds):
+        with torch.cuda.stream(streams[i % 2]):
+            torch.cuda._sleep(1_000_000)  # keep the stream busy, so that replays would overlap
+            got.append(cuda_graph.death_edges(D))
+    torch.cuda.synchronize()
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+    cuda_graph.clear()
+
+
+class _FakeGraph:
+    def __init__(self, key, released):
+        self.key, self.released = key, released
+
+    def release(self):
+        self.released.append(self.key)
+
+
+@pytest.fixture
+def fresh_graph_cache(monkeypatch):
+    from collections import OrderedDict
+
+    monkeypatch.setattr(cuda_graph, "_graphs", OrderedDict())
+    monkeypatch.setattr(cuda_graph, "_dropped", set())
+    monkeypatch.setattr(cuda_graph, "_warned_recapture", False)
+
+
+def test_graph_cache_keeps_the_latest_and_releases_the_rest(fresh_graph_cache, monkeypatch):
+    released, captured = [], []
+
+    def capture(key):
+        captured.append(key)
+        return _FakeGraph(key, released)
+
+    monkeypatch.setattr(cuda_graph, "MAX_GRAPHS", 2)
+    for key in [(0, 10), (0, 20), (0, 10), (0, 30)]:  # n = 10 is used again before 30: 20 is the oldest
+        assert cuda_graph._cached(key, lambda: capture(key)).key == key
+    assert captured == [(0, 10), (0, 20), (0, 30)] and released == [(0, 20)]
+    assert list(cuda_graph._graphs) == [(0, 10), (0, 30)]
+    with pytest.warns(RuntimeWarning, match="raise toponeuro.persistence.cuda_graph.MAX_GRAPHS"):
+        cuda_graph._cached((0, 20), lambda: capture((0, 20)))  # dropped, then wanted again: thrashing
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cuda_graph._cached((0, 10), lambda: capture((0, 10)))  # warned once per process
+    cuda_graph.clear()
+    assert not cuda_graph._graphs and not cuda_graph._dropped
+    assert sorted(released) == [(0, 10), (0, 10), (0, 20), (0, 20), (0, 30)]
+
+
+@pytest.mark.parametrize("max_graphs", [0, -1, 1])
+def test_graph_cache_keeps_at_least_one(max_graphs, fresh_graph_cache, monkeypatch):
+    released = []
+    monkeypatch.setattr(cuda_graph, "MAX_GRAPHS", max_graphs)
+    for key in [(0, 10), (0, 20)]:
+        cuda_graph._cached(key, lambda: _FakeGraph(key, released))
+    assert list(cuda_graph._graphs) == [(0, 20)] and released == [(0, 10)]
+
+
+def test_graph_cache_remembers_a_failed_capture(fresh_graph_cache):
+    calls = []
+
+    def failing():
+        calls.append(1)
+        return None
+
+    assert cuda_graph._cached((0, 10), failing) is None
+    assert cuda_graph._cached((0, 10), failing) is None
+    assert calls == [1]
 
 
 def test_dense_step_rejects_an_asymmetry_its_component_weights_hide(monkeypatch):

@@ -94,11 +94,22 @@ def _lightest_other_vertex(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     for s in range(0, n, block):
         e = min(n, s + block)
         sub = X[:, s:e].clone()
-        k = torch.arange(e - s, device=X.device)
-        sub[k + s, k] = float("inf")
+        sub.diagonal(-s).fill_(float("inf"))  # the entries (s + k, k): D's diagonal in this block
         w[s:e], j[s:e] = sub.min(dim=0)
         del sub  # before the next block's copy exists
     return w, j
+
+
+def _close_own_component(R: torch.Tensor, comp: torch.Tensor, inf: torch.Tensor) -> torch.Tensor:
+    """Set ``R[comp[i], i] = inf`` for every vertex ``i``: its own component is not outgoing.
+
+    R : (c, n); comp : (n,). A ``scatter_reduce_`` (max with ``inf``) rather than
+    ``index_put_``: under ``torch.use_deterministic_algorithms`` CUDA sends
+    ``index_put_`` and ``scatter_`` down a sorting path (slower, and in older
+    torch a host sync that breaks CUDA graph capture); ``amax`` and ``amin``
+    are exact whatever the order and keep their plain kernels.
+    """
+    return R.scatter_reduce_(0, comp[None, :], inf.expand(1, R.shape[1]), "amax")
 
 
 def _contract(src: torch.Tensor, labels: torch.Tensor, c_new: int) -> torch.Tensor:
@@ -171,8 +182,8 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
         # every pick is a tree edge; a mutual pair picked the same edge twice
         keeps.append(~mutual | is_root)
         reps.append(rep)
-        found = is_root  # round one needs no endpoint search: a stand-in row for the sync
-        if R is None:
+        if R is None:  # no endpoint search in round one; a NaN pick (min propagates it) is caught here
+            found = torch.isfinite(w)
             others.append(target)
         else:
             other, found = _first_match(X, rep, w[rep], comp, target)
@@ -188,7 +199,7 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
             for _ in range(max(1, math.ceil(math.log2(c)))):
                 parent = parent[parent]
             settled = int(is_root[parent].sum())
-        if settled < c or (R is not None and n_found < c):
+        if settled < c or n_found < c:
             # with exact, finite weights the picks form a forest rooted at mutual
             # pairs and every pick has its endpoint; anything else is bad input
             raise ValueError(_INCONSISTENT)
@@ -198,7 +209,7 @@ def boruvka_edges(D: torch.Tensor) -> torch.Tensor:
         R = _contract(X if R is None else R, labels if R is not None else labels[comp], c_new)
         comp = labels[comp]
         c = c_new
-        R[comp, verts] = inf  # a vertex's own component is not outgoing
+        _close_own_component(R, comp, inf)
         if c <= DENSE_MAX:  # the last rounds in one step, with no sync but the check's
             e, keep, C, found = _dense_finish(X, R, comp, c, inf)
             _check_dense(C, found)
@@ -268,8 +279,8 @@ def _dense_finish(X: torch.Tensor, R: torch.Tensor, comp: torch.Tensor, c: int, 
     K = torch.add(pair.view(-1), _order_keys(C.reshape(-1)), alpha=1 << 32)
     # the keys' ranks (below c * c <= 2**14) order the pairs alike in int16: a quarter of
     # the memory traffic of int64 keys in the (c, c, c) squarings
-    rank = torch.empty(c * c, dtype=torch.int16, device=dev)
-    rank.scatter_(0, torch.argsort(K), torch.arange(c * c, dtype=torch.int16, device=dev))
+    # (an argsort of the argsort, not a scatter_ of arange: see _close_own_component)
+    rank = torch.argsort(torch.argsort(K)).to(torch.int16)
     # (a, b) and (b, a) share a key, so they hold two adjacent ranks: keep the smaller for both
     rank = torch.minimum(rank.view(c, c), rank.view(c, c).mT)
     M = rank.clone()

@@ -29,7 +29,7 @@ import math
 import torch
 
 from . import boruvka
-from .boruvka import _PACKED_MAX_N, _dense_finish, _first_match, _kept_edges, _pick_keys
+from .boruvka import _PACKED_MAX_N, _close_own_component, _dense_finish, _first_match, _kept_edges, _pick_keys
 
 __all__ = ["boruvka_edges_static", "static_bounds"]
 
@@ -87,10 +87,13 @@ def boruvka_edges_static(X: torch.Tensor) -> torch.Tensor:
         else:
             best = torch.full((c,), _NO_PICK, dtype=torch.int64, device=dev)
             best.scatter_reduce_(0, comp, _pick_keys(verts, target, w), reduce="amin")
-            # a finite pick: padding slots, and a tree already whole, pick nothing
-            active = best < (0x7F800000 << 32)
-            tgt = torch.where(active, (best >> 16) & 0xFFFF, src)  # no pick: point at itself
             rep = best & 0xFFFF
+            # a finite pick: padding slots, and a tree already whole, pick nothing
+            if X.dtype == torch.float32:
+                active = best < (0x7F800000 << 32)  # the keys of inf weights and of padding are above
+            else:  # float64 keys are ranks (inf has one): ask the weight
+                active = (best < _NO_PICK) & (w[rep] < inf)
+            tgt = torch.where(active, (best >> 16) & 0xFFFF, src)  # no pick: point at itself
         mutual = tgt[tgt] == src
         is_root = mutual & (src <= tgt)  # a mutual pair's smaller label; also every slot that picks nothing
         keep = ~mutual | is_root
@@ -112,7 +115,7 @@ def boruvka_edges_static(X: torch.Tensor) -> torch.Tensor:
         contracted = torch.full((c_next, n), float("inf"), dtype=X.dtype, device=dev)
         R = contracted.scatter_reduce_(0, labels[:, None].expand_as(R), R, "amin")
         comp = labels[comp]
-        R.index_put_((comp, verts), inf)  # a vertex's own component is not outgoing
+        _close_own_component(R, comp, inf)
     e, keep, _, _ = _dense_finish(X, R, comp, bounds[-1], inf)
     reps.append(e[:, 0])
     others.append(e[:, 1])

@@ -10,17 +10,29 @@ nothing leaves the device.
 
 * The first call at each ``(device, n)`` captures the graph (a warm-up run,
   then the capture: tens of milliseconds); the :data:`MAX_GRAPHS` most
-  recent ones are kept. :func:`clear` frees them.
+  recent ones are kept. A size captured again after it was dropped warns
+  once (raise :data:`MAX_GRAPHS` if a job cycles through more sizes).
+  :func:`clear` frees them all.
 * Memory: a kept graph holds its input buffer (one copy of ``D``) and its
-  working buffers (at most about 0.8 x ``D`` more) in its private pool,
-  between calls. The ``"torch"`` backend keeps to one copy instead.
+  working buffers (about 0.8 x ``D`` more from n of about 4096, relatively
+  more below) in its private pool, between calls. The ``"torch"`` backend
+  keeps to one copy instead.
+* Calls from several threads or streams take turns: a lock orders the host
+  side, and each replay waits on the stream where the previous one's result
+  was copied out, so no replay overwrites an input still being read.
+* Inside a CUDA graph capture of the caller's (a captured training step),
+  the static Boruvka runs eagerly on a copy of ``D`` and so becomes part of
+  the caller's graph (float32, n <= 65536 only: anything else raises a
+  ValueError, as its syncs would break the capture).
 * float32 with 2 <= n <= 65536 only: float64 orders weights by rank
   (``torch.unique``, a sync) and larger n does not fit the packed keys; those,
-  and CUDA graphs that fail to capture, run the ``"torch"`` backend's Boruvka.
+  and CUDA graphs that fail to capture, run the ``"torch"`` backend's Boruvka
+  (which can raise on a bad matrix with ``check=False``).
 * On the CPU the static Boruvka runs eagerly (the same kernels, one by one):
   a way to test it, slower than the ``"torch"`` backend's Prim.
 * With ``check=False``, a matrix that would fail the check gives unspecified
-  edges, never an error or a hang (the ``"torch"`` backend raises instead).
+  edges from the captured or eager static Boruvka, never an index out of
+  range or a hang.
 """
 
 from __future__ import annotations
@@ -36,17 +48,21 @@ from .boruvka_static import boruvka_edges_static
 
 __all__ = ["death_edges", "clear", "MAX_GRAPHS"]
 
-MAX_GRAPHS = 2  # captured sizes kept (each holds about 1.8 x D of device memory)
+MAX_GRAPHS = 2  # captured sizes kept (each holds about 1.8 x D of device memory); at least 1 is kept
 
 _graphs: OrderedDict = OrderedDict()  # (device index, n) -> _Captured, or None if capture failed
-_lock = threading.Lock()  # one replay at a time: the buffers are shared
+_dropped: set = set()  # keys whose graph was dropped for a newer size (not by clear())
+_warned_recapture = False
+_lock = threading.Lock()  # one call at a time on the host: the buffers are shared
 
 
 class _Captured:
     """A captured static Boruvka: ``X`` in, ``edges`` out, by ``graph.replay()``."""
 
     def __init__(self, n: int, device: torch.device):
+        self.device = device
         self.X = torch.zeros((n, n), dtype=torch.float32, device=device)
+        self.done = torch.cuda.Event()  # recorded where the last result was copied out
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # load every kernel once before capture (X is refilled per call)
@@ -60,41 +76,70 @@ class _Captured:
             self.edges = boruvka_edges_static(self.X)
 
     def __call__(self, D: torch.Tensor) -> torch.Tensor:
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(self.done)  # the previous call, maybe on another stream, is done with X and edges
         self.X.copy_(D)
-        self.graph.replay()
-        return self.edges.clone()  # the next replay overwrites the buffer
+        self.graph.replay()  # on the current stream, after the copy
+        edges = self.edges.clone()  # the next replay overwrites the buffer
+        self.done.record(stream)
+        return edges
+
+    def release(self) -> None:
+        """Wait for the last replay, so that the graph and its buffers can go."""
+        torch.cuda.synchronize(self.device)
 
 
-def _captured(n: int, device: torch.device) -> _Captured | None:
-    key = (device.index if device.index is not None else torch.cuda.current_device(), n)
+def _cached(key: tuple, capture):
+    """The graph for ``key`` (``capture()`` on a miss), keeping the latest :data:`MAX_GRAPHS`.
+
+    ``capture`` returns the graph, or None when capture failed (remembered, so
+    that the fallback does not retry per call).
+    """
+    global _warned_recapture
     if key in _graphs:
         _graphs.move_to_end(key)
         return _graphs[key]
-    while len(_graphs) >= MAX_GRAPHS:
-        _drop(*_graphs.popitem(last=False))
-    try:
-        # inference_mode(False): buffers made under inference mode could not be refilled outside it
-        with torch.cuda.device(key[0]), torch.inference_mode(False):
-            graph = _Captured(n, torch.device("cuda", key[0]))
-    except Exception as err:  # a capture torch or the driver refuses: fall back, once per size
-        warnings.warn(f"toponeuro: CUDA graph capture failed at n={n} ({type(err).__name__}: {err}); "
-                      f"the torch-graph backend runs the torch backend's Boruvka at this size", RuntimeWarning,
-                      stacklevel=3)
-        graph = None
+    if key in _dropped and not _warned_recapture:
+        _warned_recapture = True
+        warnings.warn(f"toponeuro: torch-graph captures n={key[1]} again after dropping it for newer sizes; "
+                      f"this job uses more than MAX_GRAPHS={MAX_GRAPHS} sizes, each capture costs tens of ms: "
+                      f"raise toponeuro.persistence.cuda_graph.MAX_GRAPHS (each kept graph holds about 1.8 x D)",
+                      RuntimeWarning, stacklevel=4)
+    while _graphs and len(_graphs) >= max(1, MAX_GRAPHS):
+        old, graph = _graphs.popitem(last=False)
+        _dropped.add(old)
+        if graph is not None:
+            graph.release()
+    graph = capture()
     _graphs[key] = graph
     return graph
 
 
-def _drop(key, graph) -> None:
-    if graph is not None:  # let its last replay finish before its graph and buffers go
-        torch.cuda.synchronize(key[0])
+def _capture(n: int, index: int) -> _Captured | None:
+    """Capture the static Boruvka at ``n`` on device ``index``; None (and a warning) if torch or
+    the driver refuses."""
+    previous = torch.cuda.current_stream(index)
+    try:
+        # inference_mode(False): buffers made under inference mode could not be refilled outside it
+        with torch.cuda.device(index), torch.inference_mode(False):
+            return _Captured(n, torch.device("cuda", index))
+    except Exception as err:
+        # a capture that fails at its end leaves the capture stream current: restore the caller's
+        torch.cuda.set_stream(previous)
+        warnings.warn(f"toponeuro: CUDA graph capture failed at n={n} ({type(err).__name__}: {err}); "
+                      f"the torch-graph backend runs the torch backend's Boruvka at this size", RuntimeWarning,
+                      stacklevel=4)
+        return None
 
 
 def clear() -> None:
     """Drop every captured graph and its buffers (device memory returns to torch's cache)."""
     with _lock:
         while _graphs:
-            _drop(*_graphs.popitem())
+            _, graph = _graphs.popitem()
+            if graph is not None:
+                graph.release()
+        _dropped.clear()
 
 
 def death_edges(D: torch.Tensor) -> torch.Tensor:
@@ -105,10 +150,19 @@ def death_edges(D: torch.Tensor) -> torch.Tensor:
         return torch.empty((0, 2), dtype=torch.long, device=D.device)
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()
+    if X.is_cuda:
+        with torch.cuda.device(X.device):
+            if torch.cuda.is_current_stream_capturing():  # the caller's graph: no graph of ours inside
+                if n > _PACKED_MAX_N or X.dtype != torch.float32:
+                    raise ValueError(f"torch-graph inside a CUDA graph capture needs float32 and n <= "
+                                     f"{_PACKED_MAX_N}, got {X.dtype} at n={n}: convert D with .float() "
+                                     f"or call it outside the capture")
+                return boruvka_edges_static(X.clone())
     if n > _PACKED_MAX_N or (X.is_cuda and X.dtype != torch.float32):
         return boruvka_edges(X)
     if not X.is_cuda:
         return boruvka_edges_static(X.clone())
     with _lock, torch.cuda.device(X.device):  # replay launches on the current device's stream
-        graph = _captured(n, X.device)
+        key = (torch.cuda.current_device(), n)
+        graph = _cached(key, lambda: _capture(n, key[0]))
         return graph(X) if graph is not None else boruvka_edges(X)
