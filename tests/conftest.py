@@ -42,3 +42,27 @@ def rng(request) -> np.random.Generator:
 def torch_gen(request) -> torch.Generator:
     """A CPU torch generator seeded from the test's id."""
     return torch.Generator().manual_seed(_seed_of(request))
+
+
+@pytest.fixture
+def dispatched_ops():
+    """``record(fn, grad=False)``: the ``(aten operator name, reduce argument or None)`` of every
+    operator that ``fn()`` dispatches, in order, a backward included when ``grad`` (a host read
+    shows as ``_local_scalar_dense``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def record(fn, grad: bool = False) -> list[tuple[str, str | None]]:
+        seen = []
+
+        class Recorder(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                reduce = kwargs.get("reduce", next((a for a in args if isinstance(a, str)), None))
+                seen.append((func.overloadpacket.__name__, reduce))
+                return func(*args, **kwargs)
+
+        with torch.set_grad_enabled(grad), Recorder():
+            fn()
+        return seen
+
+    return record

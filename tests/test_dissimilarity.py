@@ -224,6 +224,21 @@ def test_constant_neuron_is_uncorrelated(dtype, value, torch_gen):
     )
 
 
+@pytest.mark.parametrize("name", sorted(dis.DISSIMILARITIES))
+def test_unchecked_forward_and_backward_read_nothing_back(name, dispatched_ops, torch_gen):
+    """Without the input check, a dissimilarity and its gradient never read a value back to
+    the host: no sync per call on a GPU, and they can be captured in a CUDA graph. A dead
+    neuron is present, so the constant-column path is the one exercised."""
+    A = torch.randn(32, 9, generator=torch_gen)
+    A[:, 4] = 0.0
+    A.requires_grad_()
+    ops = dispatched_ops(lambda: dis.DISSIMILARITIES[name](A, check=False).sum().backward(), grad=True)
+    names = {op for op, _ in ops}
+    assert "mm" in names or "_cdist_forward" in names  # the recorder saw the computation
+    assert not names & {"_local_scalar_dense", "is_nonzero", "item", "nonzero"}
+    assert torch.isfinite(A.grad).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_neurons_constant(dtype):
     A = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=dtype)

@@ -547,23 +547,6 @@ def test_static_boruvka_has_no_data_dependent_shape(n):
             boruvka.boruvka_edges(torch.empty(n, n, device="meta"))
 
 
-def _dispatched_ops(fn) -> list[tuple[str, str | None]]:
-    """(aten operator, reduce argument) of every operator ``fn()`` dispatches."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            reduce = kwargs.get("reduce", next((a for a in args if isinstance(a, str)), None))
-            seen.append((func.overloadpacket.__name__, reduce))
-            return func(*args, **kwargs)
-
-    seen = []
-    with torch.no_grad(), Recorder():
-        fn()
-    return seen
-
-
 # what torch.use_deterministic_algorithms reroutes on CUDA through a sorting kernel (slower;
 # in older torch, with a host sync that breaks graph capture) or refuses
 DETERMINISTIC_REROUTED = {"index_put", "index_put_", "_index_put_impl_", "scatter", "scatter_", "scatter_add",
@@ -572,12 +555,12 @@ DETERMINISTIC_REROUTED = {"index_put", "index_put_", "_index_put_impl_", "scatte
 
 @pytest.mark.parametrize("n", [100, 300])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_boruvka_kernels_avoid_what_deterministic_mode_reroutes(n, static, rng):
+def test_boruvka_kernels_avoid_what_deterministic_mode_reroutes(n, static, rng, dispatched_ops):
     """Training runs under deterministic algorithms, and torch-graph captures there: every
     scatter must be an exact min or max, and no index_put_ (CPU sees the same operators)."""
     D = make_D("tied", n, torch.float32, rng)
     fn = boruvka_static.boruvka_edges_static if static else torch_mst.boruvka_edges
-    ops = _dispatched_ops(lambda: fn(D.clone()))
+    ops = dispatched_ops(lambda: fn(D.clone()))
     assert not {name for name, _ in ops} & DETERMINISTIC_REROUTED
     reductions = {reduce for name, reduce in ops if name.startswith("scatter_reduce")}
     assert reductions <= {"amin", "amax"}
@@ -1000,6 +983,26 @@ def test_cuda_graph_inside_the_callers_capture(rng):
         static_D.copy_(D.cuda())
         graph.replay()
         np.testing.assert_allclose(out.double().cpu().numpy(), scipy_deaths(D), rtol=0, atol=1e-12)
+    # a whole regulariser step: correlation, MST, T1, backward, captured as one graph
+    A = torch.randn(64, n, device="cuda", requires_grad=True)
+    with torch.cuda.stream(side):
+        tn.regularisers.t1(ph.deaths(tn.dissimilarity.abs_correlation(A, check=False), backend="torch-graph",
+                                     check=False)).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    A.grad = None
+    step = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(step):
+        # check=False: validating A and D needs host syncs, which a capture does not allow
+        A.grad = torch.autograd.grad(tn.regularisers.t1(ph.deaths(tn.dissimilarity.abs_correlation(A, check=False),
+                                                                  backend="torch-graph", check=False)), A)[0]
+    for _ in range(2):
+        with torch.no_grad():
+            A.copy_(torch.randn(64, n, device="cuda"))
+        step.replay()
+        B = A.detach().cpu().double().requires_grad_()
+        expected = torch.autograd.grad(tn.regularisers.t1(ph.deaths(tn.dissimilarity.abs_correlation(B),
+                                                                    backend="torch")), B)[0]
+        torch.testing.assert_close(A.grad.cpu().double(), expected, rtol=1e-3, atol=1e-4)
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
         with pytest.raises(ValueError, match="inside a CUDA graph capture needs float32"):
             cuda_graph.death_edges(static_D.double())

@@ -23,6 +23,8 @@ def _check_deaths(deaths: torch.Tensor) -> torch.Tensor:
         raise ValueError("deaths must be a 1-d tensor of the n - 1 finite death times")
     if deaths.numel() < 1:
         raise ValueError("deaths is empty; persistence of at least 2 neurons gives at least one death")
+    if deaths.is_cuda and torch.cuda.is_current_stream_capturing():
+        return deaths  # inside a CUDA graph capture the check's host sync is not allowed: skipped
     if not torch.isfinite(deaths.detach()).all():
         raise ValueError("deaths contain NaN or inf; pass the finite deaths only")
     return deaths
