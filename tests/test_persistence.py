@@ -960,6 +960,19 @@ def test_cuda_graph_failed_capture_restores_the_callers_stream(monkeypatch, rng)
         assert torch.cuda.current_stream() == stream
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert torch.equal(e, torch_mst.boruvka_edges(D))
+    # torch <= 2.11 left its allocator "capturing" after such a failure (pytorch#180395): memory
+    # used on two streams was then never reclaimed, and empty_cache() broke later captures
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    active = torch.cuda.memory_stats()["active_bytes.all.current"]
+    with torch.cuda.stream(s1):
+        x = torch.empty(1 << 20, device="cuda")
+        x.record_stream(s2)
+        del x
+    torch.cuda.synchronize()
+    torch.empty(1, device="cuda")  # an allocation processes the finished cross-stream frees
+    assert torch.cuda.memory_stats()["active_bytes.all.current"] == active
+    torch.cuda.empty_cache()
     cuda_graph.clear()
 
 
@@ -1006,6 +1019,11 @@ def test_cuda_graph_inside_the_callers_capture(rng):
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
         with pytest.raises(ValueError, match="inside a CUDA graph capture needs float32"):
             cuda_graph.death_edges(static_D.double())
+        # the default check=True would sync: a clear error, and the capture stays valid
+        with pytest.raises(ValueError, match="cannot be checked inside a CUDA graph capture"):
+            ph.deaths(static_D, backend="torch-graph")
+        with pytest.raises(ValueError, match="cannot be checked inside a CUDA graph capture"):
+            tn.dissimilarity.abs_correlation(A.detach())
     cuda_graph.clear()
 
 
@@ -1090,6 +1108,19 @@ def test_graph_cache_remembers_a_failed_capture(fresh_graph_cache):
     assert cuda_graph._cached((0, 10), failing) is None
     assert cuda_graph._cached((0, 10), failing) is None
     assert calls == [1]
+
+
+def test_graph_cache_forgets_a_capture_that_ran_out_of_memory(fresh_graph_cache):
+    """Out of memory is transient: the fallback runs this time and the next call captures."""
+    answers = [cuda_graph._RETRY, _FakeGraph((0, 10), [])]
+
+    def capture():
+        return answers.pop(0)
+
+    assert cuda_graph._cached((0, 10), capture) is None
+    assert (0, 10) not in cuda_graph._graphs
+    assert cuda_graph._cached((0, 10), capture).key == (0, 10)
+    assert not answers
 
 
 def test_dense_step_rejects_an_asymmetry_its_component_weights_hide(monkeypatch):

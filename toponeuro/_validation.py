@@ -251,6 +251,21 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
+def _refuse_inside_capture(t: torch.Tensor, name: str) -> None:
+    """A check reads a result back to the host, which a CUDA graph capture does not allow:
+    raise a ValueError that says so, instead of letting the sync invalidate the capture."""
+    if not t.is_cuda:
+        return
+    with torch.cuda.device(t.device):
+        capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
+        raise ValueError(
+            f"{name} cannot be checked inside a CUDA graph capture (the check reads a result back to "
+            "the host, which a capture does not allow): pass check=False to the calls inside the "
+            "capture, and check the inputs once before capturing"
+        )
+
+
 def check_activations(A, name: str = "activations") -> torch.Tensor:
     """Validate an activation matrix.
 
@@ -279,6 +294,7 @@ def check_activations(A, name: str = "activations") -> torch.Tensor:
         )
     if n < 2:
         raise ValueError(f"{name} has {n} neuron(s); persistence needs at least 2 neurons")
+    _refuse_inside_capture(A, name)
     _check_finite(A, name)
     return A
 
@@ -328,6 +344,7 @@ def _check_dissimilarity_values(D: torch.Tensor, name: str = "dissimilarity matr
     """The O(n^2) part of :func:`check_dissimilarity`, for a ``D`` that passed
     :func:`_check_dissimilarity_form`: finite, >= 0, zero diagonal, symmetric.
     Returns ``max |D - D.T|`` (within the tolerance; 0 for an exactly symmetric D)."""
+    _refuse_inside_capture(D, name)
     lo, hi, asym, finite = _matrix_summary(D.detach())
     if not finite:
         _check_finite(D, name)  # locates the NaN or inf and raises

@@ -240,7 +240,9 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
         On CPU with at least 2 torch threads and n >= 768, the check of the
         ``"torch"`` and ``"numba"`` backends runs alongside the MST, in one
         module-level worker thread: a bad ``D`` still raises the check's
-        ValueError, and no edges are returned.
+        ValueError, and no edges are returned. Inside a CUDA graph capture
+        the check's sync is not allowed: it raises a ValueError there, so
+        pass ``check=False`` (and check ``D`` once before capturing).
 
     Returns
     -------

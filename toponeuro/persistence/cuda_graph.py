@@ -27,7 +27,9 @@ nothing leaves the device.
 * float32 with 2 <= n <= 65536 only: float64 orders weights by rank
   (``torch.unique``, a sync) and larger n does not fit the packed keys; those,
   and CUDA graphs that fail to capture, run the ``"torch"`` backend's Boruvka
-  (which can raise on a bad matrix with ``check=False``).
+  (which can raise on a bad matrix with ``check=False``). A failed capture is
+  remembered for its size, except one that ran out of memory: the next call
+  tries again.
 * On the CPU the static Boruvka runs eagerly (the same kernels, one by one):
   a way to test it, slower than the ``"torch"`` backend's Prim.
 * With ``check=False``, a matrix that would fail the check gives unspecified
@@ -59,7 +61,7 @@ _lock = threading.Lock()  # one call at a time on the host: the buffers are shar
 class _Captured:
     """A captured static Boruvka: ``X`` in, ``edges`` out, by ``graph.replay()``."""
 
-    def __init__(self, n: int, device: torch.device):
+    def __init__(self, n: int, device: torch.device, pool):
         self.device = device
         self.X = torch.zeros((n, n), dtype=torch.float32, device=device)
         self.done = torch.cuda.Event()  # recorded where the last result was copied out
@@ -72,7 +74,7 @@ class _Captured:
         # stream=: the class-wide default capture stream belongs to whichever device captured
         # first, so a capture on another device would record nothing. thread_local: a CUDA call
         # from another thread (a DataLoader's pinning thread) does not break the capture
-        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             self.edges = boruvka_edges_static(self.X)
 
     def __call__(self, D: torch.Tensor) -> torch.Tensor:
@@ -92,8 +94,9 @@ class _Captured:
 def _cached(key: tuple, capture):
     """The graph for ``key`` (``capture()`` on a miss), keeping the latest :data:`MAX_GRAPHS`.
 
-    ``capture`` returns the graph, or None when capture failed (remembered, so
-    that the fallback does not retry per call).
+    ``capture`` returns the graph, None when capture failed (remembered, so
+    that the fallback does not retry per call), or :data:`_RETRY` when it ran
+    out of memory (not remembered: a later call tries again).
     """
     global _warned_recapture
     if key in _graphs:
@@ -111,25 +114,64 @@ def _cached(key: tuple, capture):
         if graph is not None:
             graph.release()
     graph = capture()
+    if graph is _RETRY:
+        return None
     _graphs[key] = graph
     return graph
 
 
-def _capture(n: int, index: int) -> _Captured | None:
-    """Capture the static Boruvka at ``n`` on device ``index``; None (and a warning) if torch or
-    the driver refuses."""
+_RETRY = object()  # _capture's answer when it ran out of memory: fall back this time, try again later
+
+
+def _end_failed_capture(index: int, pool) -> None:
+    """Undo what a capture that failed at its end left in torch's caching allocator.
+
+    Up to torch 2.11, ``CUDAGraph.capture_end`` raises before it tells the
+    allocator that the capture is over (fixed upstream in pytorch#180395), so
+    the allocator would go on believing a capture is underway: it stops
+    recycling memory used across streams, ``empty_cache()`` frees nothing
+    (torch 2.8 to 2.11) or raises an internal assert that breaks every later
+    capture (torch 2.2 to 2.7), and the capture's private pool leaks. These
+    are the calls ``torch.cuda.use_mem_pool`` makes on exit.
+    """
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if end is None or release is None:  # pragma: no cover - a torch without these bindings
+        return
+    try:
+        end(index, pool)
+    except Exception:  # "not currently recording": torch ended it already, or capture never began
+        return
+    release(index, pool)  # CUDAGraph.reset() releases the pool only after a capture that ended
+
+
+def _capture(n: int, index: int):
+    """Capture the static Boruvka at ``n`` on device ``index``.
+
+    Returns the graph; None (and a warning) if torch or the driver refuses;
+    :data:`_RETRY` (and a warning) if the device ran out of memory.
+    """
     previous = torch.cuda.current_stream(index)
+    pool = None
     try:
         # inference_mode(False): buffers made under inference mode could not be refilled outside it
         with torch.cuda.device(index), torch.inference_mode(False):
-            return _Captured(n, torch.device("cuda", index))
+            pool = torch.cuda.graph_pool_handle()  # ours, so that a failed capture can be ended
+            return _Captured(n, torch.device("cuda", index), pool)
     except Exception as err:
         # a capture that fails at its end leaves the capture stream current: restore the caller's
         torch.cuda.set_stream(previous)
-        warnings.warn(f"toponeuro: CUDA graph capture failed at n={n} ({type(err).__name__}: {err}); "
-                      f"the torch-graph backend runs the torch backend's Boruvka at this size", RuntimeWarning,
-                      stacklevel=4)
-        return None
+        if pool is not None:
+            _end_failed_capture(index, pool)
+        # capture_end's error replaces the one that broke the capture (an .item() inside, say)
+        cause = f"; after {type(err.__context__).__name__}: {err.__context__}" if err.__context__ else ""
+        oom = isinstance(err, torch.cuda.OutOfMemoryError)
+        warnings.warn(f"toponeuro: CUDA graph capture failed at n={n} ({type(err).__name__}: {err}{cause}); "
+                      f"the torch-graph backend runs the torch backend's Boruvka "
+                      f"{'this time (out of memory: a later call tries again)' if oom else 'at this size'}",
+                      RuntimeWarning, stacklevel=4)
+        return _RETRY if oom else None
 
 
 def clear() -> None:
