@@ -39,6 +39,7 @@ from torch import nn
 import toponeuro as tn
 from toponeuro import dissimilarity, persistence, regularisers
 from toponeuro.distributed import gather_batch, is_distributed
+from toponeuro.sampling import ImportanceSampler
 
 WORLD_SIZE = 2
 BATCH = 16
@@ -49,6 +50,7 @@ LAM = 0.5
 FORMULAS = ("t1", "t2", "min_corr", "decov")
 SYNCS = ("global", "local")
 PROBLEMS = ("plain", "dead")
+IMPORTANCE_P = 0.5
 TIMEOUT_S = 240  # the whole two-process run; the process group times out earlier
 DTYPE = torch.float64
 
@@ -141,6 +143,22 @@ def _run_rank(rank: int, port: int, problems_path: str, out_dir: str) -> None:
                     "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
                 }
                 reg.remove()
+    # the importance sampler reads the values: under "global" it must choose on the global batch
+    x, y = problems["plain"]["x"][rows], problems["plain"]["y"][rows]
+    for sync in SYNCS:
+        model = _load(problems["plain"])
+        reg = tn.TopologicalRegulariser(model, formula="t1", sync=sync, sampler=ImportanceSampler(IMPORTANCE_P))
+        ddp = DDP(model)
+        out = ddp(x)
+        value = reg()
+        activations = reg.activations()
+        (F.cross_entropy(out, y) + LAM * value).backward()
+        results[f"importance/t1/{sync}"] = {
+            "value": value.detach(),
+            "activations": activations.detach(),
+            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+        }
+        reg.remove()
     # the regulariser may also be built around the DDP wrapper itself
     x, y = problems["plain"]["x"][rows], problems["plain"]["y"][rows]
     model = _load(problems["plain"])
@@ -232,11 +250,11 @@ def ranks(tmp_path_factory) -> list[dict]:
 # --------------------------------------------------------------------------
 # single-process references (no process group here)
 # --------------------------------------------------------------------------
-def _reference(pname: str, formula: str, rows=slice(None), lam: float = LAM) -> dict:
+def _reference(pname: str, formula: str, rows=slice(None), lam: float = LAM, sampler=None) -> dict:
     problem = _problem(pname)
     model = _load(problem)
     x, y = problem["x"][rows], problem["y"][rows]
-    with tn.TopologicalRegulariser(model, formula=formula, sync="local") as reg:
+    with tn.TopologicalRegulariser(model, formula=formula, sync="local", sampler=sampler) as reg:
         out = model(x)
         value = reg()
         activations = reg.activations().detach()
@@ -318,6 +336,27 @@ def test_local_ddp_gradients_are_the_mean_of_slice_gradients(ranks, pname, formu
     for rank, res in enumerate(ranks):
         _assert_grads_close(res[_key(pname, formula, "local")]["grads"], want,
                             f"{pname}/{formula}/local rank {rank}")
+
+
+def test_importance_sampler_chooses_on_the_global_batch(ranks):
+    """Each rank's slice ranks the neurons differently; under "global" every rank must use the
+    neurons chosen on the whole batch, or the gathered columns mix different neurons."""
+    problem = _problem("plain")
+    model = _load(problem)
+    with torch.no_grad():
+        h = model.relu1(model.fc1(problem["x"]))
+    sampler = ImportanceSampler(IMPORTANCE_P)
+    whole = sampler.select({"relu1": h}, None)["relu1"].tolist()
+    per_slice = [sampler.select({"relu1": h[_slice_rows(r)]}, None)["relu1"].tolist() for r in range(WORLD_SIZE)]
+    assert any(c != whole for c in per_slice)  # otherwise this test could not fail
+    ref = _reference("plain", "t1", sampler=ImportanceSampler(IMPORTANCE_P))
+    for rank, res in enumerate(ranks):
+        r = res["importance/t1/global"]
+        torch.testing.assert_close(r["activations"], ref["activations"], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(r["value"], ref["value"], rtol=1e-10, atol=1e-12)
+        _assert_grads_close(r["grads"], ref["grads"], f"importance/t1/global rank {rank}")
+        local = _reference("plain", "t1", rows=_slice_rows(rank), sampler=ImportanceSampler(IMPORTANCE_P))
+        torch.testing.assert_close(res["importance/t1/local"]["value"], local["value"], rtol=1e-10, atol=1e-12)
 
 
 def test_dead_problem_has_the_dead_units_it_claims():

@@ -211,6 +211,21 @@ def test_callable_dissimilarity():
     torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("bad, match", [
+    (lambda A: -dissimilarity.abs_correlation(A), "negative entry"),
+    (lambda A: dissimilarity.abs_correlation(A) + torch.triu(torch.full((A.shape[1],) * 2, 0.5), 1),
+     "not symmetric"),
+    (lambda A: dissimilarity.abs_correlation(A) * float("nan"), "NaN or inf"),
+])
+def test_a_users_dissimilarity_is_checked(bad, match):
+    """The built-ins are valid by construction; a user's function may not be."""
+    model = _mlp()
+    with tn.TopologicalRegulariser(model, formula="t1", dissimilarity=bad) as reg:
+        model(_inputs())
+        with pytest.raises(ValueError, match=match):
+            reg()
+
+
 @pytest.mark.parametrize("formula", ["l1", "l2"])
 def test_weight_formulas_need_no_forward_pass(formula):
     model = _mlp()

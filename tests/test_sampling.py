@@ -6,8 +6,12 @@ layers by hand, and the samplers' choices recomputed in NumPy.
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
+import warnings
 from collections import OrderedDict
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -263,7 +267,7 @@ def _numpy_importance(layers, p, keep_output=True):
         if name == OUTPUT and keep_output:
             parts.append(a)
             continue
-        k = math.floor(p * a.shape[1])
+        k = math.floor(Decimal(repr(p)) * a.shape[1])  # floor(p * width), p as the decimal written
         score = np.abs(a).mean(axis=0)
         top = np.argsort(-score, kind="stable")[:k]  # highest first, ties: lower index
         parts.append(a[:, np.sort(top)])
@@ -400,3 +404,92 @@ def test_sampler_that_chooses_nothing_raises():
 def test_p_outside_zero_one_raises(cls, p):
     with pytest.raises(ValueError, match="p must be"):
         cls(p)
+
+
+@pytest.mark.parametrize("p", [0.29, 0.57, 0.58, 0.07, 0.1, 0.005, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("width", [1, 7, 100, 200, 1000])
+def test_fraction_count_is_floor_of_the_decimal_p_times_width(p, width):
+    """0.29 * 100 is 28.999999999999996 in binary floating point: the count must still be 29."""
+    from toponeuro.sampling import fraction_count
+
+    want = math.floor(Decimal(repr(p)) * width)
+    assert fraction_count(p, width) == want
+    A = torch.rand(4, width)
+    for sampler in (ImportanceSampler(p, keep_output=False), RandomSampler(p, keep_output=False)):
+        assert len(sampler.select(OrderedDict([("relu1", A)]), OUTPUT)["relu1"]) == want
+
+
+def test_a_deepcopy_of_the_model_records_nothing_into_the_original(x28):
+    """EMA models and snapshots deepcopy the model, hooks included: the copy's passes must not
+    add to (or clear) what the original's last pass recorded."""
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    model(x28)
+    before = OrderedDict((k, v.detach().clone()) for k, v in rec.layers().items())
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+    ema(torch.rand(BATCH + 3, 1, 28, 28))  # another batch size too
+    after = rec.layers()
+    assert list(after) == list(before)
+    for k in before:
+        torch.testing.assert_close(after[k].detach(), before[k], rtol=0, atol=0)
+    model(x28[:2])  # the original still records
+    assert all(v.shape[0] == 2 for v in rec.layers().values())
+
+
+def test_a_dropped_recorder_takes_its_hooks_off_the_model(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    assert any(m._forward_hooks for m in model.modules())
+    del rec
+    gc.collect()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    model(x28)  # and the model runs as before
+
+
+@pytest.mark.parametrize("act", [nn.SELU, nn.Mish, nn.Hardswish, nn.Hardtanh, nn.CELU, nn.LogSigmoid,
+                                 nn.Softsign, nn.Tanhshrink])
+def test_every_elementwise_nonlinearity_is_recorded_by_default(act):
+    model = nn.Sequential(nn.Linear(5, 6), act(), nn.Linear(6, 4), act(), nn.Linear(4, 3))
+    rec = ActivationRecorder(model)
+    x = torch.randn(8, 5)
+    model(x)
+    layers = rec.layers()
+    assert list(layers) == ["1", "3", OUTPUT]
+    with torch.no_grad():
+        h1 = act()(model[0](x))
+        torch.testing.assert_close(layers["1"].detach(), h1)
+        torch.testing.assert_close(layers["3"].detach(), act()(model[2](h1)))
+
+
+def test_softmax_is_not_a_layer_of_neurons():
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3), nn.Softmax(dim=1))
+    rec = ActivationRecorder(model)
+    assert rec.module_names == ["1"]
+
+
+def test_a_model_without_nonlinearity_modules_warns_that_only_the_output_is_recorded():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(x)))
+
+    model = Functional()
+    with pytest.warns(UserWarning, match="modules=\\[...\\]"):
+        rec = ActivationRecorder(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        named = ActivationRecorder(model, modules=["fc1"])  # named explicitly: no warning
+    model(torch.randn(4, 5))
+    assert list(rec.layers()) == [OUTPUT] and list(named.layers()) == ["fc1", OUTPUT]
+
+
+def test_sampler_rejects_an_unknown_sync():
+    layers = OrderedDict([("relu1", torch.rand(4, 6)), (OUTPUT, torch.rand(4, 2))])
+    with pytest.raises(ValueError, match="sync must be one of"):
+        ImportanceSampler(0.5)(layers, OUTPUT, sync="everywhere")

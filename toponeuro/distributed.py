@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-__all__ = ["SYNC_MODES", "is_distributed", "gather_batch", "init_from_env", "rank", "world_size", "local_device", "setup"]
+__all__ = ["SYNC_MODES", "is_distributed", "gather_batch", "global_sum", "init_from_env", "rank", "world_size", "local_device", "setup"]
 
 SYNC_MODES = ("global", "local")
 
@@ -115,3 +115,19 @@ def gather_batch(A: torch.Tensor, sync: str = "global") -> torch.Tensor:
         warnings.simplefilter("ignore", FutureWarning)
         parts = all_gather(A.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def global_sum(t: torch.Tensor, sync: str = "global") -> torch.Tensor:
+    """``t`` summed over ranks (a copy, without autograd) under ``sync="global"``.
+
+    For statistics that a choice depends on (the importance sampler's
+    per-neuron sums of ``|a|``), so that every rank makes the choice of the
+    global batch. ``"local"``, or no process group: ``t`` itself.
+    """
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+    if sync == "local" or not is_distributed():
+        return t
+    total = t.detach().clone()
+    dist.all_reduce(total)
+    return total

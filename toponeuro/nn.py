@@ -127,7 +127,9 @@ class TopologicalRegulariser(nn.Module):
         """
         if self.recorder is None:
             raise ValueError(f"formula {self.formula!r} uses the weights, not activations")
-        A = self.sampler(self.recorder.layers(), self.recorder.output_name)
+        # sync: under "global", a sampler that reads the values (importance) chooses on the global batch,
+        # so that the gathered columns are the same neurons on every rank
+        A = self.sampler(self.recorder.layers(), self.recorder.output_name, sync=self.sync)
         # gather before checking, so that every rank sees (and rejects) the same batch
         return check_activations(gather_batch(A, self.sync))
 
@@ -140,7 +142,9 @@ class TopologicalRegulariser(nn.Module):
 
     def deaths(self) -> torch.Tensor:
         """(n - 1,) deaths of the sampled neurons of the last pass, differentiable."""
-        return persistence.deaths(self.dissimilarity_matrix(), backend=self.backend, check=False)
+        # a user's dissimilarity function is checked (square, finite, >= 0, symmetric); the built-ins are by construction
+        return persistence.deaths(self.dissimilarity_matrix(), backend=self.backend,
+                                  check=not self._builtin_dissimilarity)
 
     def forward(self) -> torch.Tensor:
         """The regulariser value (scalar) of the last forward pass."""

@@ -18,11 +18,17 @@ keeping autograd::
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections import OrderedDict
+from fractions import Fraction
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules import activation as _activation
+
+from .distributed import SYNC_MODES, global_sum
 
 __all__ = [
     "ActivationRecorder",
@@ -38,9 +44,15 @@ __all__ = [
 #: the name under which the network's final output is recorded
 OUTPUT = "output"
 
-#: module types whose outputs are recorded by default
-NONLINEARITIES = (
-    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ReLU6, nn.PReLU,
+# normalisations over neurons and attention blocks, not layers of neurons
+_NOT_NONLINEARITIES = ("Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention")
+
+#: module types whose outputs are recorded by default: every element-wise
+#: non-linearity of ``torch.nn`` (``torch.nn.modules.activation``), and GLU
+NONLINEARITIES = tuple(
+    getattr(_activation, name) for name in _activation.__all__
+    if name not in _NOT_NONLINEARITIES and isinstance(getattr(_activation, name), type)
+    and issubclass(getattr(_activation, name), nn.Module)
 )
 
 _CONV_MODES = ("flatten", "channel")
@@ -76,6 +88,12 @@ class ActivationRecorder:
     Recording happens only while :attr:`enabled` is true and autograd is on,
     so evaluation under ``torch.no_grad()`` records (and costs) nothing. Each
     forward pass of the model replaces what the previous one recorded.
+
+    The hooks record only for the modules they were registered on: a
+    ``copy.deepcopy`` of the model (an EMA or ``AveragedModel``, a snapshot)
+    carries them along, but its passes record nothing here. They hold the
+    recorder weakly, so a recorder dropped without :meth:`remove` takes its
+    hooks off the model when it is garbage collected.
     """
 
     def __init__(self, model: nn.Module, modules: Iterable[str] | None = None,
@@ -100,32 +118,35 @@ class ActivationRecorder:
                 )
         if not names and not include_output:
             raise ValueError("nothing to record: no non-linearity modules found and include_output=False")
+        if not names and modules is None:
+            warnings.warn(
+                f"no non-linearity module found in {type(model).__name__} (functional calls such as F.relu "
+                "are invisible to hooks): only the model's output is recorded; name the modules whose "
+                "outputs are the neurons with modules=[...]", UserWarning, stacklevel=3)
         self.module_names = names
         self._records: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._handles = [model.register_forward_pre_hook(self._start_pass)]
+        me = weakref.ref(self)
+        handles = [model.register_forward_pre_hook(_start_pass_hook(me, model))]
         for name in names:
-            self._handles.append(named[name].register_forward_hook(self._hook(name)))
+            handles.append(named[name].register_forward_hook(_record_hook(me, named[name], name)))
         if include_output:
-            self._handles.append(model.register_forward_hook(self._hook(OUTPUT)))
+            handles.append(model.register_forward_hook(_record_hook(me, model, OUTPUT)))
+        self._handles = handles
+        self._finalizer = weakref.finalize(self, _remove_handles, handles)
 
     def _recording(self) -> bool:
         return self.enabled and torch.is_grad_enabled()
 
-    def _start_pass(self, module, inputs):
-        self._records = OrderedDict()
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            if not self._recording():
-                return
-            if not isinstance(output, torch.Tensor):
-                raise ValueError(f"module {name!r} returned {type(output).__name__}; can only record tensors")
-            key, k = name, 1
-            while key in self._records:  # a module applied twice in one pass
-                k += 1
-                key = f"{name}#{k}"
-            self._records[key] = output
-        return hook
+    def _record(self, name: str, output) -> None:
+        if not self._recording():
+            return
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"module {name!r} returned {type(output).__name__}; can only record tensors")
+        key, k = name, 1
+        while key in self._records:  # a module applied twice in one pass
+            k += 1
+            key = f"{name}#{k}"
+        self._records[key] = output
 
     @property
     def has_pass(self) -> bool:
@@ -136,7 +157,9 @@ class ActivationRecorder:
         if not self._records:
             raise ValueError(
                 "no activations recorded: run a forward pass of the model with autograd enabled "
-                "(not under torch.no_grad()) and the recorder enabled before asking for them"
+                "(not under torch.no_grad()) and the recorder enabled before asking for them; the "
+                "replicas of nn.DataParallel on several GPUs are not recorded: use "
+                "DistributedDataParallel (see toponeuro.distributed)"
             )
         out = OrderedDict((k, _as_neurons(v, self.conv)) for k, v in self._records.items() if k != OUTPUT)
         if OUTPUT in self._records:
@@ -148,10 +171,33 @@ class ActivationRecorder:
 
     def remove(self) -> None:
         """Remove every hook from the model."""
-        for h in self._handles:
-            h.remove()
+        self._finalizer()
         self._handles = []
         self._records = OrderedDict()
+
+
+def _remove_handles(handles) -> None:
+    for h in handles:
+        h.remove()
+
+
+# The hooks are closures over a weak reference to the recorder and over the module they
+# were registered on: copy.deepcopy(model) copies the hook functions as they are, so the
+# copy's modules fail the identity test, and the recorder is not kept alive by the model.
+def _start_pass_hook(recorder: "weakref.ref[ActivationRecorder]", model: nn.Module):
+    def start_pass(module, inputs):
+        rec = recorder()
+        if rec is not None and module is model:
+            rec._records = OrderedDict()
+    return start_pass
+
+
+def _record_hook(recorder: "weakref.ref[ActivationRecorder]", owner: nn.Module, name: str):
+    def record(module, inputs, output):
+        rec = recorder()
+        if rec is not None and module is owner:
+            rec._record(name, output)
+    return record
 
 
 class Sampler:
@@ -165,8 +211,17 @@ class Sampler:
         """name -> LongTensor of column indices (None: all columns); absent names are skipped."""
         raise NotImplementedError
 
-    def __call__(self, layers: Mapping[str, torch.Tensor], output_name: str | None = OUTPUT) -> torch.Tensor:
-        chosen = self.select(layers, output_name)
+    def __call__(self, layers: Mapping[str, torch.Tensor], output_name: str | None = OUTPUT,
+                 sync: str = "local") -> torch.Tensor:
+        """(m, n) chosen activations.
+
+        ``sync="global"`` (under a process group): a sampler whose choice reads
+        the activations makes it from the statistics of the global batch, so
+        that every rank chooses the same neurons before they are gathered.
+        """
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+        chosen = self._choose(layers, output_name, sync)
         parts = []
         for name, A in layers.items():
             if name not in chosen:
@@ -180,6 +235,10 @@ class Sampler:
             raise ValueError("the sampler chose no neurons; raise p or name more layers")
         return torch.cat(parts, dim=1)
 
+    def _choose(self, layers, output_name, sync: str) -> dict:
+        """:meth:`select`; samplers whose choice reads the values override this to honour ``sync``."""
+        return self.select(layers, output_name)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -189,6 +248,15 @@ def _check_fraction(p: float) -> float:
     if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
         raise ValueError(f"p must be a fraction in (0, 1], got {p!r}")
     return float(p)
+
+
+def fraction_count(p: float, width: int) -> int:
+    """``floor(p * width)`` with ``p`` read as the decimal it prints as.
+
+    In binary floating point ``0.29 * 100`` is 28.999999999999996: the
+    sampler would keep 28 neurons of 100, not 29.
+    """
+    return math.floor(Fraction(repr(float(p))) * width)
 
 
 class AllNeurons(Sampler):
@@ -203,15 +271,18 @@ class _FractionSampler(Sampler):
     output layer whole when ``keep_output``."""
 
     def select(self, layers, output_name):
+        return self._choose(layers, output_name, "local")
+
+    def _choose(self, layers, output_name, sync):
         chosen = {}
         for name, A in layers.items():
             if name == output_name and self.keep_output:
                 chosen[name] = None
             else:
-                chosen[name] = torch.sort(self._pick(A, math.floor(self.p * A.shape[1]))).values
+                chosen[name] = torch.sort(self._pick(A, fraction_count(self.p, A.shape[1]), sync)).values
         return chosen
 
-    def _pick(self, A: torch.Tensor, k: int) -> torch.Tensor:
+    def _pick(self, A: torch.Tensor, k: int, sync: str) -> torch.Tensor:
         """k column indices of the layer's (m, width) activations ``A``."""
         raise NotImplementedError
 
@@ -221,15 +292,18 @@ class ImportanceSampler(_FractionSampler):
 
     For every hidden layer, the ``floor(p * width)`` neurons with the highest
     mean absolute activation on the batch (ties: the lower index); the output
-    layer is kept whole when ``keep_output``.
+    layer is kept whole when ``keep_output``. Called with ``sync="global"``
+    under a process group (as :class:`~toponeuro.TopologicalRegulariser`
+    does by default), the batch is the global one.
     """
 
     def __init__(self, p: float, keep_output: bool = True):
         self.p = _check_fraction(p)
         self.keep_output = keep_output
 
-    def _pick(self, A, k):
-        score = A.detach().abs().mean(0)
+    def _pick(self, A, k, sync):
+        # the sum ranks as the mean does (m is the same for every neuron) and adds up over ranks
+        score = global_sum(A.detach().abs().sum(0, dtype=torch.promote_types(A.dtype, torch.float32)), sync)
         return torch.argsort(score, descending=True, stable=True)[:k]
 
 
@@ -249,7 +323,8 @@ class RandomSampler(_FractionSampler):
     def reset(self) -> None:
         self._generator.manual_seed(self.seed)
 
-    def _pick(self, A, k):
+    def _pick(self, A, k, sync):
+        # the same seed on every rank draws the same neurons: nothing to synchronise
         return torch.randperm(A.shape[1], generator=self._generator)[:k]
 
 
