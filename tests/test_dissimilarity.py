@@ -186,6 +186,17 @@ def test_duplicated_and_negated_neurons(dtype, torch_gen):
     assert dis.euclidean(A)[1, 3].item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_euclidean_of_half_precision_activations(dtype):
+    """cdist has no float16/bfloat16 CPU kernel: computed in float32, returned in A's dtype."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(32, 6, generator=g).to(dtype)
+    D = dis.euclidean(A)
+    assert D.dtype == dtype
+    ref = cdist(A.double().numpy().T, A.double().numpy().T)
+    np.testing.assert_allclose(D.double().numpy(), ref, rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_euclidean_near_duplicates(dtype):
     """Small distances keep their precision (no |a|^2 + |b|^2 - 2 a.b cancellation)."""

@@ -200,6 +200,17 @@ def test_decov_numpy(dtype, shape, rng):
     assert R.decov(A).item() == pytest.approx(ref, rel=1e-10 if dtype == torch.float64 else 1e-5, abs=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decov_of_half_precision_activations_is_finite_and_in_float32(dtype, rng):
+    """Activations of about 70 make the sums of squared covariances overflow float16 (inf - inf
+    would be NaN), although the value itself fits."""
+    A = torch.relu(torch.from_numpy(rng.standard_normal((256, 50)) * 16)).to(dtype)
+    assert float(A.max()) > 40
+    value = R.decov(A)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert value.item() == pytest.approx(np_decov(A.double().numpy()), rel=1e-4)
+
+
 def test_decov_uncorrelated_is_zero_and_gradcheck(rng):
     u = torch.tensor([1.0, 1.0, -1.0, -1.0])
     v = torch.tensor([1.0, -1.0, 1.0, -1.0])

@@ -113,8 +113,10 @@ def euclidean(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     if check:
         A = check_activations(A)
     X = A.mT.contiguous()
+    if X.dtype.itemsize < 4:  # float16/bfloat16: cdist has no CPU kernel for them
+        X = X.float()
     D = torch.cdist(X, X, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
-    return _zero_diagonal(0.5 * (D + D.mT))
+    return _zero_diagonal(0.5 * (D + D.mT)).to(A.dtype)
 
 
 DISSIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {

@@ -74,9 +74,13 @@ def decov(A: torch.Tensor) -> torch.Tensor:
     """DeCov (Cogswell et al., 2016): ``0.5 * (||C||_F^2 - ||diag C||^2)``.
 
     A : (m, n) activations, batch first; ``C = Ac^T Ac / m`` is the batch
-    covariance of the centred activations ``Ac``.
+    covariance of the centred activations ``Ac``. Float16 and bfloat16
+    activations are computed, and returned, in float32: the sums of squared
+    covariances overflow float16 for activations of a few tens.
     """
     A = check_activations(A)
+    if A.dtype.itemsize < 4:
+        A = A.float()
     Ac = A - A.mean(0, keepdim=True)
     C = Ac.mT @ Ac / A.shape[0]
     return 0.5 * ((C * C).sum() - (C.diagonal() ** 2).sum())
