@@ -15,7 +15,9 @@ Reproducibility: call :func:`seed_everything` before building the model (it
 fixes the initialisation); ``fit(seed=...)`` fixes the data order (a
 ``torch.Generator`` per run) and, with ``deterministic=True``, asks torch for
 deterministic kernels. The same config and seed on the same device give the
-same numbers.
+same numbers (checked on CPU). On a GPU, an operator that has no deterministic
+kernel only warns (``warn_only=True``, so that training is never refused) and
+may then differ from run to run: the warning names it.
 
 Example
 -------
