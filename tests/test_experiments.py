@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
+import multiprocessing
+import os
+import queue
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,11 +121,15 @@ def test_none_runs_once_per_seed_with_weight_zero():
 # -- runner with a stand-in for fit -------------------------------------------------------------
 
 class FakeFit:
-    """Counts calls; writes two epochs of curve; optionally interrupts at call number ``stop_at``."""
+    """Counts calls; writes two epochs of curve; optionally interrupts at call number ``stop_at``.
 
-    def __init__(self, stop_at=None):
+    ``device(method, weight, seed)`` gives the device the result reports (default ``"cpu"``).
+    """
+
+    def __init__(self, stop_at=None, device=None):
         self.calls = []
         self.stop_at = stop_at
+        self.device = device or (lambda method, weight, seed: "cpu")
 
     def __call__(self, model, train, val, test=None, *, method, weight, seed, on_epoch=None, **kw):
         self.calls.append((method, weight, seed))
@@ -132,7 +141,8 @@ class FakeFit:
         acc = 0.5 + weight / 10
         return training.FitResult(val_accuracy=acc, val_loss=0.4, test_accuracy=acc - 0.01, test_loss=0.45,
                                   best_epoch=2, epochs=2, seconds=0.2, seconds_per_epoch=0.1,
-                                  stopped_early=False, diverged=False, device="cpu", history=[])
+                                  stopped_early=False, diverged=False, device=self.device(method, weight, seed),
+                                  history=[])
 
 
 def rows_of(directory):
@@ -148,8 +158,8 @@ def test_resume_after_a_kill_does_not_duplicate_or_redo(tmp_path, monkeypatch):
         runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
     directory = tmp_path / "tiny"
     assert len(rows_of(directory)) == 1  # the first run finished and was written before the kill
-    # the killed run left a curve but no row
-    assert (directory / "curves" / "digits_mlp_l2_w0.1_s0.csv").is_file()
+    # the killed run left neither a row nor a curve (not even a half one, nor its temporary file)
+    assert sorted(p.name for p in (directory / "curves").iterdir()) == ["digits_mlp_none_w0_s0.csv"]
 
     fake2 = FakeFit()
     monkeypatch.setattr(training, "fit", fake2)
@@ -228,6 +238,248 @@ def test_real_runs_are_reproducible(tmp_path):
         assert a[0][col] == b[0][col], col
     curve_a = (tmp_path / "a" / "tiny" / "curves" / "digits_mlp_t1_w0.01_s0.csv").read_text().splitlines()
     assert len(curve_a) == 1 + 2
+
+
+# -- one folder, one writer: the lock, duplicate rows, curves under a temporary name ------------
+
+SPAWN_TIMEOUT_S = 120
+
+
+def _blocking_fit(in_fit, release):
+    """A stand-in for fit that says it is training, then waits for ``release``."""
+    fake = FakeFit()
+
+    def fit(*args, **kw):
+        in_fit.set()
+        if not release.wait(SPAWN_TIMEOUT_S):
+            raise TimeoutError("the test never released this run")
+        return fake(*args, **kw)
+
+    return fit
+
+
+def _run_in_child(out_root, text, in_fit, release, results):
+    """One `experiment run` process (spawn): reports ("ok", finished) or ("locked", message)."""
+    import torch
+
+    from toponeuro import training as training_mod
+    from toponeuro.experiments import config as config_mod
+    from toponeuro.experiments import runner as runner_mod
+
+    torch.set_num_threads(1)
+    training_mod.fit = _blocking_fit(in_fit, release)
+    try:
+        s = runner_mod.run_experiment(config_mod.parse_config(text), out_root=out_root, device="cpu",
+                                      progress=False, threads=1)
+        results.put(("ok", s.finished))
+    except runner_mod.ExperimentLockedError as err:
+        results.put(("locked", str(err)))
+    except BaseException as err:  # reported, so that the parent fails with it rather than a timeout
+        results.put(("error", repr(err)))
+
+
+def _stop(procs):
+    for p in procs:
+        if p.pid is None:  # never started
+            continue
+        p.join(30)
+        if p.is_alive():
+            p.terminate()
+            p.join(10)
+
+
+def test_two_processes_on_one_folder_one_runs_the_other_is_refused(tmp_path):
+    """Two `run` processes started together on one folder: one trains both runs, the other fails at once."""
+    ctx = multiprocessing.get_context("spawn")
+    results, release = ctx.Queue(), ctx.Event()
+    events = [ctx.Event(), ctx.Event()]
+    procs = [ctx.Process(target=_run_in_child, args=(str(tmp_path), TINY, ev, release, results))
+             for ev in events]
+    for p in procs:
+        p.start()
+    try:
+        # the winner waits inside its first run until released, so the loser is refused while it holds the lock
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        first = None
+        while first is None:
+            try:
+                first = results.get(timeout=0.5)
+            except queue.Empty:
+                if all(ev.is_set() for ev in events):
+                    pytest.fail("both processes are training the same runs of one folder")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no process reported within {SPAWN_TIMEOUT_S} s")
+        assert first[0] == "locked", first
+        assert sum(ev.is_set() for ev in events) == 1  # exactly one process trained
+        release.set()
+        second = results.get(timeout=SPAWN_TIMEOUT_S)
+    finally:
+        release.set()
+        _stop(procs)
+    assert second == ("ok", 2)
+    directory = tmp_path / "tiny"
+    assert str(directory) in first[1] and "another `toponeuro experiment run`" in first[1]
+    rows = rows_of(directory)
+    assert sorted(r["run_id"] for r in rows) == ["digits_mlp_l2_w0.1_s0", "digits_mlp_none_w0_s0"]
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_cli_refuses_a_locked_folder_cleanly(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    argv = ["experiment", "run", str(config), "--out", str(tmp_path), "--device", "cpu", "--no-progress"]
+    with runner.experiment_lock(tmp_path / "tiny") as lock_path:
+        # flock locks belong to an open file: a second open in this same process is refused too
+        assert f"pid {os.getpid()}" in lock_path.read_text()
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("toponeuro experiment: error: experiment folder ") and "Traceback" not in err
+    assert str(tmp_path / "tiny") in err and "another `toponeuro experiment run`" in err
+    assert f"pid {os.getpid()}" in err  # names the process that holds it
+    assert fake.calls == [] and not (tmp_path / "tiny" / "runs.csv").exists()
+    # released: the next run goes ahead
+    assert cli.main(argv) == 0
+    assert len(rows_of(tmp_path / "tiny")) == 2 and len(fake.calls) == 2
+
+
+def _rank_child(rank, port, out_root, text, release, results):
+    """One rank of a two-rank torchrun-style job (gloo), the runs faked."""
+    import torch
+    import torch.distributed as dist
+
+    from toponeuro import training as training_mod
+    from toponeuro.experiments import config as config_mod
+    from toponeuro.experiments import runner as runner_mod
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    training_mod.fit = FakeFit()
+    cfg = config_mod.parse_config(text)
+    try:
+        try:
+            runner_mod.run_experiment(cfg, out_root=out_root, device="cpu", progress=False, threads=1)
+            results.put((rank, "first", "ran"))
+        except runner_mod.ExperimentLockedError as err:
+            results.put((rank, "first", str(err)))
+        release.wait(SPAWN_TIMEOUT_S)
+        s = runner_mod.run_experiment(cfg, out_root=out_root, device="cpu", progress=False, threads=1)
+        results.put((rank, "second", s.finished))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as err:
+        results.put((rank, "error", repr(err)))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ranks_of_one_torchrun_job_share_the_lock_and_all_refuse_a_locked_folder(tmp_path):
+    """Only rank 0 locks; every rank learns whether it got the lock, so none trains or hangs alone."""
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    ctx = multiprocessing.get_context("spawn")
+    results, release = ctx.Queue(), ctx.Event()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_child, args=(r, port, str(tmp_path), TINY, release, results))
+             for r in range(2)]
+    try:
+        with runner.experiment_lock(tmp_path / "tiny"):  # another `run` holds the folder
+            for p in procs:
+                p.start()
+            first = dict(r[::2] for r in (results.get(timeout=SPAWN_TIMEOUT_S) for _ in range(2)))
+        release.set()
+        second = [results.get(timeout=SPAWN_TIMEOUT_S) for _ in range(2)]
+    finally:
+        release.set()
+        _stop(procs)
+    assert set(first) == {0, 1}
+    assert "another `toponeuro experiment run`" in first[0] and str(tmp_path / "tiny") in first[0]
+    assert first[1].startswith("rank 0 could not lock the folder")
+    # unlocked: the two ranks of one job run together (rank 1 does not lock rank 0 out)
+    assert sorted(second) == [(0, "second", 2), (1, "second", 2)]
+    rows = rows_of(tmp_path / "tiny")
+    assert len(rows) == 2 and len({r["run_id"] for r in rows}) == 2
+
+
+def test_duplicated_rows_read_once_and_are_not_appended_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "fit", FakeFit())
+    runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False)
+    runs_csv = tmp_path / "tiny" / "runs.csv"
+    first = runner.read_rows(runs_csv)
+    # a second copy of the l2 row with another accuracy, as two processes without the lock wrote them
+    dup = {**next(r for r in first if r["method"] == "l2"), "val_accuracy": 0.123, "test_accuracy": 0.1}
+    runner.append_row(runs_csv, dup)
+    assert len(rows_of(tmp_path / "tiny")) == 3  # the file holds it ...
+    rows = runner.read_rows(runs_csv)  # ... the reader keeps the first row of the key
+    assert len(rows) == 2 and rows == first
+    runs = report.load_runs(tmp_path / "tiny")
+    assert len(runs) == 2
+    assert runs.loc[runs["method"] == "l2", "val_accuracy"].tolist() == [pytest.approx(0.51)]  # the first
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    s = runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False)
+    assert fake.calls == [] and s.already_done == 2 and len(rows_of(tmp_path / "tiny")) == 3
+
+
+def test_a_key_written_meanwhile_by_another_process_is_not_appended_twice(tmp_path, monkeypatch, capsys):
+    fake = FakeFit()
+    runs_csv = tmp_path / "tiny" / "runs.csv"
+
+    def racing_fit(*args, method, **kw):
+        result = fake(*args, method=method, **kw)
+        if method == "l2":  # a process that ignores the lock finishes the same run first
+            other = next(r for r in runner.read_rows(runs_csv))
+            runner.append_row(runs_csv, {**other, "run_id": "digits_mlp_l2_w0.1_s0", "method": "l2",
+                                         "weight": 0.1, "val_accuracy": 0.7})
+        return result
+
+    monkeypatch.setattr(training, "fit", racing_fit)
+    s = runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False)
+    assert (s.finished, s.already_done, s.pending) == (1, 1, 0)
+    rows = rows_of(tmp_path / "tiny")
+    assert [(r["method"], r["val_accuracy"]) for r in rows] == [("none", "0.5"), ("l2", "0.7")]
+    assert "already has a row" in capsys.readouterr().out
+
+
+def test_curves_are_written_under_a_temporary_name_and_renamed_when_complete(tmp_path, monkeypatch):
+    curves = tmp_path / "tiny" / "curves"
+    seen = []
+    fake = FakeFit()
+
+    def watching_fit(*args, on_epoch, **kw):
+        def spy(record):
+            on_epoch(record)
+            seen.append(sorted(p.name for p in curves.iterdir()))
+        return fake(*args, on_epoch=spy, **kw)
+
+    monkeypatch.setattr(training, "fit", watching_fit)
+    # a temporary curve of a writer that is gone (a killed run), and one of a live process (this one)
+    curves.mkdir(parents=True)
+    dead_pid = 2 ** 22 + 12345  # above Linux's pid_max: no such process
+    dead = curves / f".digits_mlp_l2_w0.1_s0.csv.{dead_pid}.abc_12.tmp"
+    live = curves / f".digits_mlp_l2_w0.1_s0.csv.{os.getpid()}.xyz_34.tmp"
+    dead.write_text("epoch\n1\n")
+    live.write_text("epoch\n1\n")
+    runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False)
+    assert not dead.exists() and live.exists()
+    # while the first run trains, its curve grows under a temporary name only
+    assert len(seen) == 4
+    for names in seen[:2]:
+        assert "digits_mlp_none_w0_s0.csv" not in names
+        assert any(n.startswith(f".digits_mlp_none_w0_s0.csv.{os.getpid()}.") and n.endswith(".tmp")
+                   for n in names)
+    after = sorted(p.name for p in curves.iterdir())
+    assert after == sorted([live.name, "digits_mlp_l2_w0.1_s0.csv", "digits_mlp_none_w0_s0.csv"])
+    lines = (curves / "digits_mlp_none_w0_s0.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(runner.CURVE_COLUMNS) and [ln.split(",")[0] for ln in lines[1:]] == ["1", "2"]
 
 
 @pytest.mark.slow

@@ -19,9 +19,10 @@ nothing) and :mod:`~toponeuro.experiments.report` (selection rule and statistics
 
 from .config import ExperimentConfig, RunSpec, load_config, parse_config, shipped_configs
 from .report import write_report
-from .runner import COLUMNS, DEFAULT_OUT, RunSummary, read_rows, run_experiment
+from .runner import COLUMNS, DEFAULT_OUT, ExperimentLockedError, RunSummary, read_rows, run_experiment
 
 __all__ = [
     "ExperimentConfig", "RunSpec", "load_config", "parse_config", "shipped_configs",
-    "run_experiment", "RunSummary", "read_rows", "COLUMNS", "DEFAULT_OUT", "write_report",
+    "run_experiment", "RunSummary", "ExperimentLockedError", "read_rows", "COLUMNS", "DEFAULT_OUT",
+    "write_report",
 ]

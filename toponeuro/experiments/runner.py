@@ -5,17 +5,29 @@ Layout of ``<out>/<experiment name>/``:
 ``runs.csv``
     One row per finished run (:data:`COLUMNS`), appended, flushed and
     fsynced by a single writer (the parent process) as each run finishes.
+    A key already there is never appended again, and a reader keeps the
+    first row of a key (a folder written by two processes before the lock
+    existed still reads once per run).
 ``curves/<run_id>.csv``
     The training curve of each run (:data:`CURVE_COLUMNS`), one line per
-    epoch, written while the run trains.
+    epoch. It is written while the run trains to a temporary file of its
+    own, ``curves/.<run_id>.csv.<pid>.<random>.tmp``, and renamed
+    (``os.replace``) to the final name when the run finishes: a killed run
+    leaves no half curve under the final name, and two writers never share
+    a file.
 ``config.toml``
     A copy of the config of the last ``run``.
 ``errors.log``
     Tracebacks of runs that raised; those runs stay pending.
+``.lock``
+    :func:`run_experiment` holds an exclusive ``flock`` on it while it runs
+    (the writer process only; under torchrun, rank 0). A second ``run`` on
+    the same folder fails at once with :class:`ExperimentLockedError`
+    instead of training the same pending runs again.
 
 A rerun skips every run whose key (dataset, network, method, weight, seed)
-has a row; a run killed half-way (a curve file without a row) is redone from
-scratch, its curve overwritten. Rows of a different protocol (epoch cap,
+has a row; a run killed half-way (no row) is redone from scratch, and its
+curve replaces any earlier one. Rows of a different protocol (epoch cap,
 patience, batch size, learning rate, training images, sampler, ...) are
 refused rather than mixed: use another experiment name or ``--out``.
 
@@ -26,13 +38,19 @@ threads; they share one device.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
+import errno
 import io
 import multiprocessing
 import os
+import re
+import socket
 import subprocess
+import tempfile
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +64,10 @@ __all__ = [
     "CURVE_COLUMNS",
     "PROTOCOL_COLUMNS",
     "DEFAULT_OUT",
+    "LOCK_NAME",
     "RunSummary",
+    "ExperimentLockedError",
+    "experiment_lock",
     "git_commit",
     "experiment_dir",
     "read_rows",
@@ -75,6 +96,12 @@ PROTOCOL_COLUMNS = ("train_size", "val_size", "test_size", "max_epochs", "patien
 
 CURVE_COLUMNS = ("epoch", "train_loss", "train_reg", "val_loss", "val_accuracy", "lr", "seconds")
 
+#: the lock file in an experiment folder (see :func:`experiment_lock`)
+LOCK_NAME = ".lock"
+
+#: a curve being written: ``.<run_id>.csv.<pid>.<random>.tmp`` (mkstemp's random part has no dots)
+_CURVE_TMP = re.compile(r"^\.(?P<run_id>.+)\.csv\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
 
 @dataclass
 class RunSummary:
@@ -86,6 +113,60 @@ class RunSummary:
     finished: int  # trained and written now
     failed: list = field(default_factory=list)  # run_ids that raised
     pending: int = 0  # still to do after this call
+
+
+class ExperimentLockedError(ValueError):
+    """Another process (another ``toponeuro experiment run``) holds the experiment folder's lock."""
+
+
+def _locked_message(directory: Path, holder: str = "") -> str:
+    return (f"experiment folder {directory} is in use: another `toponeuro experiment run` holds its lock "
+            f"({directory / LOCK_NAME}{'; ' + holder if holder else ''}). Wait for it to finish, or run "
+            "this config into another --out folder; two runs on one folder would train the same pending "
+            "runs twice")
+
+
+@contextlib.contextmanager
+def experiment_lock(directory):
+    """Hold an exclusive, non-blocking ``flock`` on ``<directory>/.lock`` for the ``with`` block.
+
+    The folder is created if needed. The lock file is left in place (removing
+    it would let a third process lock a new file while the second still holds
+    the old one); while the lock is held it says which process holds it.
+    The lock goes with the process: a killed ``run`` releases it.
+
+    Raises
+    ------
+    ExperimentLockedError : (a ValueError) another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        warnings.warn("fcntl is not available on this platform: the experiment folder is not locked; "
+                      "do not run two `toponeuro experiment run` on one folder at once", stacklevel=3)
+        yield None
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip()
+            raise ExperimentLockedError(_locked_message(directory, holder)) from None
+        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"held by pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # nobody holds it now
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def git_commit() -> str:
@@ -123,7 +204,12 @@ def row_key(row: dict) -> tuple:
 
 
 def read_rows(path) -> list[dict]:
-    """The complete rows of a ``runs.csv`` (a torn last line or a malformed row is skipped)."""
+    """The complete rows of a ``runs.csv``, one per run key.
+
+    A torn last line or a malformed row is skipped; of two rows with the same
+    :func:`row_key` (two processes on one folder, before the folder lock) the
+    first is kept.
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -132,13 +218,17 @@ def read_rows(path) -> list[dict]:
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # a row torn by a kill mid-write
     rows = []
+    seen = set()
     for row in csv.DictReader(io.StringIO(text)):
         if None in row or any(v is None for v in row.values()):
             continue
         try:
-            row_key(row)
+            key = row_key(row)
         except (KeyError, ValueError):
             continue
+        if key in seen:
+            continue
+        seen.add(key)
         rows.append(row)
     return rows
 
@@ -154,7 +244,11 @@ def _repair_torn_line(path: Path) -> None:
 
 
 def append_row(path, row: dict) -> None:
-    """Append one row to ``runs.csv`` (header first if new), flush and fsync."""
+    """Append one row to ``runs.csv`` (header first if new), flush and fsync.
+
+    Appends unconditionally; :func:`run_experiment` first checks that the
+    row's key is not there yet.
+    """
     path = Path(path)
     new = not path.is_file() or path.stat().st_size == 0
     buf = io.StringIO()
@@ -253,7 +347,9 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
 
     Seeds with ``spec.seed`` before building the network (initialisation) and
     passes it to :func:`toponeuro.training.fit` (data order) and to a random
-    sampler. The curve goes to ``curves_dir/<run_id>.csv`` epoch by epoch.
+    sampler. The curve is written epoch by epoch to a temporary file of this
+    process in ``curves_dir`` and renamed to ``curves_dir/<run_id>.csv``
+    when the run finishes (a run that raises removes it).
     """
     from .. import data, models
 
@@ -265,10 +361,15 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
     reg = config.regulariser_for(spec.network)
 
     curve_fh = None
+    curve_tmp = None
     writer = None
     if curves_dir is not None:
         Path(curves_dir).mkdir(parents=True, exist_ok=True)
-        curve_fh = open(Path(curves_dir) / f"{spec.run_id}.csv", "w", newline="", encoding="utf-8")
+        # a name of this writer alone (O_EXCL): an orphaned worker of a killed run and its rerun never share one
+        fd, curve_tmp = tempfile.mkstemp(prefix=f".{spec.run_id}.csv.{os.getpid()}.", suffix=".tmp",
+                                         dir=curves_dir)
+        os.chmod(curve_tmp, 0o644)
+        curve_fh = open(fd, "w", newline="", encoding="utf-8")
         writer = csv.DictWriter(curve_fh, fieldnames=CURVE_COLUMNS, lineterminator="\n")
         writer.writeheader()
         curve_fh.flush()
@@ -285,9 +386,17 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
             alpha=reg.alpha, device=dev, seed=spec.seed, progress=progress,
             progress_desc=f"{spec.network} {spec.method} w={spec.weight:g} s={spec.seed}", on_epoch=on_epoch,
         )
-    finally:
+        if curve_fh is not None:
+            curve_fh.flush()
+            os.fsync(curve_fh.fileno())
+            curve_fh.close()
+            os.replace(curve_tmp, Path(curves_dir) / f"{spec.run_id}.csv")
+    except BaseException:
         if curve_fh is not None:
             curve_fh.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(curve_tmp)
+        raise
     sizes = (len(train[1]), len(val[1]), len(test[1]))
     row = {
         "run_id": spec.run_id, "dataset": spec.dataset, "network": spec.network, "method": spec.method,
@@ -318,6 +427,45 @@ def _worker(task) -> tuple:
         return ("error", spec.run_id, traceback.format_exc())
 
 
+def _remove_orphaned_curves(curves_dir: Path) -> list[Path]:
+    """Remove temporary curves whose writer process is gone (a killed run); return them.
+
+    Called under the folder lock. A temporary curve whose process is still
+    alive (an orphaned worker of a killed ``run`` still training) is left to
+    it: that worker renames it into place itself when it finishes.
+    """
+    removed = []
+    if not curves_dir.is_dir():
+        return removed
+    for path in curves_dir.glob(".*.tmp"):
+        match = _CURVE_TMP.match(path.name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's), or not a pid
+    return removed
+
+
+def _agree_on_lock(locked: bool, device: torch.device) -> bool:
+    """Under torchrun: whether rank 0 (the only rank that locks) got the lock, on every rank.
+
+    Outside a process group: ``locked`` itself. Every rank must call this.
+    """
+    if not distributed.is_distributed():
+        return locked
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if locked else 0], dtype=torch.int64, device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def _cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -338,6 +486,16 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
     limit_runs : run at most this many of the pending runs (in grid order: seed-major).
     threads : torch threads per run; default ``max(1, cpus // jobs)``.
     progress : tqdm bars over runs (and over epochs when ``jobs == 1``).
+
+    The writer process (rank 0 under torchrun) holds the folder's lock
+    (:func:`experiment_lock`) from before it reads ``runs.csv`` until it
+    returns; the other ranks of the same torchrun job do not lock, and learn
+    from rank 0 whether it got the lock.
+
+    Raises
+    ------
+    ExperimentLockedError : (a ValueError) another ``run`` is using the folder; raised on every rank.
+    ValueError : bad arguments, a ``runs.csv`` of another version or protocol.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
@@ -352,13 +510,31 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
     if distributed.world_size() > 1 and jobs > 1:
         raise ValueError("under torchrun the ranks train each run together (DDP): use --jobs 1")
     writer = distributed.rank() == 0
-    progress = progress and writer
     directory = experiment_dir(config, out_root)
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if writer:
+            try:
+                stack.enter_context(experiment_lock(directory))
+            except ExperimentLockedError as err:
+                refusal = err
+        # the other ranks wait here for rank 0's lock, so they read runs.csv only under it
+        if not _agree_on_lock(refusal is None, dev):
+            raise refusal if refusal is not None else ExperimentLockedError(
+                f"rank 0 could not lock the folder: {_locked_message(directory)}")
+        return _run_locked(config, directory, dev, writer=writer, jobs=jobs, limit_runs=limit_runs,
+                           threads=threads, progress=progress and writer)
+
+
+def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *, writer: bool, jobs: int,
+                limit_runs: int | None, threads: int | None, progress: bool) -> RunSummary:
+    """The body of :func:`run_experiment`, with the folder locked by the writer."""
     runs_csv = directory / "runs.csv"
     curves_dir = directory / "curves" if writer else None
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
         _repair_torn_line(runs_csv)
+        _remove_orphaned_curves(curves_dir)
     _check_header(runs_csv)
     _check_protocol(read_rows(runs_csv), config, directory)
     if config.text and writer:
@@ -381,12 +557,24 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
         bar = tqdm(total=len(todo), desc=f"{config.name} ({len(done)} done before)", unit="run",
                    dynamic_ncols=True)
 
+    def say(message: str) -> None:
+        if bar is not None:
+            bar.write(message)
+        else:
+            print(message)
+
     def record(status: str, run_id: str, payload) -> None:
         if status == "ok":
-            if writer:
-                append_row(runs_csv, payload)
-            summary.finished += 1
             summary.pending -= 1
+            if writer and row_key(payload) in {row_key(r) for r in read_rows(runs_csv)}:
+                # only a process that ignores the lock can have written it meanwhile; the first row stays
+                summary.already_done += 1
+                say(f"run {run_id} already has a row in {runs_csv} (written by another process); "
+                    "kept that row, not appending a second")
+            else:
+                if writer:
+                    append_row(runs_csv, payload)
+                summary.finished += 1
             if bar is not None:
                 bar.set_postfix_str(f"{run_id}: test {payload['test_accuracy']:.4f}")
         else:
@@ -395,12 +583,8 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
                       encoding="utf-8") as fh:
                 stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                 fh.write(f"--- {stamp} {run_id}\n{payload}\n")
-            message = f"run {run_id} failed (traceback in {directory / 'errors.log'}): " \
-                      f"{payload.strip().splitlines()[-1]}"
-            if bar is not None:
-                bar.write(message)
-            else:
-                print(message)
+            say(f"run {run_id} failed (traceback in {directory / 'errors.log'}): "
+                f"{payload.strip().splitlines()[-1]}")
         if bar is not None:
             bar.update(1)
 
