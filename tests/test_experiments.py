@@ -530,6 +530,80 @@ def test_selection_rule_against_a_hand_made_table():
     assert table.loc[("mlp", "t1"), "n"] == 2
 
 
+def test_pooled_selection_takes_one_weight_per_network_and_method():
+    runs = hand_runs([
+        ("mnist", "mlp", "t1", 1e-3, 0, 0.90, 0.91),
+        ("mnist", "mlp", "t1", 1e-3, 1, 0.97, 0.93),  # mean validation 0.935
+        ("mnist", "mlp", "t1", 1e-2, 0, 0.95, 0.80),
+        ("mnist", "mlp", "t1", 1e-2, 1, 0.96, 0.99),  # mean validation 0.955: chosen for both seeds
+        ("mnist", "mlp", "l1", 0.1, 0, 0.50, 0.40),
+        ("mnist", "mlp", "l1", 0.1, 1, 0.70, 0.41),  # mean 0.60 ...
+        ("mnist", "mlp", "l1", 1.0, 0, 0.60, 0.30),
+        ("mnist", "mlp", "l1", 1.0, 1, 0.60, 0.31),  # ... tied: the smaller weight, 0.1
+    ])
+    pooled = report.select_weights_pooled(runs)
+    got = [(r.method, r.weight, r.seed, r.test_accuracy) for r in pooled.itertuples()]
+    assert got == [("l1", 0.1, 0, 0.40), ("l1", 0.1, 1, 0.41), ("t1", 1e-2, 0, 0.80), ("t1", 1e-2, 1, 0.99)]
+    per_seed = report.select_weights(runs)  # for contrast: seed 1 of t1 picks 1e-3 there
+    assert per_seed.loc[(per_seed["method"] == "t1"), "weight"].tolist() == [1e-2, 1e-3]
+
+
+def _two_seed_experiment(tmp_path, monkeypatch, device):
+    """A hand-made runs.csv: mlp, none and l2 at weights 0.1 and 1, seeds 0 and 1, devices from ``device``."""
+    cfg = tiny(**{"weights = [0.1]": "weights = [0.1, 1.0]", "seeds = [0]": "seeds = [0, 1]"})
+    monkeypatch.setattr(training, "fit", FakeFit(device=device))
+    runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
+    directory = tmp_path / "tiny"
+    return directory, report.write_report(directory).read_text()
+
+
+def test_report_names_the_blocks_whose_methods_ran_on_different_devices(tmp_path, monkeypatch):
+    # seed 1: none and l2 w=0.1 on the CPU, l2 w=1 (the selected one: FakeFit's accuracy grows with weight) on CUDA
+    directory, text = _two_seed_experiment(
+        tmp_path, monkeypatch, lambda method, weight, seed: "cuda:0" if (seed, weight) == (1, 1.0) else "cpu")
+    runs = report.load_runs(directory)
+    assert report.mixed_device_blocks(runs, report.select_weights(runs)) == [
+        {"network": "mlp", "seed": 1, "runs": {"cpu": 2, "cuda:0": 1}, "selected": {"cpu": ["none"], "cuda:0": ["l2"]},
+         "split": ["l2"]}]
+    assert "**Mixed devices.** In 1 of 2 blocks the methods were trained on different devices" in text
+    assert "| `mlp`, seed 1 | `cpu`: 2, `cuda:0`: 1 | `cpu`: none; `cuda:0`: L2 | L2 |" in text
+    assert "seed 0 |" not in text
+
+
+@pytest.mark.parametrize("device, line", [
+    (lambda method, weight, seed: "cuda:0" if seed == 1 else "cpu",
+     "Devices: every block (network, seed) was trained on a single device."),
+    (lambda method, weight, seed: "cpu", None),
+])
+def test_report_has_no_mixed_device_note_when_every_block_used_one_device(tmp_path, monkeypatch, device, line):
+    directory, text = _two_seed_experiment(tmp_path, monkeypatch, device)
+    runs = report.load_runs(directory)
+    assert report.mixed_device_blocks(runs, report.select_weights(runs)) == []
+    assert "Mixed devices" not in text and "trained on different devices" not in text
+    assert (line in text) if line else ("Devices: every block" not in text)
+
+
+def test_report_states_its_selection_and_block_choices_as_deviations(tmp_path, monkeypatch):
+    # seed 0 prefers l2 weight 1, seed 1 weight 0.1: the per-seed choices differ
+    def fit(*args, method, weight, seed, **kw):
+        result = FakeFit()(*args, method=method, weight=weight, seed=seed, **kw)
+        if seed == 1 and weight == 0.1:
+            result.val_accuracy, result.test_accuracy = 0.7, 0.65
+        return result
+
+    cfg = tiny(**{"weights = [0.1]": "weights = [0.1, 1.0]", "seeds = [0]": "seeds = [0, 1]"})
+    monkeypatch.setattr(training, "fit", fit)
+    runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
+    text = report.write_report(tmp_path / "tiny").read_text()
+    assert "A choice that differs from the paper's protocol." in text
+    assert "Here 1 of 1 (network, method) pairs with a weight pick different weights for different seeds" in text
+    # per seed: l2 tests 0.59 (seed 0, w=1) and 0.65 (seed 1, w=0.1), mean 0.62; pooled (mean val 0.6 at w=1
+    # against 0.605 at w=0.1 -> w=0.1): 0.50 and 0.65, mean 0.575; the change is 4.50 points
+    assert "changes a mean test accuracy by at most 4.50 points" in text
+    assert "A choice that differs from Demšar (2006)." in text and "the critical difference is optimistic" in text
+    assert "(2 blocks from 1 network(s))" in text
+
+
 def test_friedman_matches_scipy_and_the_textbook_formula():
     # test accuracy of the selected weight per block (network, seed) x method, no ties within a block
     acc = {
