@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from toponeuro import cli
+from toponeuro import cli, training_cli
 from toponeuro.training_cli import held_out_statistics
 
 
@@ -52,11 +52,29 @@ def test_held_out_statistics_against_direct_computation():
     assert stats["t1"] == pytest.approx(float((1 - mst).sum()), rel=1e-4)
 
 
-def test_train_rejects_bad_options(tmp_path):
-    with pytest.raises(ValueError, match="backend"):
-        cli.main(["train", "--backend", "nope", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="limit"):
-        cli.main(["train", "--limit", "10", "--out", str(tmp_path)])
+@pytest.mark.parametrize("options, match", [
+    (["--backend", "nope"], "unknown persistence backend"),
+    (["--backend", "ripser"], "gives death values only"),  # before the baseline trains, not after
+    (["--limit", "10"], "--limit 10 is smaller than --batch-size"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--weight", "-1"], "--weight must be a finite number"),
+    (["--device", "bogus"], "unknown device"),
+])
+def test_train_rejects_bad_options_with_one_line_and_exit_2(options, match, tmp_path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained despite a bad option")
+
+    monkeypatch.setattr(training_cli, "fit", no_training)
+    assert cli.main(["train", *options, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("toponeuro train: error: ") and match in err and "Traceback" not in err
+
+
+def test_train_out_that_is_a_file_exits_2(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli.main(["train", "--dataset", "digits", "--out", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point_help():

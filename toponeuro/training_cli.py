@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -86,19 +87,34 @@ def plot_persistence(before: list[float], after: list[float], labels: tuple[str,
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train, compare, write; bad options and unusable paths exit 2 with a one-line error."""
+    try:
+        return _train_and_compare(args)
+    except (ValueError, OSError) as err:
+        print(f"toponeuro train: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train_and_compare(args: argparse.Namespace) -> int:
     if args.epochs < 1:
         raise ValueError("--epochs must be at least 1")
     if args.limit is not None and args.limit < args.batch_size:
         raise ValueError(f"--limit {args.limit} is smaller than --batch-size {args.batch_size}")
     if not math.isfinite(args.weight) or args.weight < 0:
         raise ValueError("--weight must be a finite number >= 0")
-    persistence.get_backend(args.backend)  # a clear error for an unknown backend, before any training
+    # an unknown backend, or one without death edges (the held-out T1 needs them), before any training
+    if not persistence.get_backend(args.backend).gives_edges:
+        raise ValueError(f"--backend {args.backend!r} gives death values only, not death edges; the regulariser "
+                         f"and the held-out T1 need edges: use one of "
+                         f"{[b for b in persistence.available_backends() if persistence.BACKENDS[b].gives_edges]}")
     device = resolve_device(args.device)
     # under torchrun every rank trains its slice of each batch (DDP); rank 0 reports
     device = distributed.setup(device)
     writer = distributed.rank() == 0
     out = Path(args.out)
     if writer:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
         out.mkdir(parents=True, exist_ok=True)
 
     train = data.load(args.dataset, "train")
