@@ -1133,3 +1133,24 @@ def test_dense_step_rejects_an_asymmetry_its_component_weights_hide(monkeypatch)
     assert not torch.equal(D, D.T)
     with pytest.raises(ValueError, match="exactly symmetric matrix of finite weights"):
         torch_mst.boruvka_edges(D)
+
+
+@pytest.mark.parametrize("tiny", [1e-46, 5e-324])
+def test_giotto_ph_keeps_the_edges_of_float64_entries_below_float32s_range(tiny):
+    """giotto-ph computes in float32, where these entries are 0: it reports no pair for them, and
+    the zero-edge completion must see them as 0 too, or a tree edge goes missing."""
+    if "giotto-ph" not in ph.available_backends():
+        pytest.skip("giotto-ph is not installed")
+    D = torch.tensor([[0, tiny, .5, .6], [tiny, 0, .3, .7], [.5, .3, 0, .4], [.6, .7, .4, 0]], dtype=torch.float64)
+    e = ph.death_edges(D, backend="giotto-ph")
+    assert_spanning_tree(e, 4)
+    torch.testing.assert_close(ph.deaths(D, backend="giotto-ph"), ph.deaths(D, backend="torch"), rtol=0, atol=0)
+
+
+def test_a_backend_that_returns_a_non_tree_is_refused(monkeypatch):
+    """The deaths are gathered at the backend's edges: too few edges would give a silently wrong T1."""
+    spec = ph.BACKENDS["torch"]
+    module = spec.load()
+    monkeypatch.setattr(module, "death_edges", lambda X: torch.tensor([[0, 1]]))
+    with pytest.raises(RuntimeError, match=r"not the \(3, 2\) of a spanning tree"):
+        ph.deaths(torch.tensor([[0., .1, .2, .3], [.1, 0., .4, .5], [.2, .4, 0., .6], [.3, .5, .6, 0.]]))

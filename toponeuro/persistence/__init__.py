@@ -173,6 +173,12 @@ def _backend_edges(D: torch.Tensor, b: Backend) -> torch.Tensor:
         if X.dtype not in (torch.float32, torch.float64):
             X = X.float()  # half and bfloat16 widen exactly; plug-ins see float32/float64 only
         edges = b.load().death_edges(X)
+        n = X.shape[0]
+        if tuple(edges.shape) != (n - 1, 2):
+            # a spanning tree has n - 1 edges: anything else would give silently wrong deaths
+            raise RuntimeError(f"backend {b.name!r} returned edges of shape {tuple(edges.shape)} for n = {n}, "
+                               f"not the ({n - 1}, 2) of a spanning tree; please report this, and use "
+                               f"backend='torch' meanwhile")
         return canonical_order(D, edges)
 
 

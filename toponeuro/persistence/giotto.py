@@ -21,14 +21,16 @@ def _complete_with_zero_edges(X: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
     ripser reports no pair of zero persistence (born and dead at 0), so the
     merges of duplicated neurons are missing; Kruskal over the zero-weight
-    pairs, in (i, j) order, completes the forest to a spanning tree.
+    pairs, in (i, j) order, completes the forest to a spanning tree. "Zero"
+    as giotto-ph sees it: it computes in float32, where a float64 entry below
+    about 7e-46 is 0 too.
     """
     n = X.shape[0]
     parent = np.arange(n)
     for i, j in edges:
         parent[_root(parent, i)] = _root(parent, j)
     extra = []
-    for i, j in zip(*np.nonzero(np.triu(X == 0, k=1))):
+    for i, j in zip(*np.nonzero(np.triu(X.astype(np.float32) == 0, k=1))):
         ri, rj = _root(parent, i), _root(parent, j)
         if ri != rj:
             parent[ri] = rj
