@@ -176,6 +176,20 @@ def test_D_rounding_level_asymmetry_is_accepted(dtype):
     ph.deaths(D)  # and the backends run on it
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_D_allows_a_few_ulps_of_asymmetry_not_more(dtype):
+    """100 epsilons of bfloat16 are 0.78: a clearly asymmetric matrix would pass."""
+    D = good_D(dtype=torch.float32)
+    D[0, 2] = D[2, 0] = 0.5
+    D = D.to(dtype)
+    D[0, 2] = 0.5 + torch.finfo(dtype).eps  # two ulps at 0.5
+    assert D[0, 2] != D[2, 0]
+    assert check_dissimilarity(D) is D
+    D[0, 2] = 0.5 + 10 * torch.finfo(dtype).eps  # ten epsilons (at 0.5: five ulps or more)
+    with pytest.raises(ValueError, match="not symmetric"):
+        check_dissimilarity(D)
+
+
 def test_D_with_grad_is_validated_without_breaking_autograd():
     D = good_D(dtype=torch.float64).requires_grad_(True)
     ph.deaths(D).sum().backward()

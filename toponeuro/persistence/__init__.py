@@ -186,7 +186,7 @@ def _upper_mirrored(D: torch.Tensor) -> torch.Tensor:
     """``D`` with its lower triangle replaced by the upper one's mirror (a copy, without grad).
 
     The check accepts a ``D`` whose two triangles differ by rounding (up to
-    100 machine epsilons); the backends assume exact symmetry, and the deaths
+    100 machine epsilons, 4 in 16 bits); the backends assume exact symmetry, and the deaths
     are gathered from the upper triangle, so that is the one they are given.
     """
     X = D.detach()
@@ -235,7 +235,7 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
     D : (n, n) tensor
         Symmetric, non-negative, finite dissimilarity matrix. A ``D`` whose
         triangles differ by rounding only (the check allows 100 machine
-        epsilons) is read through its upper triangle, from which the deaths
+        epsilons, 4 in 16 bits) is read through its upper triangle, from which the deaths
         are gathered. With ``check=False`` the backends assume all this: the
         torch backend's Boruvka (CUDA) raises a ValueError on weights it
         cannot order consistently; the results of the others are unspecified.
