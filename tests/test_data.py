@@ -6,6 +6,7 @@ scaling, scikit-learn's load_digits for digits.
 """
 
 import gzip
+import io
 import shutil
 from pathlib import Path
 
@@ -150,6 +151,38 @@ def test_malformed_idx_with_matching_checksum(tmp_path):
     sums = [f"{digest}  t10k-labels-idx1-ubyte.gz" if "t10k-labels" in s else s for s in sums]
     (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
     with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte\.gz is not an IDX file"):
+        data.load("mnist", "test", root=tmp_path)
+
+
+def _with_labels_file(tmp_path, payload: bytes):
+    """An MNIST folder whose test labels file is ``payload``, with a SHA256SUMS made from it."""
+    import hashlib
+
+    folder = tmp_path / "mnist"
+    _link_dataset(REPO_DATA / "mnist", folder, skip=("t10k-labels-idx1-ubyte.gz",), with_sums=False)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    sums = (REPO_DATA / "mnist" / "SHA256SUMS").read_text().splitlines()
+    sums = [f"{digest}  t10k-labels-idx1-ubyte.gz" if "t10k-labels" in s else s for s in sums]
+    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+
+
+@pytest.mark.parametrize("payload", [
+    (REPO_DATA / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes()[:-100],  # truncated download
+    b"<html>not found</html>",                                                # not gzip at all
+])
+def test_a_broken_gzip_with_matching_checksum_is_a_value_error(tmp_path, payload):
+    _with_labels_file(tmp_path, payload)
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte\.gz is not a complete gzip file"):
+        data.load("mnist", "test", root=tmp_path)
+
+
+def test_labels_outside_0_to_9_are_refused(tmp_path):
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as fh:
+        fh.write(b"\x00\x00\x08\x01" + (10000).to_bytes(4, "big") + bytes([3] * 9999 + [200]))
+    _with_labels_file(tmp_path, buf.getvalue())
+    with pytest.raises(ValueError, match="label 200 where classes are 0..9"):
         data.load("mnist", "test", root=tmp_path)
 
 

@@ -47,6 +47,7 @@ import functools
 import gzip
 import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -192,8 +193,12 @@ _IDX_DTYPES = {0x08: np.uint8}
 @functools.lru_cache(maxsize=16)
 def _parse_idx(path: str, size: int, mtime_ns: int, ndim: int) -> np.ndarray:
     """Parse a gzipped IDX file into a read-only array of ``ndim`` dimensions."""
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, zlib.error) as err:  # truncated, or not gzip at all
+        raise ValueError(f"{path} is not a complete gzip file ({type(err).__name__}: {err}); "
+                         "download it again, and its SHA256SUMS from the same source") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] != ndim:
         raise ValueError(
             f"{path} is not an IDX file of {ndim} dimension(s) of unsigned bytes "
@@ -236,6 +241,11 @@ def _idx_arrays(name: str, part: str, root: Path) -> tuple[np.ndarray, np.ndarra
     if len(images) != len(labels):
         raise ValueError(
             f"{folder}: {len(images)} {part} images but {len(labels)} labels; "
+            + _HOW_TO_GET[name]
+        )
+    if len(labels) and int(labels.max()) >= 10:
+        raise ValueError(
+            f"{folder / _FILES[f'{part}_labels']}: label {int(labels.max())} where classes are 0..9; "
             + _HOW_TO_GET[name]
         )
     return images, labels
