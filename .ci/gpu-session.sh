@@ -4,7 +4,7 @@
 # writes logs and a tarball of the results to $OUT. On a machine with network access,
 # `pip install -e .` replaces the first line. Run it as `TOPONEURO_COMMIT=<hash> bash .ci/gpu-session.sh`
 # (the copied tree has no .git) so that results record their commit.
-# data/bench/cuda was measured at 4d0c7c3, before the one-sync-per-round Boruvka and before the
+# data/bench/cuda was measured on the tree of 1a5332b (which added it), before the one-sync-per-round Boruvka and before the
 # torch-graph backend existed. Every shipped experiment is complete, so the session goes to the CUDA
 # tests (about 2 minutes) and the bench (up to 5 minutes); results come back as a tarball.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
