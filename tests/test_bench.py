@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -39,6 +44,9 @@ def test_cli_end_to_end_writes_json_and_png(tiny_run):
     assert results["config"]["repeats"] == 1
     assert results["versions"]["torch"] == torch.__version__
     assert results["commit"]  # the source the numbers came from (or "unknown")
+    assert results["dirty"] in (True, False, None)  # uncommitted changes beside it (None: unknown)
+    assert results["complete"] is True and "interrupted" not in results
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "timings.png"]  # no temporary files left
     assert results["devices"]["cpu"]["available"]
     assert results["devices"]["cpu"]["name"]
     assert (out / "timings.png").read_bytes()[:8] == PNG_MAGIC
@@ -112,15 +120,15 @@ def test_backend_that_fails_to_import_is_reported_not_crashed(monkeypatch, tmp_p
     _register(monkeypatch, "missing", "toponeuro_missing_plugin", ("toponeuro_no_such_requirement",))
     # its requirement imports, its own module does not
     _register(monkeypatch, "broken", "toponeuro.persistence.no_such_module", ("json",))
-    results = bench.run_benchmark([16], m=8, repeats=1, backends=["torch", "missing", "broken", "nonsense"],
+    results = bench.run_benchmark([16], m=8, repeats=1, backends=["torch", "missing", "broken"],
                                   devices=["cpu"], progress=False)
     assert results["backends"]["torch"]["available"]
-    for name in ("missing", "broken", "nonsense"):
+    for name in ("missing", "broken"):
         assert not results["backends"][name]["available"]
         assert results["backends"][name]["error"]
     assert "toponeuro_no_such_requirement" in results["backends"]["missing"]["error"]
     assert {c["series"] for c in results["cases"]} >= {"torch", "t1"}
-    assert not any(c["series"] in ("missing", "broken", "nonsense") for c in results["cases"])
+    assert not any(c["series"] in ("missing", "broken") for c in results["cases"])
     text = bench.format_table(results)
     assert "not benchmarked: missing" in text and "not benchmarked: broken" in text
 
@@ -249,3 +257,202 @@ def test_threads_option_is_recorded_and_restored():
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads"):
         bench.run_benchmark([16], devices=["cpu"], progress=False, threads=0)
+
+
+# ---------------------------------------------------------------- refusing bad requests before timing
+
+TINY = ["--n", "16", "--m", "8", "--repeats", "1", "--no-progress"]
+
+
+@pytest.fixture
+def no_timing(monkeypatch):
+    """Fail the test if anything gets timed."""
+    def fail(*args, **kwargs):
+        raise AssertionError("a case was timed before the request was refused")
+
+    monkeypatch.setattr(bench, "time_calls", fail)
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("toponeuro bench: error:"), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_out_that_is_a_file_exits_2_before_timing(tmp_path, capsys, no_timing):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out, fragment in ((afile, "is a file"), (afile / "sub", "lies under")):
+        code = cli_main(["bench", *TINY, "--backends", "torch", "--devices", "cpu", "--out", str(out)])
+        assert code == 2
+        _one_line_error(capsys, str(out), fragment)
+    assert afile.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_unknown_backend_exits_2_naming_the_known_ones_and_writes_nothing(tmp_path, monkeypatch, capsys,
+                                                                            no_timing):
+    monkeypatch.chdir(tmp_path)  # the default --out, data/bench/cpu, would be made here
+    for argv in (["--backends", "torch", "giotto"], ["--backends", "giotto", "--out", "given"]):
+        assert cli_main(["bench", *TINY, "--devices", "cpu", *argv]) == 2
+        _one_line_error(capsys, "'giotto'", *persistence.BACKENDS)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="unknown backend.*'nonsense'"):
+        bench.run_benchmark([16], m=8, repeats=1, backends=["torch", "nonsense"], devices=["cpu"], progress=False)
+
+
+def test_unavailable_device_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, no_timing):
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: missing on every machine
+    monkeypatch.chdir(tmp_path)
+    for devices in ([missing], ["cpu", missing]):
+        # without --out, a run that fell back to the CPU would have written over data/bench/cpu
+        assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", *devices]) == 2
+        _one_line_error(capsys, missing, "not available")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="none of the requested devices"):
+        bench.run_benchmark([16], m=8, repeats=1, backends=["torch"], devices=[missing], progress=False)
+
+
+# ---------------------------------------------------------------- saving as the run goes
+
+
+def test_results_are_handed_over_after_every_case_and_complete_only_at_the_end():
+    seen = []
+
+    def on_case(results):
+        seen.append((len(results["cases"]), results["complete"], len(results["summary"]["regulariser"])))
+
+    results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch"], devices=["cpu"], progress=False,
+                                  on_case=on_case)
+    assert results["complete"] is True
+    counts = [k for k, _, _ in seen]
+    per_n = len(bench._cases_for(torch.device("cpu"), ["torch"], {}))
+    assert len(seen) == 2 * per_n  # one call per case
+    assert counts == sorted(counts) and counts[-1] == len(results["cases"])
+    assert all(complete is False for _, complete, _ in seen)
+    # the summary follows the cases: the regulariser ratio appears once its case has finished
+    assert seen[per_n - 1][2] == 1 and seen[-1][2] == 2
+
+
+def test_write_results_is_atomic(tmp_path):
+    path = tmp_path / "results.json"
+    bench.write_results({"cases": [1]}, path)
+    with pytest.raises(TypeError):
+        bench.write_results({"cases": [object()]}, path)  # fails halfway through json.dump
+    assert json.loads(path.read_text()) == {"cases": [1]}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def _interrupt_second_case(monkeypatch, interrupt):
+    """Time the first case for real; ``interrupt()`` in place of the second."""
+    real = bench.time_calls
+    calls = []
+
+    def time_calls(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            interrupt()
+            raise AssertionError("the interrupt did not stop the run")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_calls", time_calls)
+
+
+def _check_partial(out, signame):
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and results["interrupted"] == signame
+    assert [(c["series"], c["n"], c["status"]) for c in results["cases"]] == [("torch", 16, "ok")]
+    assert results["cases"][0]["repeats"] == len(results["cases"][0]["times_s"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "timings.png"]
+
+
+def test_ctrl_c_keeps_the_finished_cases(tmp_path, monkeypatch, capsys):
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _interrupt_second_case(monkeypatch, ctrl_c)
+    out = tmp_path / "out"
+    code = cli_main(["bench", *TINY, "--n", "16", "32", "--backends", "torch", "--devices", "cpu",
+                     "--out", str(out)])
+    assert code == 130
+    _check_partial(out, "SIGINT")
+    assert '"complete": false' in capsys.readouterr().err
+
+
+def test_sigterm_keeps_the_finished_cases_and_the_handler_is_restored(tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+
+    def sigterm():
+        # with the default handler SIGTERM would end pytest itself: make sure the run installed its own
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, before)
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the handler raises here
+            time.sleep(0.01)
+
+    _interrupt_second_case(monkeypatch, sigterm)
+    out = tmp_path / "out"
+    code = cli_main(["bench", *TINY, "--n", "16", "32", "--backends", "torch", "--devices", "cpu",
+                     "--out", str(out)])
+    assert code == 143
+    _check_partial(out, "SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.slow
+def test_timeout_on_a_real_process_keeps_the_finished_cases(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.Popen([sys.executable, "-m", "toponeuro", "bench", "--n", "16", "32", "64", "--m", "8",
+                             "--repeats", "100000", "--max-seconds-per-case", "600", "--backends", "torch",
+                             "--devices", "cpu", "--out", str(out), "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "results.json").exists():  # the first case has finished
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # what `timeout` sends
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and results["interrupted"] == "SIGTERM"
+    assert results["cases"] and all(c["status"] == "ok" and c["n"] == 16 for c in results["cases"])
+
+
+# ---------------------------------------------------------------- the dirty flag
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_dirty_against_git_status(tmp_path, monkeypatch):
+    monkeypatch.delenv("TOPONEURO_COMMIT", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path counts
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert bench.git_dirty(repo) is None  # not a repository
+
+    def git(*argv):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *argv], cwd=repo,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "a")
+    assert bench.git_dirty(repo) is False
+    (repo / "untracked.txt").write_text("results\n")
+    assert bench.git_dirty(repo) is False  # untracked files are ignored
+    (repo / "a.py").write_text("x = 2\n")
+    assert bench.git_dirty(repo) is True  # a modified tracked file
+    git("add", "a.py")
+    assert bench.git_dirty(repo) is True  # staged, not committed
+    git("commit", "-q", "-m", "b")
+    assert bench.git_dirty(repo) is False
+    monkeypatch.setenv("TOPONEURO_COMMIT", "abc1234")  # a copied tree: its state is unknown
+    assert bench.git_dirty(repo) is None

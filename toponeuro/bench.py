@@ -27,8 +27,19 @@ on CUDA, the resident-set high-water mark (``VmHWM``, reset through
 
 Outputs, in ``--out`` (default ``data/bench/cpu``, or ``data/bench/<gpu name>``
 when CUDA is benchmarked): ``results.json`` (host, devices, versions, date,
-every timing) and ``timings.png`` (time against n, log-log; regulariser cost
-ratio against n). A table is printed::
+commit and ``dirty``, every timing) and ``timings.png`` (time against n,
+log-log; regulariser cost ratio against n). A table is printed. The folder is
+created, and checked to be writable, before anything is timed; a request that
+cannot be met (an unknown backend name, a requested device that is not
+available, an ``--out`` that is a file) exits with status 2 before timing and
+writes nothing. ``results.json`` is rewritten atomically (a temporary file in
+the same folder, then ``os.replace``) after every finished case, with
+``"complete": false`` until the last one, so a Ctrl-C, a SIGTERM (what
+``timeout`` sends) or even a SIGKILL keeps the cases measured so far; an
+interrupted run also records ``"interrupted"`` (the signal) and exits 130
+(SIGINT) or 143 (SIGTERM). The plot (about a second) is drawn at the end, or
+on an interruption. ``"dirty"`` says whether the repository had uncommitted
+changes to tracked files (untracked files are ignored), None when unknown::
 
     python -m toponeuro bench                       # the full default run
     python -m toponeuro bench --quick               # n = 256 1024 2048, 3 repeats
@@ -38,14 +49,18 @@ ratio against n). A table is printed::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import re
+import signal
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +82,8 @@ __all__ = [
     "time_calls",
     "extrapolate_seconds",
     "run_benchmark",
+    "git_dirty",
+    "write_results",
     "format_table",
     "plot_results",
     "configure_parser",
@@ -401,6 +418,30 @@ def _device_info(device: torch.device) -> dict:
     return {"name": _cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
+def git_dirty(path: Path | str | None = None) -> bool | None:
+    """Whether the git working tree holding ``path`` (default: this package) has uncommitted changes.
+
+    ``git status --porcelain --untracked-files=no`` is non-empty: a tracked
+    file modified, staged, deleted or renamed. Untracked files are ignored
+    (benchmark outputs and scratch files would otherwise mark every rerun).
+    None when unknown: ``TOPONEURO_COMMIT`` is set (the commit then comes from
+    the environment, see :func:`~toponeuro.experiments.runner.git_commit`, and
+    this tree's state says nothing about it), git is missing, or ``path`` is
+    not in a repository.
+    """
+    if os.environ.get("TOPONEURO_COMMIT", "").strip():
+        return None
+    cwd = Path(__file__).resolve().parent if path is None else Path(path)
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return bool(out.stdout.strip())
+
+
 def _environment() -> dict:
     return {
         "host": {
@@ -413,6 +454,7 @@ def _environment() -> dict:
             "torch_threads": torch.get_num_threads(),
         },
         "commit": git_commit(),
+        "dirty": git_dirty(),
         "versions": {
             "toponeuro": __version__,
             "torch": torch.__version__,
@@ -425,15 +467,50 @@ def _environment() -> dict:
 
 
 def default_out_dir(devices: list[str]) -> Path:
-    """``data/bench/cpu``, or ``data/bench/<gpu name>`` when a CUDA device is benchmarked."""
+    """``data/bench/cpu``, or ``data/bench/<gpu name>`` when a CUDA device is benchmarked.
+
+    ``devices`` are the devices that will run (all available); a CUDA device
+    that is not there is passed over.
+    """
     for d in devices:
         if d.startswith("cuda") and torch.cuda.is_available():
+            index = torch.device(d).index
+            if index is not None and index >= torch.cuda.device_count():
+                continue
             name = torch.cuda.get_device_name(torch.device(d))
             return Path("data/bench") / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     return Path("data/bench/cpu")
 
 
 # ---------------------------------------------------------------- the run
+
+
+def _default_devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _check_options(ns, m, repeats, dtype, max_seconds_per_case, threads) -> None:
+    """ValueError, naming the option, for a value the benchmark cannot run with."""
+    if not ns or any(int(n) < 2 for n in ns):
+        raise ValueError(f"--n needs sizes >= 2 (persistence needs 2 neurons), got {ns}")
+    if m < 2:
+        raise ValueError(f"--m must be >= 2 samples (correlations need 2), got {m}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not max_seconds_per_case > 0:
+        raise ValueError(f"--max-seconds-per-case must be > 0, got {max_seconds_per_case}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+
+
+def _check_backend_names(backends: list[str]) -> None:
+    """ValueError for a name that is not a registered backend (a typo would otherwise drop it)."""
+    unknown = [name for name in backends if name not in persistence.BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(map(repr, unknown))} in --backends; "
+                         f"known: {', '.join(persistence.BACKENDS)}")
 
 
 def _check_devices(devices: list[str]) -> list[tuple[str, torch.device | None, str | None]]:
@@ -458,14 +535,16 @@ def _check_devices(devices: list[str]) -> list[tuple[str, torch.device | None, s
 
 
 def _check_backends(backends: list[str]) -> tuple[list[str], dict]:
-    """The usable backends, and a report {name: {available, gives_edges?, error?}} for all."""
+    """The usable backends, and a report {name: {available, gives_edges, error?}} for all.
+
+    An unknown name is a ValueError; a known backend that is not installed or
+    fails to import is reported as unavailable.
+    """
     report: dict[str, dict] = {}
     usable = []
     installed = persistence.available_backends()
+    _check_backend_names(backends)
     for name in backends:
-        if name not in persistence.BACKENDS:
-            report[name] = {"available": False, "error": f"unknown backend; known: {sorted(persistence.BACKENDS)}"}
-            continue
         b = persistence.BACKENDS[name]
         if name not in installed:
             report[name] = {"available": False, "gives_edges": b.gives_edges,
@@ -493,42 +572,50 @@ def run_benchmark(
     max_seconds_per_case: float = 30.0,
     progress: bool = True,
     threads: int | None = None,
+    on_case: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the benchmark; returns the results as a JSON-ready dict (see the module doc).
 
     ``threads`` sets ``torch.set_num_threads`` for the run (restored after);
     None keeps torch's default. giotto-ph uses its own 2 threads either way.
+    ``on_case(results)``, if given, is called after every finished (or
+    skipped, or failed) case with the results so far: ``"complete"`` is False
+    and ``"summary"`` covers the cases so far; it becomes True only in the
+    returned dict. Raises ValueError before timing for a bad option, an
+    unknown backend name, or when none of ``devices`` is available (a CUDA
+    device missing beside an available one is reported in the results).
     """
-    if not ns or any(int(n) < 2 for n in ns):
-        raise ValueError(f"--n needs sizes >= 2 (persistence needs 2 neurons), got {ns}")
-    if m < 2:
-        raise ValueError(f"--m must be >= 2 samples (correlations need 2), got {m}")
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not max_seconds_per_case > 0:
-        raise ValueError(f"--max-seconds-per-case must be > 0, got {max_seconds_per_case}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    _check_options(ns, m, repeats, dtype, max_seconds_per_case, threads)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_per_case, progress)
+        return _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_per_case, progress,
+                              on_case)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_per_case, progress) -> dict:
+def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_per_case, progress,
+                   on_case) -> dict:
     ns = sorted({int(n) for n in ns})
     if backends is None:
         backends = persistence.available_backends()
     if devices is None:
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        devices = _default_devices()
     device_list = _check_devices(devices)
+    if all(device is None for _, device, _ in device_list):
+        raise ValueError("none of the requested devices is available ("
+                         + "; ".join(f"{name}: {why}" for name, _, why in device_list)
+                         + "); use --devices cpu, or leave --devices out")
     usable, backend_report = _check_backends(backends)
     torch_dtype = DTYPES[dtype]
+
+    def case_done() -> None:
+        results["summary"] = _summarise(results["cases"])
+        results["load_average_end"] = _load_average()
+        if on_case is not None:
+            on_case(results)
 
     results: dict = {
         "schema": 1,
@@ -545,6 +632,7 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
         "load_average_start": _load_average(),
         "devices": {},
         "backends": backend_report,
+        "complete": False,
         "cases": [],
     }
     for name, device, why in device_list:
@@ -553,22 +641,39 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
 
     live = [(name, device) for name, device, why in device_list if device is not None]
     # the matrix is built on the first device (the CPU when it is benchmarked) and copied to the others
-    results["config"]["matrix_built_on"] = live[0][0] if live else None
+    results["config"]["matrix_built_on"] = live[0][0]
     total = len(ns) * sum(len(_cases_for(device, usable, {})) for _, device in live)
-    history: dict[tuple[str, str], list[tuple[int, float]]] = {}
     try:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="bench", unit="case", disable=not progress)
     except ImportError:  # pragma: no cover
         bar = None
+    try:
+        _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_seconds_per_case, bar,
+                    case_done)
+    finally:
+        if bar is not None:
+            bar.close()
+    results["load_average_end"] = _load_average()
+    results["summary"] = _summarise(results["cases"])
+    results["complete"] = True
+    return results
+
+
+def _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_seconds_per_case, bar,
+                case_done) -> None:
+    """Time every case at every n on every live device, appending the records to ``results["cases"]``."""
+    total = bar.total if bar is not None else 0
+    history: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for n in ns:
         try:
-            A0, D0 = benchmark_matrix(n, m, seed, torch_dtype, live[0][1] if live else torch.device("cpu"))
+            A0, D0 = benchmark_matrix(n, m, seed, torch_dtype, live[0][1])
         except Exception as err:  # e.g. out of memory: report it and go on with the other sizes
             results["cases"].append({"kind": "matrix", "series": "matrix", "call": "benchmark_matrix",
-                                     "device": live[0][0] if live else "cpu", "n": n, "status": "error",
+                                     "device": live[0][0], "n": n, "status": "error",
                                      "error": f"{type(err).__name__}: {err}"})
+            case_done()
             if bar is not None:
                 bar.update(total // len(ns))
             continue
@@ -614,17 +719,13 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
                             for record in records:
                                 record.update(graph_held_bytes=held, graph_held_nxn=held / (n * n * itemsize))
                 results["cases"].extend(records)
+                case_done()
                 if bar is not None:
                     bar.update(1)
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         del A0, D0
-    if bar is not None:
-        bar.close()
-    results["load_average_end"] = _load_average()
-    results["summary"] = _summarise(results["cases"])
-    return results
 
 
 def _median(cases: list[dict], device: str, series: str, n: int) -> float | None:
@@ -730,9 +831,32 @@ def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
 
 
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``:
+    a reader (or a kill at any moment) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_results(results: dict, path: Path) -> None:
+    """``results`` as indented JSON to ``path``, atomically (see :func:`_replace_atomically`)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+            f.write("\n")
+
+    _replace_atomically(path, write)
+
+
 def plot_results(results: dict, path: Path) -> None:
     """Two panels: time against n (log-log, one line per series and device, min-max
-    bars) and the regulariser's cost ratio against n, saved to ``path``."""
+    bars) and the regulariser's cost ratio against n, saved (atomically) to ``path`` as PNG."""
     import matplotlib.pyplot as plt
 
     cases = results["cases"]
@@ -772,8 +896,10 @@ def plot_results(results: dict, path: Path) -> None:
     names = "; ".join(f"{k}: {v.get('name', '?')}" for k, v in results["devices"].items() if v["available"])
     fig.suptitle(f"toponeuro bench, {date}, torch {results['versions']['torch']}; {names}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------- CLI
@@ -807,26 +933,108 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _prepare_out_dir(out: Path) -> Path:
+    """Create ``out`` (with its parents) and check that a file can be written there.
+
+    ValueError, naming the problem, when ``out`` is a file, lies under one,
+    or cannot be created or written.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder (it is created if missing)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out {out} lies under {blocking}, which is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create or write the folder ({err.strerror or err}); "
+                         f"give a writable folder") from err
+    return out
+
+
+@contextlib.contextmanager
+def _sigterm_raises_keyboard_interrupt():
+    """Within the block, SIGTERM (what ``timeout`` and ``kill`` send) raises KeyboardInterrupt in the
+    main thread, as Ctrl-C does, so that the run's ``except KeyboardInterrupt`` saves what it has.
+    The previous handler is restored afterwards. Yields a list that receives the signal's number."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def run(args: argparse.Namespace) -> int:
     ns = args.n if args.n is not None else (QUICK_N if args.quick else DEFAULT_N)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     budget = args.max_seconds_per_case
     if budget is None:
         budget = 10.0 if args.quick else 30.0
-    devices = args.devices
+    devices = args.devices if args.devices is not None else _default_devices()
+    backends = args.backends if args.backends is not None else persistence.available_backends()
+    # everything that can be refused is refused here, before any folder is made or anything timed
     try:
-        results = run_benchmark(ns, m=args.m, repeats=repeats, backends=args.backends, devices=devices,
-                                dtype=args.dtype, seed=args.seed, max_seconds_per_case=budget,
-                                progress=not args.no_progress, threads=args.threads)
+        _check_options(ns, args.m, repeats, args.dtype, budget, args.threads)
+        _check_backend_names(backends)
+        missing = [(name, why) for name, device, why in _check_devices(devices) if device is None]
+        if missing:
+            raise ValueError("requested device(s) not available: "
+                             + "; ".join(f"{name}: {why}" for name, why in missing)
+                             + "; drop them from --devices (without --devices: cpu, and cuda when available)")
+        out = _prepare_out_dir(args.out if args.out is not None else default_out_dir(devices))
     except ValueError as err:
-        print(f"toponeuro bench: {err}", file=sys.stderr)
+        print(f"toponeuro bench: error: {err}", file=sys.stderr)
         return 2
-    out = args.out if args.out is not None else default_out_dir(list(results["devices"]))
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
-    plot_results(results, out / "timings.png")
+    json_path, png_path = out / "results.json", out / "timings.png"
+    latest: dict = {}
+
+    def save(results: dict) -> None:  # after every case: what is measured so far survives a kill
+        latest["results"] = results
+        write_results(results, json_path)
+
+    with _sigterm_raises_keyboard_interrupt() as received:
+        try:
+            results = run_benchmark(ns, m=args.m, repeats=repeats, backends=backends, devices=devices,
+                                    dtype=args.dtype, seed=args.seed, max_seconds_per_case=budget,
+                                    progress=not args.no_progress, threads=args.threads, on_case=save)
+        except KeyboardInterrupt:
+            results = None
+        except ValueError as err:
+            print(f"toponeuro bench: error: {err}", file=sys.stderr)
+            return 2
+    if results is None:  # interrupted: keep the finished cases, marked incomplete
+        signame = "SIGTERM" if received else "SIGINT"
+        code = 128 + (signal.SIGTERM if received else signal.SIGINT)
+        partial = latest.get("results")
+        if partial is None:
+            print(f"toponeuro bench: interrupted ({signame}) before the first case finished; "
+                  f"nothing written to {out}", file=sys.stderr)
+            return code
+        partial.update(complete=False, interrupted=signame)
+        write_results(partial, json_path)
+        print(format_table(partial))
+        try:
+            plot_results(partial, png_path)
+            plotted = f" and {png_path}"
+        except Exception as err:  # the timings are safe in the JSON; a plot failure must not hide that
+            plotted = f" (no plot: {type(err).__name__}: {err})"
+        print(f"toponeuro bench: interrupted ({signame}); {len(partial['cases'])} finished case records "
+              f"saved in {json_path}{plotted}, with \"complete\": false", file=sys.stderr)
+        return code
+    write_results(results, json_path)
+    plot_results(results, png_path)
     print(format_table(results))
-    print(f"wrote {out / 'results.json'} and {out / 'timings.png'}")
+    print(f"wrote {json_path} and {png_path}")
     return 0
