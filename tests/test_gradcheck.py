@@ -164,6 +164,53 @@ def test_a_wrong_gradient_fails_at_a_differentiable_point():
     assert "FAIL" in report.row()
 
 
+@pytest.mark.parametrize("scale", [1e3, 1e4])
+@pytest.mark.parametrize("formula", ["t1", "t2", "min_corr"])
+def test_one_neuron_on_a_much_larger_scale_still_passes(formula, scale):
+    # T1, T2 and MinCorr (correlation-based) do not change when a neuron is rescaled, so
+    # by the chain rule the gradient at B = A with column 0 times s is that at A with
+    # column 0 divided by s: an independent check that the gradient there is right. A
+    # single step 1e-6 * max|B| for every entry made this point FAIL (t2: rel err 2e-6).
+    A = gc.random_activations(m=12, n=8, seed=0)
+    B = A.clone()
+    B[:, 0] *= scale
+
+    def grad(X):
+        Xg = X.clone().requires_grad_(True)
+        return torch.autograd.grad(gc.regulariser_value(Xg, formula), Xg)[0]
+
+    expected = grad(A)
+    expected[:, 0] /= scale
+    assert torch.allclose(grad(B), expected, rtol=1e-9, atol=1e-12)
+    report = gc.check_activations_gradient(B, formula=formula)
+    assert report.diagnosis.differentiable and report.jumps == 0
+    assert report.verdict == "ok" and report.passed
+    assert report.max_rel_err <= 1e-8  # as at the unscaled point (~1e-9), far under the 1e-6 tolerance
+    # each neuron's entries had their own step: 1e-6 times its column's scale
+    assert report.step == pytest.approx(1e-6 * float(B[:, 0].abs().max()))
+    assert report.min_step == pytest.approx(1e-6 * float(B[:, 1:].abs().amax(0).min()))
+    # a gradient wrong by 1e-5 (relative ~1e-5) at this very point is caught, and measured accurately
+    wrong = gc.check_activations_gradient(B, formula=formula, perturb_gradient=1e-5)
+    assert wrong.verdict == "FAIL" and not wrong.passed
+    assert wrong.max_abs_err == pytest.approx(1e-5, rel=1e-2)
+
+
+@pytest.mark.parametrize("formula", ["t1", "decov"])
+def test_scale_dependent_formulas_pass_with_one_neuron_1000_times_larger(formula):
+    # euclidean and decov change when a neuron is rescaled: their steps have a floor
+    # (1e-2 * max|A| and max|A|), so the small neurons' steps do not drown in rounding
+    A = gc.random_activations(m=12, n=8, seed=0)
+    A[:, 0] *= 1e3
+    report = gc.check_activations_gradient(A, formula=formula, dissimilarity="euclidean")
+    assert report.verdict == "ok" and report.jumps == 0
+    assert report.min_step >= (1e-8 if formula == "t1" else 1e-6) * float(A.abs().max()) * (1 - 1e-12)
+    Ag = A.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(gc.regulariser_value(Ag, formula, "euclidean"), Ag)
+    shift = 1e-5 * float(g.abs().max())  # a gradient wrong by 1e-5 relative is caught
+    wrong = gc.check_activations_gradient(A, formula=formula, dissimilarity="euclidean", perturb_gradient=shift)
+    assert wrong.verdict == "FAIL"
+
+
 def test_finite_differences_alone_match_a_hand_derivative():
     # decov = 0.5 * sum_{k != l} C_kl^2 with C = Ac^T Ac / m, so
     # d decov / dA = (2 / m) * Ac @ offdiag(C), an independent formula
@@ -360,6 +407,25 @@ def test_model_check_fails_with_a_wrong_gradient_and_flags_dead_relus():
     report = gc.check_model_gradient(model, x, formula="t1")
     assert report.diagnosis.constant_neurons == [3]
     assert not report.diagnosis.differentiable and report.passed
+
+
+@pytest.mark.parametrize("formula", ["t1", "t2"])
+def test_a_large_parameter_does_not_set_the_step_of_the_others(formula):
+    # one bias at -100 (a dead ReLU) among parameters of size ~0.5: T1/T2 with the euclidean
+    # dissimilarity stay differentiable (a constant neuron is harmless there). One step
+    # 1e-6 * max|theta| = 1e-4 for every parameter gave rel err ~8e-7 (tolerance 1e-6);
+    # each entry's own step (its size, its tensor's median, 1e-2 * max|theta|) gives ~1e-10.
+    model, x = _mlp_and_batch()
+    with torch.no_grad():
+        model[2].bias[0] = -100.0
+    report = gc.check_model_gradient(model, x, formula=formula, dissimilarity="euclidean")
+    assert report.diagnosis.differentiable and report.jumps == 0
+    assert report.verdict == "ok"
+    assert report.step == pytest.approx(1e-4) and report.min_step == pytest.approx(1e-6)
+    one_step = gc.check_model_gradient(model, x, formula=formula, dissimilarity="euclidean", eps=1e-4)
+    assert report.max_rel_err < one_step.max_rel_err / 100
+    wrong = gc.check_model_gradient(model, x, formula=formula, dissimilarity="euclidean", perturb_gradient=1e-5)
+    assert wrong.verdict == "FAIL"
 
 
 # ---------------------------------------------------------------------------

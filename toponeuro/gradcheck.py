@@ -76,8 +76,12 @@ _EPS = float(np.finfo(np.float64).eps)
 #: kink is *at* the kink: the pipeline computes it with a rounding error of a
 #: few epsilons, so nothing smaller can be told apart from zero
 _KINK_ULPS = 1000.0
-#: the default finite-difference step, relative to the scale of the input
+#: the default finite-difference step, relative to the scale of each entry
+#: (see _entry_scales)
 _REL_STEP = 1e-6
+#: the smallest scale of an entry, relative to max|x| (see _entry_scales)
+_FLOOR_INVARIANT = 1e-12
+_FLOOR = 1e-2
 #: the step is shrunk tenfold at most this many times when a finite-difference
 #: evaluation lands on another smooth piece (see _choose_step_and_differentiate)
 _MAX_SHRINK = 3
@@ -456,7 +460,9 @@ class GradcheckReport:
         to the size of the gradient (entrywise ratios blow up on entries that
         are 0 by structure).
     step : float
-        The finite-difference step ``h`` (``f(x + h) - f(x - h)) / 2h``).
+        The largest finite-difference step ``h_k`` taken (``(f(x + h_k e_k) -
+        f(x - h_k e_k)) / 2 h_k``); each entry has its own, relative to its
+        scale (see ``min_step``).
     jumps : int
         Finite-difference evaluations whose combinatorial state (tree, signs
         of the gathered rho, constant neurons, ReLU pattern) differed from the
@@ -467,6 +473,8 @@ class GradcheckReport:
     subgradient : :class:`SubgradientReport` or None
         T1 at a tie: the check that replaces the finite-difference comparison.
     seconds : float
+    min_step : float or None
+        The smallest step ``h_k`` taken (``None``: the same as ``step``).
     """
 
     formula: str
@@ -482,6 +490,7 @@ class GradcheckReport:
     tolerance: float
     subgradient: SubgradientReport | None = None
     seconds: float = 0.0
+    min_step: float | None = None
 
     @property
     def verdict(self) -> str:
@@ -517,6 +526,11 @@ class GradcheckReport:
             self.verdict,
         ]
 
+    def _steps_text(self) -> str:
+        if self.min_step is None or self.min_step == self.step:
+            return f"step {self.step:.3g}"
+        return f"steps {self.min_step:.3g} to {self.step:.3g} (each entry's relative to its scale)"
+
     def label(self) -> str:
         return f"{self.formula} / {self.dissimilarity or '-'} / {self.backend or '-'}"
 
@@ -537,7 +551,7 @@ class GradcheckReport:
             f"gradcheck {self.formula} / {self.dissimilarity or '-'} / {self.backend or '-'} "
             f"w.r.t. {self.size} {self.wrt}: {self.verdict}",
             f"  max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g} "
-            f"(tolerance {self.tolerance:.1g}), step {self.step:.3g}, "
+            f"(tolerance {self.tolerance:.1g}), {self._steps_text()}, "
             f"{self.jumps} finite-difference evaluation(s) off the point's smooth piece",
             "  " + self.diagnosis.sentence(),
         ]
@@ -600,54 +614,102 @@ def _state_of(A: torch.Tensor, formula: str, dissimilarity, backend: str) -> byt
 
 
 def _central_differences(evaluate: Callable[[torch.Tensor], tuple[float, bytes]], x0: torch.Tensor,
-                         h: float, base_state: bytes | None):
+                         h: torch.Tensor, base_state: bytes | None):
     """Central differences of ``evaluate`` at the flat float64 vector ``x0``.
 
-    ``evaluate(x) -> (value, state)``. Returns the (N,) gradient and how many
-    of the 2N evaluations had a state other than ``base_state``.
+    ``evaluate(x) -> (value, state)``; ``h``: (N,) step per entry. Returns the
+    (N,) gradient and how many of the 2N evaluations had a state other than
+    ``base_state``.
     """
     g = torch.empty_like(x0)
     jumps = 0
     for k in range(x0.numel()):
         x = x0.clone()
-        x[k] = x0[k] + h
+        hk = float(h[k])
+        x[k] = x0[k] + hk
         fp, sp = evaluate(x)
-        x[k] = x0[k] - h
+        x[k] = x0[k] - hk
         fm, sm = evaluate(x)
         # the step actually taken (x0 + h rounds): divide by it, not by 2h
-        g[k] = (fp - fm) / (float(x0[k] + h) - float(x0[k] - h))
+        g[k] = (fp - fm) / (float(x0[k] + hk) - float(x0[k] - hk))
         if base_state is not None:
             jumps += (sp != base_state) + (sm != base_state)
     return g, jumps
 
 
+def _entry_scales(x0: torch.Tensor, group_scale: torch.Tensor | None, floor: float) -> torch.Tensor:
+    """The scale each entry's finite-difference step is relative to: (N,) from (N,) ``x0``.
+
+    ``max(|x0_k|, group_scale_k, floor * max|x0|)``: the entry's own size,
+    that of its group (its neuron's column of activations, or its parameter
+    tensor), and a floor relative to the largest entry (see
+    :func:`_floor_fraction`).
+    """
+    scale = x0.abs()
+    if group_scale is not None:
+        scale = torch.maximum(scale, group_scale.to(scale))
+    return scale.clamp_min(floor * max(float(x0.abs().max()), 1e-12))
+
+
+def _floor_fraction(formula: str, dissimilarity) -> float:
+    """The floor of :func:`_entry_scales` for a check w.r.t. the activations.
+
+    * The correlation-based formulas do not change when a neuron is rescaled:
+      each neuron is its own scale, however small next to the others, and the
+      floor (``1e-12``) only keeps the step off 0.
+    * ``decov`` is a polynomial of degree 2 in each entry, so central
+      differences have no truncation error and the largest step has the least
+      rounding error; its value subtracts ``||diag C||^2`` from ``||C||_F^2``,
+      whose rounding grows with the largest neuron. The floor is 1: one
+      step, ``1e-6 * max|A|``, for every entry.
+    * Otherwise (``euclidean``, a callable dissimilarity) an entry's effect on
+      ``R`` is measured against the other neurons', and a step far below
+      theirs is lost in the rounding of ``R``: the floor is ``1e-2``.
+    """
+    if formula == "min_corr" or (formula in _ON_DEATHS and _name_of(dissimilarity) in CORRELATION_BASED):
+        return _FLOOR_INVARIANT
+    if formula == "decov":
+        return 1.0
+    return _FLOOR
+
+
 def _choose_step_and_differentiate(evaluate, x0: torch.Tensor, base_state: bytes, eps: float | None,
-                                   differentiable: bool):
+                                   differentiable: bool, group_scale: torch.Tensor | None = None,
+                                   floor: float = 1.0):
     """Finite differences with a step that keeps every evaluation on the point's smooth piece.
 
     Why this step: central differences in float64 are most accurate near
     ``h ~ eps^(1/3) * scale ~ 1e-5 * scale``; we take ``1e-6 * scale``
     (truncation error ~ h^2 ~ 1e-12, rounding ~ eps * |R| / h ~ 1e-10,
-    both far under the 1e-6 tolerance). But the comparison is meaningful only
-    if ``x0 +- h e_k`` lies on the same smooth piece as ``x0``: the tree must
+    both far under the 1e-6 tolerance). The scale is each entry's own (see
+    :func:`_entry_scales`): one global step ``1e-6 * max|x0|`` is far too
+    large for a neuron 1000 times smaller than the largest, and its truncation
+    error alone then exceeds the tolerance.
+    But the comparison is meaningful only
+    if ``x0 +- h_k e_k`` lies on the same smooth piece as ``x0``: the tree must
     not change, which needs the step's effect on ``d`` (about ``h`` times the
     Lipschitz constant of ``d``) to stay below half the MST margin, and
     likewise for the other kinks (the sign of the gathered rho, ReLU inputs).
     Rather than bound the Lipschitz constants a priori, we *verify*: every
-    evaluation's combinatorial state is compared with the point's, and the
+    evaluation's combinatorial state is compared with the point's, and every
     step is divided by 10 (at most ``_MAX_SHRINK`` times, down to
     ``1e-9 * scale``) until no evaluation jumps. A point whose kinks are
     closer than that cannot be resolved by finite differences in float64
-    and is reported "inconclusive". An explicit ``eps`` is used as given.
+    and is reported "inconclusive". An explicit ``eps`` is used as given, for
+    every entry.
+
+    Returns the (N,) gradient, the number of jumps and the (N,) steps taken.
     """
-    scale = max(float(x0.abs().max()), 1e-12)
-    h = eps if eps is not None else _REL_STEP * scale
+    if eps is not None:
+        h = torch.full_like(x0, float(eps))
+    else:
+        h = _REL_STEP * _entry_scales(x0, group_scale, floor)
     g, jumps = _central_differences(evaluate, x0, h, base_state)
     if eps is None and differentiable:
         for _ in range(_MAX_SHRINK):
             if jumps == 0:
                 break
-            h /= 10.0
+            h = h / 10.0
             g, jumps = _central_differences(evaluate, x0, h, base_state)
     return g, jumps, h
 
@@ -678,8 +740,12 @@ def check_activations_gradient(A, formula: str = "t1", dissimilarity="abs_correl
     alpha : float
         T2's weight on the standard deviation.
     eps : float, optional
-        Finite-difference step; by default ``1e-6 * max|A|``, shrunk until no
-        evaluation leaves the point's smooth piece (see the source).
+        Finite-difference step for every entry. By default each entry has its
+        own, ``1e-6 * max(|A_ik|, max_i |A_ik|, floor)`` (its size, that of its
+        neuron, and a floor: ``1e-12 * max|A|`` for the correlation-based
+        formulas, which do not change when a neuron is rescaled, ``max|A|``
+        for decov, ``1e-2 * max|A|`` otherwise), all shrunk tenfold until no
+        evaluation leaves the point's smooth piece (see ``_floor_fraction``).
     tolerance : float
         The largest acceptable relative error at a differentiable point.
     perturb_gradient : float
@@ -711,8 +777,10 @@ def check_activations_gradient(A, formula: str = "t1", dissimilarity="abs_correl
         return value, _state_of(Ax, formula, dissimilarity, backend)
 
     diag = diagnose(A0, formula, dissimilarity, backend, alpha)
+    column_scale = A0.abs().amax(0).expand(m, n).flatten()  # each entry: the largest |entry| of its neuron
     g_fd, jumps, h = _choose_step_and_differentiate(
-        evaluate, A0.flatten(), _state_of(A0, formula, dissimilarity, backend), eps, diag.differentiable)
+        evaluate, A0.flatten(), _state_of(A0, formula, dissimilarity, backend), eps, diag.differentiable,
+        group_scale=column_scale, floor=_floor_fraction(formula, dissimilarity))
     abs_err, rel_err = _errors(g_auto, g_fd)
 
     sub = None
@@ -723,8 +791,8 @@ def check_activations_gradient(A, formula: str = "t1", dissimilarity="abs_correl
     return GradcheckReport(
         formula=formula, dissimilarity=_name_of(dissimilarity) if on_deaths else None,
         backend=backend if on_deaths else None, wrt="activations", size=A0.numel(),
-        max_abs_err=abs_err, max_rel_err=rel_err, step=h, jumps=jumps, diagnosis=diag,
-        tolerance=tolerance, subgradient=sub, seconds=time.perf_counter() - start,
+        max_abs_err=abs_err, max_rel_err=rel_err, step=float(h.max()), min_step=float(h.min()), jumps=jumps,
+        diagnosis=diag, tolerance=tolerance, subgradient=sub, seconds=time.perf_counter() - start,
     )
 
 
@@ -789,8 +857,9 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
     formula, dissimilarity, backend, alpha, sampler :
         As for :class:`toponeuro.TopologicalRegulariser`.
     eps, tolerance, perturb_gradient, subgradient_trials, seed :
-        As for :func:`check_activations_gradient`; the default step is
-        ``1e-6 * max |parameter|``.
+        As for :func:`check_activations_gradient`; the default step of a
+        parameter entry is ``1e-6 * max(|entry|, median |its tensor|,
+        1e-2 * max |parameter|)``.
 
     Returns
     -------
@@ -840,8 +909,12 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
             v = float(forward().detach())
             return v, state()
 
+        # each entry: the median |entry| of its tensor (a robust scale: one bias pushed to -100
+        # must not set the step of the others in its tensor), with the entry's own size on top
+        tensor_scale = torch.cat([p.detach().abs().flatten().median().expand(p.numel()) for p in params])
         try:
-            g_fd, jumps, h = _choose_step_and_differentiate(evaluate, theta0, base_state, eps, diag.differentiable)
+            g_fd, jumps, h = _choose_step_and_differentiate(evaluate, theta0, base_state, eps, diag.differentiable,
+                                                            group_scale=tensor_scale, floor=_FLOOR)
         finally:
             with torch.no_grad():
                 torch.nn.utils.vector_to_parameters(theta0, params)
@@ -856,8 +929,8 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
     return GradcheckReport(
         formula=formula, dissimilarity=_name_of(dissimilarity) if on_deaths else None,
         backend=backend if on_deaths else None, wrt="parameters", size=theta0.numel(),
-        max_abs_err=abs_err, max_rel_err=rel_err, step=h, jumps=jumps, diagnosis=diag,
-        tolerance=tolerance, subgradient=sub, seconds=time.perf_counter() - start,
+        max_abs_err=abs_err, max_rel_err=rel_err, step=float(h.max()), min_step=float(h.min()), jumps=jumps,
+        diagnosis=diag, tolerance=tolerance, subgradient=sub, seconds=time.perf_counter() - start,
     )
 
 
@@ -1010,7 +1083,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-6,
                         help="largest acceptable relative error at a differentiable point (default 1e-6)")
     parser.add_argument("--eps", type=float, default=None,
-                        help="finite-difference step (default: 1e-6 * max|input|, shrunk as needed)")
+                        help="finite-difference step for every entry (default: each entry's own, 1e-6 times "
+                             "the scale of the entry and of its neuron or parameter tensor, shrunk as needed)")
     parser.add_argument("--perturb-gradient", type=float, default=0.0, metavar="FLOAT",
                         help="for testing the tool: adds this to the autograd gradient (the check must then fail)")
     parser.add_argument("--verbose", action="store_true", help="print each report in full after the table")
