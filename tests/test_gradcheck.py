@@ -356,10 +356,12 @@ def test_step_is_shrunk_or_point_called_inconclusive_near_a_tie():
     report = gc.check_activations_gradient(A, formula="t1", dissimilarity="one_minus_rho")
     assert report.diagnosis.differentiable and 0 < report.diagnosis.mst_margin < 1e-8
     assert report.step < 1e-6 * float(A.abs().max())  # the default step was shrunk
-    assert report.verdict in ("ok", "inconclusive") and report.passed
+    assert report.verdict in ("ok", "inconclusive")
+    assert report.passed == (report.verdict == "ok") and not report.failed
     # a step forced to be large jumps across the tie, and the report says so
     forced = gc.check_activations_gradient(A, formula="t1", dissimilarity="one_minus_rho", eps=1e-3)
     assert forced.jumps > 0 and forced.verdict == "inconclusive"
+    assert forced.inconclusive and not forced.passed and not forced.failed
 
 
 # ---------------------------------------------------------------------------
@@ -395,7 +397,7 @@ def test_model_check_detects_steps_that_flip_a_relu():
     # decov has no tree and no |rho|: any jump is a ReLU input changing sign
     model, x = _mlp_and_batch()
     forced = gc.check_model_gradient(model, x, formula="decov", eps=0.3)
-    assert forced.jumps > 0 and forced.verdict == "inconclusive"
+    assert forced.jumps > 0 and forced.verdict == "inconclusive" and not forced.passed
     assert gc.check_model_gradient(model, x, formula="decov").jumps == 0
 
 
@@ -429,6 +431,43 @@ def test_a_large_parameter_does_not_set_the_step_of_the_others(formula):
 
 
 # ---------------------------------------------------------------------------
+# inconclusive checks are not passes
+# ---------------------------------------------------------------------------
+
+
+def _near_tie() -> torch.Tensor:
+    A = gc.random_activations(m=12, n=8, seed=0)
+    g = torch.Generator().manual_seed(1)
+    A[:, 1] = A[:, 0] + 1e-10 * torch.randn(12, generator=g, dtype=torch.float64)  # MST margin ~4e-12
+    return A
+
+
+def test_a_wrong_gradient_at_a_near_tie_is_inconclusive_not_passed():
+    report = gc.check_activations_gradient(_near_tie(), formula="t1", perturb_gradient=1e-3)
+    assert report.diagnosis.differentiable and 0 < report.diagnosis.mst_margin < 1e-10
+    assert report.jumps > 0 and report.verdict == "inconclusive"
+    assert report.inconclusive and not report.passed and not report.failed
+    assert "nothing verified" in report.note() and "verifies nothing" in str(report)
+
+
+def test_exit_status_and_summary_count_inconclusive_checks_apart():
+    A = gc.random_activations(m=10, n=6, seed=3)
+    ok = gc.check_activations_gradient(A, formula="t1")
+    fail = gc.check_activations_gradient(A, formula="t1", perturb_gradient=1e-3)
+    unsure = gc.check_activations_gradient(_near_tie(), formula="t1", eps=1e-3)
+    assert (ok.verdict, fail.verdict, unsure.verdict) == ("ok", "FAIL", "inconclusive")
+    assert gc.exit_status([ok]) == 0
+    assert gc.exit_status([ok, unsure]) == 3
+    assert gc.exit_status([ok, unsure, fail]) == 1
+    line = gc.summary_line([ok, unsure], 1.0)
+    assert line.startswith("INCONCLUSIVE: 1 of 2 checks") and "1 ok, 1 inconclusive" in line
+    assert "agrees" not in line
+    line = gc.summary_line([ok, unsure, fail], 1.0)
+    assert line.startswith("FAILED: 1 of 3 checks") and "1 ok, 1 inconclusive, 1 FAIL" in line
+    assert gc.summary_line([ok, ok], 1.0).startswith("OK: 2 checks (2 ok)")
+
+
+# ---------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------
 
@@ -456,6 +495,38 @@ def test_cli_tie_mode_uses_the_subgradient_check(capsys):
     assert "subgradient ok" in out and "MST not unique" in out
     assert toponeuro.cli.main(args + ["--perturb-gradient", "1e-2"]) == 1
     assert "subgradient FAIL" in capsys.readouterr().out
+
+
+def test_cli_inconclusive_checks_exit_3_and_are_not_called_ok(capsys):
+    # a step of 0.3 on the MLP's weights flips ReLUs: every evaluation is off the smooth piece
+    args = ["gradcheck", "--mlp", "--formula", "decov,t1", "--backend", "torch", "--dissimilarity",
+            "abs_correlation", "--eps", "0.3"]
+    assert toponeuro.cli.main(args) == 3
+    out = capsys.readouterr().out
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("INCONCLUSIVE: 2 of 2 checks verified nothing") and "2 inconclusive" in last
+    assert "agrees" not in out and "OK" not in out
+    assert out.count("inconclusive, nothing verified") == 2
+    # a wrong gradient found outranks an inconclusive check
+    assert toponeuro.cli.main(["gradcheck", "--mlp", "--formula", "decov", "--eps", "1e-7",
+                               "--perturb-gradient", "1e-3"]) == 1
+
+
+def test_cli_kinks_are_counted_in_the_last_line(capsys):
+    args = ["gradcheck", "--n", "5", "--m", "8", "--backend", "torch", "--dissimilarity", "abs_correlation",
+            "--formula", "t1,t2", "--tie"]
+    assert toponeuro.cli.main(args) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.startswith("OK: 2 checks (1 subgradient ok, 1 kink (not differentiable: not compared))")
+
+
+def test_cli_help_documents_the_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        toponeuro.cli.main(["gradcheck", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3 if nothing failed but some check was inconclusive" in text
+    assert "exit status: 0 if every check passed" in text.lower()
+    assert "3 when nothing failed but some check was" in " ".join(gc.__doc__.split())
 
 
 def test_cli_mlp_mode(capsys):

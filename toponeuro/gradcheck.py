@@ -22,6 +22,14 @@ activations (or a tiny MLP) and prints one table row per combination::
     python -m toponeuro gradcheck                 # all formulas, dissimilarities, backends
     python -m toponeuro gradcheck --mlp           # w.r.t. the parameters of a tiny MLP
     python -m toponeuro gradcheck --tie           # a duplicated neuron: MST not unique
+
+Its exit status: 0 when every check passed (``ok``, ``subgradient ok``, or
+``kink``: a point diagnosed not differentiable, where there is no derivative
+to compare with); 1 when a check found a wrong gradient (``FAIL``,
+``subgradient FAIL``); 3 when nothing failed but some check was
+``inconclusive`` (differentiable, but every finite-difference step tried
+crossed a kink, so nothing was verified: an unverified gradient is not a
+pass, and a CI job must not read it as one); 2 for bad options.
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ __all__ = [
     "tiny_mlp",
     "run_checks",
     "format_table",
+    "summary_line",
+    "exit_status",
     "configure_parser",
     "run",
 ]
@@ -507,9 +517,24 @@ class GradcheckReport:
         return "ok" if self.max_rel_err <= self.tolerance else "FAIL"
 
     @property
+    def failed(self) -> bool:
+        """The tool found a wrong gradient (``FAIL`` or ``subgradient FAIL``)."""
+        return "FAIL" in self.verdict
+
+    @property
+    def inconclusive(self) -> bool:
+        """Differentiable, but nothing was verified: every step tried left the point's smooth piece."""
+        return self.verdict == "inconclusive"
+
+    @property
     def passed(self) -> bool:
-        """False only where the tool found a wrong gradient."""
-        return "FAIL" not in self.verdict
+        """The gradient was verified (``ok``, ``subgradient ok``) or the point is a kink (``kink``:
+        no derivative to compare with; autograd returns that of an adjacent smooth piece).
+
+        False where a wrong gradient was found (:attr:`failed`) *and* where the
+        check was :attr:`inconclusive`: an unverified gradient is not a pass.
+        """
+        return not (self.failed or self.inconclusive)
 
     def row(self) -> list[str]:
         d = self.diagnosis
@@ -537,6 +562,11 @@ class GradcheckReport:
     def note(self) -> str:
         """One line on a row whose verdict is not ``ok``: why, and what was checked instead."""
         d = self.diagnosis
+        if self.inconclusive:
+            margin = "" if d.mst_margin is None else f", MST margin {d.mst_margin:.2g}"
+            return (f"{self.label()}: inconclusive, nothing verified: the point is differentiable{margin}, but "
+                    f"{self.jumps} of {2 * self.size} finite-difference evaluations left its smooth piece with "
+                    f"the last steps tried (up to {self.step:.2g}): a kink is closer than such steps resolve.")
         if d.differentiable:
             return f"{self.label()}: {self.verdict}: " + d.sentence()
         text = f"{self.label()}: {self.verdict}: " + "; ".join(d.reasons)
@@ -555,6 +585,9 @@ class GradcheckReport:
             f"{self.jumps} finite-difference evaluation(s) off the point's smooth piece",
             "  " + self.diagnosis.sentence(),
         ]
+        if self.inconclusive:
+            lines.append("  Inconclusive: no step tried stayed on the point's smooth piece, so the comparison "
+                         "above verifies nothing (neither agreement nor disagreement).")
         if self.diagnosis.constant_neurons and self.diagnosis.differentiable:
             lines.append(f"  constant neurons {self.diagnosis.constant_neurons} (harmless for this formula)")
         if self.diagnosis.deaths_std is not None:
@@ -1043,6 +1076,36 @@ def format_table(reports: list[GradcheckReport]) -> str:
     return "\n".join(lines)
 
 
+def exit_status(reports: list[GradcheckReport]) -> int:
+    """The command's exit status: 1 if a check failed, else 3 if one was inconclusive, else 0."""
+    if any(r.failed for r in reports):
+        return 1
+    if any(r.inconclusive for r in reports):
+        return 3
+    return 0
+
+
+def summary_line(reports: list[GradcheckReport], seconds: float) -> str:
+    """The command's last line: every verdict counted, and what the run established."""
+    counts = {}
+    for r in reports:
+        counts[r.verdict] = counts.get(r.verdict, 0) + 1
+    order = ["ok", "subgradient ok", "kink", "inconclusive", "FAIL", "subgradient FAIL"]
+    names = {"kink": "kink (not differentiable: not compared)"}
+    tally = ", ".join(f"{counts[v]} {names.get(v, v)}" for v in order if v in counts)
+    n = len(reports)
+    failed = sum(r.failed for r in reports)
+    inconclusive = sum(r.inconclusive for r in reports)
+    if failed:
+        return (f"FAILED: {failed} of {n} checks found a gradient that disagrees with finite differences at a "
+                f"differentiable point, or violates the subgradient inequality ({tally}; {seconds:.1f} s).")
+    if inconclusive:
+        return (f"INCONCLUSIVE: {inconclusive} of {n} checks verified nothing (differentiable, but the "
+                f"finite-difference steps crossed a kink); no gradient was found wrong ({tally}; {seconds:.1f} s).")
+    return (f"OK: {n} checks ({tally}); autograd agrees with finite differences wherever the point is "
+            f"differentiable ({seconds:.1f} s).")
+
+
 # ---------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------
@@ -1062,8 +1125,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Compare autograd gradients of the regularisers with central finite differences (float64), "
         "and diagnose whether the point is differentiable (MST margin, |rho| on the tree, constant "
-        "neurons, spread of the deaths). Exits 1 if they disagree at a point diagnosed differentiable, "
-        "or if the gradient fails the subgradient inequality of T1 at a tie."
+        "neurons, spread of the deaths). Exit status: 0 if every check passed (ok, subgradient ok, or "
+        "kink: a point diagnosed not differentiable, with no derivative to compare); 1 if they disagree "
+        "at a point diagnosed differentiable, or if the gradient fails the subgradient inequality of T1 "
+        "at a tie; 3 if nothing failed but some check was inconclusive (differentiable, but every "
+        "finite-difference step tried crossed a kink, so nothing was verified); 2 for bad options."
     )
     parser.add_argument("--formula", default="all", help=f"one of {list(FORMULAS)}, comma-separated, or 'all'")
     parser.add_argument("--dissimilarity", default="all",
@@ -1118,7 +1184,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"gradcheck w.r.t. the {wrt}: n={args.n} neurons, m={args.m} samples, seed={args.seed}, float64, "
           f"tolerance {args.tolerance:g} (relative to max |gradient|)")
     print(format_table(reports))
-    failed = [r for r in reports if not r.passed]
     if args.verbose:
         for r in reports:
             print()
@@ -1133,10 +1198,5 @@ def run(args: argparse.Namespace) -> int:
                 print("  " + r.note())
     elapsed = time.perf_counter() - start
     print()
-    if failed:
-        print(f"FAILED: {len(failed)} of {len(reports)} checks found a gradient that disagrees with finite "
-              f"differences at a differentiable point, or violates the subgradient inequality ({elapsed:.1f} s).")
-        return 1
-    print(f"OK: {len(reports)} checks; autograd agrees with finite differences wherever the point is "
-          f"differentiable ({elapsed:.1f} s).")
-    return 0
+    print(summary_line(reports, elapsed))
+    return exit_status(reports)
