@@ -211,6 +211,20 @@ def test_decov_of_half_precision_activations_is_finite_and_in_float32(dtype, rng
     assert value.item() == pytest.approx(np_decov(A.double().numpy()), rel=1e-4)
 
 
+def test_decov_keeps_its_precision_when_one_neuron_dwarfs_the_others(rng):
+    """||C||^2 - ||diag C||^2 would subtract two numbers of about 1e16 to get one of about 1e8."""
+    from fractions import Fraction
+
+    A = torch.from_numpy(rng.standard_normal((12, 8)))
+    A[:, 0] *= 1e4
+    X = [[Fraction(v) for v in row] for row in A.tolist()]  # exact arithmetic on the same floats
+    m, n = len(X), len(X[0])
+    mean = [sum(r[k] for r in X) / m for k in range(n)]
+    cov = [[sum((r[k] - mean[k]) * (r[l] - mean[l]) for r in X) / m for l in range(n)] for k in range(n)]
+    exact = sum(cov[k][l] ** 2 for k in range(n) for l in range(n) if k != l) / 2
+    assert R.decov(A).item() == pytest.approx(float(exact), rel=1e-12)
+
+
 def test_decov_uncorrelated_is_zero_and_gradcheck(rng):
     u = torch.tensor([1.0, 1.0, -1.0, -1.0])
     v = torch.tensor([1.0, -1.0, 1.0, -1.0])

@@ -83,7 +83,10 @@ def decov(A: torch.Tensor) -> torch.Tensor:
         A = A.float()
     Ac = A - A.mean(0, keepdim=True)
     C = Ac.mT @ Ac / A.shape[0]
-    return 0.5 * ((C * C).sum() - (C.diagonal() ** 2).sum())
+    # the off-diagonal entries summed directly: ||C||^2 - ||diag C||^2 cancels away the value's
+    # precision when one neuron's variance dwarfs the covariances
+    off = C.masked_fill(torch.eye(C.shape[0], dtype=torch.bool, device=C.device), 0.0)
+    return 0.5 * (off * off).sum()
 
 
 def _trainable_weights(model: torch.nn.Module, include_bias: bool):
