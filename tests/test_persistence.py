@@ -1147,10 +1147,33 @@ def test_giotto_ph_keeps_the_edges_of_float64_entries_below_float32s_range(tiny)
     torch.testing.assert_close(ph.deaths(D, backend="giotto-ph"), ph.deaths(D, backend="torch"), rtol=0, atol=0)
 
 
-def test_a_backend_that_returns_a_non_tree_is_refused(monkeypatch):
+_D4 = torch.tensor([[0., .1, .2, .3], [.1, 0., .4, .5], [.2, .4, 0., .6], [.3, .5, .6, 0.]])
+
+
+def test_a_backend_that_returns_too_few_edges_is_refused(monkeypatch):
     """The deaths are gathered at the backend's edges: too few edges would give a silently wrong T1."""
-    spec = ph.BACKENDS["torch"]
-    module = spec.load()
-    monkeypatch.setattr(module, "death_edges", lambda X: torch.tensor([[0, 1]]))
-    with pytest.raises(RuntimeError, match=r"not the \(3, 2\) of a spanning tree"):
-        ph.deaths(torch.tensor([[0., .1, .2, .3], [.1, 0., .4, .5], [.2, .4, 0., .6], [.3, .5, .6, 0.]]))
+    monkeypatch.setattr(ph.BACKENDS["torch"].load(), "death_edges", lambda X: torch.tensor([[0, 1]]))
+    with pytest.raises(RuntimeError, match=r"backend 'torch' returned edges of shape \(1, 2\).*\(3, 2\)"):
+        ph.deaths(_D4)
+
+
+@pytest.mark.parametrize("edges, what", [
+    ([[0, 1], [0, 1], [0, 1]], "leave 3 components"),    # n - 1 edges, but the same one
+    ([[0, 1], [1, 2], [0, 2]], "leave 2 components"),    # a cycle: vertex 3 left out
+    ([[0, 1], [1, 2], [2, 7]], "outside \\[0, 4\\)"),
+])
+def test_a_plugin_whose_edges_do_not_span_is_refused(monkeypatch, edges, what):
+    """A plug-in backend (not one of the tree-by-construction kernels) is checked to span."""
+    import sys
+    import types
+
+    from toponeuro.persistence import Backend
+
+    plugin = types.ModuleType("fake_persistence_plugin")
+    plugin.death_edges = lambda X: torch.tensor(edges)
+    monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
+    monkeypatch.setitem(ph.BACKENDS, "fake", Backend("fake", plugin.__name__, ("torch",), True))
+    with pytest.raises(RuntimeError, match=f"backend 'fake' returned .*{what}"):
+        ph.deaths(_D4, backend="fake")
+    plugin.death_edges = lambda X: torch.tensor([[0, 1], [0, 2], [0, 3]])  # a star: spans, accepted
+    torch.testing.assert_close(ph.deaths(_D4, backend="fake"), torch.tensor([.1, .2, .3]))

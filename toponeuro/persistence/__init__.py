@@ -173,13 +173,40 @@ def _backend_edges(D: torch.Tensor, b: Backend) -> torch.Tensor:
         if X.dtype not in (torch.float32, torch.float64):
             X = X.float()  # half and bfloat16 widen exactly; plug-ins see float32/float64 only
         edges = b.load().death_edges(X)
-        n = X.shape[0]
-        if tuple(edges.shape) != (n - 1, 2):
-            # a spanning tree has n - 1 edges: anything else would give silently wrong deaths
-            raise RuntimeError(f"backend {b.name!r} returned edges of shape {tuple(edges.shape)} for n = {n}, "
-                               f"not the ({n - 1}, 2) of a spanning tree; please report this, and use "
-                               f"backend='torch' meanwhile")
+        _check_spanning_tree(edges, X.shape[0], b.name)
         return canonical_order(D, edges)
+
+
+# Kernels that build their tree by union-find or component contraction, tested against SciPy:
+# checking that their edges span would cost a host copy (and a sync on a GPU) per call for nothing
+_TREE_BY_CONSTRUCTION = ("torch", "torch-graph", "numba")
+
+
+def _check_spanning_tree(edges: torch.Tensor, n: int, name: str) -> None:
+    """Refuse a backend's answer that is not n - 1 edges spanning all n vertices.
+
+    The deaths are gathered at these edges, so anything else would give
+    silently wrong values. The count is checked for every backend; that the
+    edges span (connected components on the host), for the others.
+    """
+    def refuse(what: str):
+        raise RuntimeError(f"backend {name!r} returned {what} for n = {n}, not a spanning tree; "
+                           f"please report this, and use backend='torch' meanwhile")
+
+    if tuple(edges.shape) != (n - 1, 2):
+        refuse(f"edges of shape {tuple(edges.shape)} (a spanning tree has ({n - 1}, 2))")
+    if name in _TREE_BY_CONSTRUCTION or n < 2:
+        return
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    e = edges.detach().cpu().numpy()
+    if e.min() < 0 or e.max() >= n:
+        refuse(f"a vertex index outside [0, {n})")
+    graph = coo_matrix((np.ones(n - 1), (e[:, 0], e[:, 1])), shape=(n, n))
+    count, _ = connected_components(graph, directed=False)
+    if count != 1:
+        refuse(f"n - 1 edges that leave {count} components")
 
 
 def _upper_mirrored(D: torch.Tensor) -> torch.Tensor:
