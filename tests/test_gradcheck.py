@@ -537,9 +537,10 @@ def test_cli_mlp_mode(capsys):
 
 def test_cli_rejects_bad_choices(capsys):
     assert toponeuro.cli.main(["gradcheck", "--formula", "t3"]) == 2
-    assert "unknown formula" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert err.startswith("toponeuro gradcheck: error:") and "unknown formula" in err
     assert toponeuro.cli.main(["gradcheck", "--backend", "ripser"]) == 2
-    assert "no death edges" in capsys.readouterr().out
+    assert "no death edges" in capsys.readouterr().err
 
 
 def test_python_m_gradcheck_subprocess():

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -1178,7 +1179,7 @@ def run(args: argparse.Namespace) -> int:
                              mlp=args.mlp, tie=args.tie, tolerance=args.tolerance, alpha=args.alpha,
                              eps=args.eps, perturb_gradient=args.perturb_gradient, progress=True)
     except ValueError as err:
-        print(f"toponeuro gradcheck: error: {err}")
+        print(f"toponeuro gradcheck: error: {err}", file=sys.stderr)
         return 2
     wrt = "parameters of a tiny MLP" if args.mlp else "activations"
     print(f"gradcheck w.r.t. the {wrt}: n={args.n} neurons, m={args.m} samples, seed={args.seed}, float64, "

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,6 +117,8 @@ def _train_and_compare(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
         out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # not writable: an OSError now, not after training
+            pass
 
     train = data.load(args.dataset, "train")
     if args.limit is not None:
