@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,14 +370,19 @@ def _check_partial(out, signame):
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "timings.png"]
 
 
+def _bench_interrupted_at_the_second_case(tmp_path, monkeypatch, interrupt) -> tuple[int, Path]:
+    _interrupt_second_case(monkeypatch, interrupt)
+    out = tmp_path / "out"
+    code = cli_main(["bench", *TINY, "--n", "16", "32", "--backends", "torch", "--devices", "cpu",
+                     "--out", str(out)])
+    return code, out
+
+
 def test_ctrl_c_keeps_the_finished_cases(tmp_path, monkeypatch, capsys):
     def ctrl_c():
         raise KeyboardInterrupt
 
-    _interrupt_second_case(monkeypatch, ctrl_c)
-    out = tmp_path / "out"
-    code = cli_main(["bench", *TINY, "--n", "16", "32", "--backends", "torch", "--devices", "cpu",
-                     "--out", str(out)])
+    code, out = _bench_interrupted_at_the_second_case(tmp_path, monkeypatch, ctrl_c)
     assert code == 130
     _check_partial(out, "SIGINT")
     assert '"complete": false' in capsys.readouterr().err
@@ -393,10 +399,7 @@ def test_sigterm_keeps_the_finished_cases_and_the_handler_is_restored(tmp_path, 
         while time.monotonic() < deadline:  # the handler raises here
             time.sleep(0.01)
 
-    _interrupt_second_case(monkeypatch, sigterm)
-    out = tmp_path / "out"
-    code = cli_main(["bench", *TINY, "--n", "16", "32", "--backends", "torch", "--devices", "cpu",
-                     "--out", str(out)])
+    code, out = _bench_interrupted_at_the_second_case(tmp_path, monkeypatch, sigterm)
     assert code == 143
     _check_partial(out, "SIGTERM")
     assert signal.getsignal(signal.SIGTERM) == before
