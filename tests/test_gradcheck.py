@@ -387,6 +387,7 @@ def test_model_parameter_gradient_agrees(formula, diss):
     assert report.diagnosis.differentiable, report.diagnosis.reasons
     assert report.diagnosis.relu_margin > 0
     assert report.max_rel_err <= 1e-6 and report.verdict == "ok"
+    assert report.frozen_tree is None  # no tie: the frozen-tree comparison is not run, nothing changes
     # the model passed in is untouched and carries no hooks
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
@@ -409,6 +410,96 @@ def test_model_check_fails_with_a_wrong_gradient_and_flags_dead_relus():
     report = gc.check_model_gradient(model, x, formula="t1")
     assert report.diagnosis.constant_neurons == [3]
     assert not report.diagnosis.differentiable and report.passed
+    # the constant neuron is a kink of every piece, the frozen tree's included: nothing is compared
+    assert report.frozen_tree is None
+
+
+def _twin_model_and_batch():
+    """The book's twin-unit model: units 0 and 1 of the first layer share weights and bias."""
+    gen = torch.Generator().manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) - 0.5)
+        model[0].weight[1] = model[0].weight[0]
+        model[0].bias[1] = model[0].bias[0]
+    x = torch.randn(32, 6, generator=gen, dtype=torch.float64)
+    return model, x
+
+
+def _scipy_mst_weight(D: np.ndarray) -> float:
+    # scipy reads a 0 as a missing edge: shift by +1 (every spanning tree has n - 1 edges)
+    return float(minimum_spanning_tree(np.triu(D + 1.0, 1)).sum()) - (D.shape[0] - 1)
+
+
+def _frozen_tree_reference(model, x, formula, edges, h=1e-6):
+    """Independent reference: central differences of T on the frozen edges, correlations by NumPy."""
+    from toponeuro import TopologicalRegulariser
+
+    net = copy.deepcopy(model)
+    params = list(net.parameters())
+    E = np.asarray(edges)
+
+    def piece():
+        with TopologicalRegulariser(net, formula="t1") as reg, torch.enable_grad():
+            net(x)
+            A = reg.activations().detach().numpy()
+        w = 1.0 - np.abs(np.corrcoef(A, rowvar=False))[E[:, 0], E[:, 1]]
+        return (1.0 - w).sum() if formula == "t1" else 0.5 * w.std() - 0.5 * w.mean()
+
+    theta0 = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    fd = np.zeros(theta0.numel())
+    for k in range(theta0.numel()):
+        for sign in (1, -1):
+            theta = theta0.clone()
+            theta[k] += sign * h
+            torch.nn.utils.vector_to_parameters(theta, params)
+            fd[k] += sign * piece() / (2 * h)
+    return fd
+
+
+@pytest.mark.parametrize("formula", ["t1", "t2"])
+def test_at_a_tie_the_parameter_gradient_agrees_with_the_frozen_tree(formula):
+    model, x = _twin_model_and_batch()
+    report = gc.check_model_gradient(model, x, formula=formula)
+    d = report.diagnosis
+    assert d.tie and d.reasons == [r for r in d.reasons if r.startswith("MST not unique")]
+    # finite differences of R itself straddle the tie: that comparison cannot certify anything
+    assert report.max_rel_err > 1e-3 and report.jumps > 0
+    ft = report.frozen_tree
+    assert ft is not None and ft.jumps == 0 and ft.max_rel_err <= 1e-6 and ft.verdict == "ok"
+    assert report.verdict == ("subgradient ok + frozen tree ok" if formula == "t1" else "frozen tree ok")
+    assert report.passed and not report.failed and not report.inconclusive and gc.exit_status([report]) == 0
+    assert "parameters agree with the frozen tree" in str(report)
+    # the frozen edges are a minimum spanning tree (scipy) of a tied d, one of several
+    net = copy.deepcopy(model)
+    from toponeuro import TopologicalRegulariser
+
+    with TopologicalRegulariser(net, formula="t1") as reg, torch.enable_grad():
+        net(x)
+        D = reg.dissimilarity_matrix().detach().numpy()
+    E = np.asarray(ft.edges)
+    assert len(E) == D.shape[0] - 1
+    assert D[E[:, 0], E[:, 1]].sum() == pytest.approx(_scipy_mst_weight(D), abs=1e-12)
+    assert gc.mst_margin(D, E) == pytest.approx(0.0, abs=1e-12)
+    # autograd (the pipeline, independently of gradcheck) against the NumPy reference of the piece
+    with TopologicalRegulariser(net, formula=formula) as reg, torch.enable_grad():
+        net(x)
+        g = torch.cat([p.flatten() for p in torch.autograd.grad(reg(), list(net.parameters()))]).numpy()
+    fd = _frozen_tree_reference(model, x, formula, ft.edges)
+    assert np.abs(g - fd).max() <= 1e-6 * np.abs(g).max()
+
+
+@pytest.mark.parametrize("formula", ["t1", "t2"])
+def test_at_a_tie_a_wrong_parameter_gradient_fails_the_frozen_tree_comparison(formula):
+    model, x = _twin_model_and_batch()
+    report = gc.check_model_gradient(model, x, formula=formula, perturb_gradient=1e-4)
+    assert report.frozen_tree.verdict == "FAIL" and report.frozen_tree.jumps == 0
+    assert "frozen tree FAIL" in report.verdict and report.failed and not report.passed
+    assert gc.exit_status([report]) == 1
+    assert gc.summary_line([report], 0.0).startswith("FAILED: 1 of 1")
+    assert "parameters DISAGREE with the frozen tree" in report.note()
 
 
 @pytest.mark.parametrize("formula", ["t1", "t2"])

@@ -14,7 +14,11 @@ non-constant, and so on. This module
   deaths for T2, ``|rho| = 1`` tree edges for ``sqrt(1 - rho^2)``, and ReLU
   inputs at 0 for models, and says plainly whether disagreement is expected;
 * at a tie (MST not unique) checks the subgradient inequality of T1, which is
-  convex as a function of the dissimilarities (:func:`check_subgradient`).
+  convex as a function of the dissimilarities (:func:`check_subgradient`);
+  for a model, where the tie is the only kink, it also compares the parameter
+  gradient with central differences of the frozen-tree piece
+  ``theta -> T(d(theta)[E])``, ``E`` the tree the backend chose (T1 and T2;
+  see :func:`check_model_gradient`).
 
 The command ``toponeuro gradcheck`` runs every combination on generated
 activations (or a tiny MLP) and prints one table row per combination::
@@ -23,10 +27,10 @@ activations (or a tiny MLP) and prints one table row per combination::
     python -m toponeuro gradcheck --mlp           # w.r.t. the parameters of a tiny MLP
     python -m toponeuro gradcheck --tie           # a duplicated neuron: MST not unique
 
-Its exit status: 0 when every check passed (``ok``, ``subgradient ok``, or
-``kink``: a point diagnosed not differentiable, where there is no derivative
-to compare with); 1 when a check found a wrong gradient (``FAIL``,
-``subgradient FAIL``); 3 when nothing failed but some check was
+Its exit status: 0 when every check passed (``ok``, ``subgradient ok``,
+``frozen tree ok``, or ``kink``: a point diagnosed not differentiable, where
+there is no derivative to compare with); 1 when a check found a wrong
+gradient (``FAIL``, ``subgradient FAIL``, ``frozen tree FAIL``); 3 when nothing failed but some check was
 ``inconclusive`` (differentiable, but every finite-difference step tried
 crossed a kink, so nothing was verified: an unverified gradient is not a
 pass, and a CI job must not read it as one); 2 for bad options.
@@ -60,6 +64,7 @@ __all__ = [
     "diagnose",
     "SubgradientReport",
     "check_subgradient",
+    "FrozenTreeReport",
     "GradcheckReport",
     "regulariser_value",
     "check_activations_gradient",
@@ -448,6 +453,60 @@ def check_subgradient(D, backend: str = "torch", trials: int = 200, scale: float
                              strict=int((slacks > tol).sum()), tolerance=tol, mst_margin=margin)
 
 
+@dataclass
+class FrozenTreeReport:
+    """At a tie, autograd's parameter gradient against finite differences of the frozen-tree piece.
+
+    The piece is ``theta -> T(d(theta)[edges])``: the formula on ``d``
+    gathered at the tree the backend chose at the point (see
+    :func:`check_model_gradient` for why this is the right comparison).
+
+    Attributes
+    ----------
+    edges : list of (int, int)
+        The frozen tree: the backend's death edges at the point, canonical order.
+    max_abs_err, max_rel_err : float
+        As in :class:`GradcheckReport`, against the piece's central differences.
+    step, min_step : float
+        The largest and smallest finite-difference steps taken.
+    jumps : int
+        Evaluations whose state (ReLU pattern, signs of rho on the frozen
+        edges, constant neurons) differed from the point's; the tree is fixed,
+        so a change of MST is not a jump.
+    tolerance : float
+    """
+
+    edges: list
+    max_abs_err: float
+    max_rel_err: float
+    step: float
+    min_step: float
+    jumps: int
+    tolerance: float
+
+    @property
+    def verdict(self) -> str:
+        """``ok``, ``FAIL``, or ``inconclusive`` (every step tried left the piece's smooth part)."""
+        if self.jumps:
+            return "inconclusive"
+        return "ok" if self.max_rel_err <= self.tolerance else "FAIL"
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "ok"
+
+    def headline(self) -> str:
+        return {"ok": "parameters agree with the frozen tree",
+                "FAIL": "parameters DISAGREE with the frozen tree",
+                "inconclusive": "frozen-tree comparison inconclusive (nothing verified)"}[self.verdict]
+
+    def __str__(self) -> str:
+        return (f"{self.headline()}: autograd's parameter gradient against central differences of T(d[tree]) with the "
+                f"tree fixed to the backend's {len(self.edges)} edges at the point: max abs err "
+                f"{self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g} (tolerance {self.tolerance:.1g}), "
+                f"steps {self.min_step:.3g} to {self.step:.3g}, {self.jumps} evaluation(s) off the piece")
+
+
 # ---------------------------------------------------------------------------
 # finite differences
 # ---------------------------------------------------------------------------
@@ -486,6 +545,9 @@ class GradcheckReport:
     seconds : float
     min_step : float or None
         The smallest step ``h_k`` taken (``None``: the same as ``step``).
+    frozen_tree : :class:`FrozenTreeReport` or None
+        Model checks of T1/T2 at a point where the tie is the only kink: the
+        parameter gradient against finite differences of the frozen-tree piece.
     """
 
     formula: str
@@ -502,15 +564,24 @@ class GradcheckReport:
     subgradient: SubgradientReport | None = None
     seconds: float = 0.0
     min_step: float | None = None
+    frozen_tree: FrozenTreeReport | None = None
 
     @property
     def verdict(self) -> str:
         """``ok``, ``FAIL``, ``kink`` (not differentiable: disagreement expected),
         ``subgradient ok``/``subgradient FAIL`` (T1 at a tie), or ``inconclusive``
         (differentiable, but so close to a kink that no finite-difference step
-        stays on one smooth piece)."""
+        stays on one smooth piece). A model check at a tie that is the only
+        kink adds the frozen-tree comparison of the parameter gradient:
+        ``subgradient ok + frozen tree ok`` (T1), ``frozen tree ok`` (T2), with
+        ``FAIL`` or ``inconclusive`` in place of ``ok`` where that part was."""
+        parts = []
         if self.subgradient is not None:
-            return "subgradient ok" if self.subgradient.passed else "subgradient FAIL"
+            parts.append("subgradient ok" if self.subgradient.passed else "subgradient FAIL")
+        if self.frozen_tree is not None:
+            parts.append(f"frozen tree {self.frozen_tree.verdict}")
+        if parts:
+            return " + ".join(parts)
         if not self.diagnosis.differentiable:
             return "kink"
         if self.jumps:
@@ -524,8 +595,12 @@ class GradcheckReport:
 
     @property
     def inconclusive(self) -> bool:
-        """Differentiable, but nothing was verified: every step tried left the point's smooth piece."""
-        return self.verdict == "inconclusive"
+        """Nothing wrong found, but something left unverified: differentiable, yet every step tried left
+        the point's smooth piece; or, at a tie, the frozen-tree comparison of the parameter gradient."""
+        if self.failed:
+            return False
+        return self.verdict == "inconclusive" or (self.frozen_tree is not None
+                                                  and self.frozen_tree.verdict == "inconclusive")
 
     @property
     def passed(self) -> bool:
@@ -563,7 +638,7 @@ class GradcheckReport:
     def note(self) -> str:
         """One line on a row whose verdict is not ``ok``: why, and what was checked instead."""
         d = self.diagnosis
-        if self.inconclusive:
+        if self.verdict == "inconclusive":
             margin = "" if d.mst_margin is None else f", MST margin {d.mst_margin:.2g}"
             return (f"{self.label()}: inconclusive, nothing verified: the point is differentiable{margin}, but "
                     f"{self.jumps} of {2 * self.size} finite-difference evaluations left its smooth piece with "
@@ -575,6 +650,10 @@ class GradcheckReport:
             sub = self.subgradient
             text += (f"; subgradient inequality {'holds' if sub.passed else 'VIOLATED'} in {sub.trials} "
                      f"directions (min slack {sub.min_slack:.2g})")
+        if self.frozen_tree is not None:
+            ft = self.frozen_tree
+            text += (f"; {ft.headline()} (max rel err {ft.max_rel_err:.2g}, "
+                     f"{ft.jumps} evaluation(s) off the piece)")
         return text
 
     def __str__(self) -> str:
@@ -586,7 +665,7 @@ class GradcheckReport:
             f"{self.jumps} finite-difference evaluation(s) off the point's smooth piece",
             "  " + self.diagnosis.sentence(),
         ]
-        if self.inconclusive:
+        if self.verdict == "inconclusive":
             lines.append("  Inconclusive: no step tried stayed on the point's smooth piece, so the comparison "
                          "above verifies nothing (neither agreement nor disagreement).")
         if self.diagnosis.constant_neurons and self.diagnosis.differentiable:
@@ -595,6 +674,8 @@ class GradcheckReport:
             lines.append(f"  std of the deaths {self.diagnosis.deaths_std:.3g}")
         if self.subgradient is not None:
             lines.append("  " + str(self.subgradient))
+        if self.frozen_tree is not None:
+            lines.append("  " + str(self.frozen_tree))
         return "\n".join(lines)
 
 
@@ -623,12 +704,16 @@ def regulariser_value(A: torch.Tensor, formula: str = "t1", dissimilarity="abs_c
     return regularisers.FORMULAS_ON_ACTIVATIONS[formula](A)
 
 
-def _state_of(A: torch.Tensor, formula: str, dissimilarity, backend: str) -> bytes:
+def _state_of(A: torch.Tensor, formula: str, dissimilarity, backend: str,
+              frozen_edges: torch.Tensor | None = None) -> bytes:
     """The combinatorial state of the pipeline at ``A``: equal states, same smooth piece.
 
     It holds what decides the kinks of this formula: the tree (T1/T2), the
     signs of the gathered rho where ``|rho|`` is taken (``abs_correlation``,
     ``min_corr``), and which neurons are constant where correlations are taken.
+    With ``frozen_edges`` ((n - 1, 2), T1/T2) the tree is held fixed (the
+    frozen-tree piece, see :func:`check_model_gradient`): the state is that of
+    the other kinks, with the signs of rho read on those edges.
     """
     A = A.detach()
     name = _name_of(dissimilarity)
@@ -636,9 +721,12 @@ def _state_of(A: torch.Tensor, formula: str, dissimilarity, backend: str) -> byt
     if formula == "min_corr" or (formula in _ON_DEATHS and name in CORRELATION_BASED):
         parts.append(bytes(np.packbits((A.amax(0) == A.amin(0)).numpy())))
     if formula in _ON_DEATHS:
-        D = _dissimilarity.get(dissimilarity)(A, check=False)
-        edges = persistence.death_edges(D, backend=backend, check=False)
-        parts.append(edges.numpy().tobytes())
+        if frozen_edges is None:
+            D = _dissimilarity.get(dissimilarity)(A, check=False)
+            edges = persistence.death_edges(D, backend=backend, check=False)
+            parts.append(edges.numpy().tobytes())
+        else:
+            edges = frozen_edges
         if name == "abs_correlation":
             C = _dissimilarity.correlation(A, check=False)
             parts.append(torch.sign(C[edges[:, 0], edges[:, 1]]).numpy().tobytes())
@@ -900,6 +988,33 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
     :class:`GradcheckReport` with ``wrt="parameters"``. The diagnosis is that
     of the recorded activations, plus the ReLU margin (the smallest ``|input|``
     of a ReLU-type module). Computed on the CPU in float64.
+
+    Notes
+    -----
+    At a tie (the MST is not unique) ``R`` has no derivative, and finite
+    differences of ``R`` straddle the kink; for T1 the subgradient inequality
+    is then checked, but in ``d`` only: T1 is convex in ``d`` and not in the
+    parameters, so that inequality says nothing about the parameter gradient
+    used in training (a wrong chain rule downstream of ``d`` would pass it).
+    The parameter gradient is checked against the *frozen-tree piece*
+    ``theta -> T(d(theta)[E])``, where ``E`` is the tree the backend chose at
+    the point (its death edges, in canonical order) and ``T`` the formula on
+    the deaths gathered there, as the pipeline gathers them (T1 and T2 are
+    symmetric in the deaths, so the order in which they are gathered does not
+    change the value away from the point). Why this is the right comparison:
+    autograd differentiates exactly what the forward pass computed, the
+    gather at ``E``, so it returns the gradient of this piece, nothing else;
+    and at a tie the piece is one of the C^1 pieces active at the point (``E``
+    is an MST there, so the piece agrees with ``R`` at the point and ``R`` is
+    the piece of the MST wherever ``E`` stays one). A correct gradient must
+    therefore match the piece's central differences to the usual tolerance,
+    and the per-entry steps and their shrinking are those of the main
+    comparison; evaluations that change the ReLU pattern, the signs of rho
+    on ``E`` or the constant neurons count as jumps (a change of MST does
+    not: the tree is fixed). It is done where the tie is the only kink the
+    diagnosis finds; with another one (a constant neuron, ``|rho| = 0`` on a
+    tree edge, ...) the piece itself is not smooth, and nothing is compared.
+    The result is the report's ``frozen_tree``: a disagreement is a ``FAIL``.
     """
     from .nn import TopologicalRegulariser
 
@@ -957,6 +1072,10 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
         if formula == "t1" and diag.tie:
             sub = check_subgradient(_dissimilarity.get(dissimilarity)(A0), backend=backend,
                                     trials=subgradient_trials, seed=seed, perturb_gradient=perturb_gradient)
+        frozen = None
+        if on_deaths and diag.tie and all(r.startswith("MST not unique") for r in diag.reasons):
+            frozen = _frozen_tree_check(net, x, params, reg, kinks, theta0, g_auto, formula, dissimilarity,
+                                        backend, alpha, eps, tensor_scale, tolerance)
     finally:
         reg.remove()
         kinks.remove()
@@ -965,7 +1084,51 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
         backend=backend if on_deaths else None, wrt="parameters", size=theta0.numel(),
         max_abs_err=abs_err, max_rel_err=rel_err, step=float(h.max()), min_step=float(h.min()), jumps=jumps,
         diagnosis=diag, tolerance=tolerance, subgradient=sub, seconds=time.perf_counter() - start,
+        frozen_tree=frozen,
     )
+
+
+def _frozen_tree_check(net, x, params, reg, kinks, theta0, g_auto, formula, dissimilarity, backend, alpha,
+                       eps, tensor_scale, tolerance) -> FrozenTreeReport:
+    """Central differences of ``theta -> T(d(theta)[E])`` against ``g_auto`` (see :func:`check_model_gradient`).
+
+    ``E``: the backend's death edges at ``theta0``, obtained as the pipeline
+    obtains them (the same matrix, the same check), so that they are the
+    edges autograd differentiated through. Restores the parameters to ``theta0``.
+    """
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta0, params)
+    kinks.clear()
+    with torch.enable_grad():  # the recorders record only with autograd on
+        net(x)
+    D0 = reg.dissimilarity_matrix().detach()
+    edges = persistence.death_edges(D0, backend=backend, check=not reg._builtin_dissimilarity)
+    i, j = edges[:, 0], edges[:, 1]
+
+    def piece(deaths):
+        return regularisers.t1(deaths) if formula == "t1" else regularisers.t2(deaths, alpha=alpha)
+
+    def evaluate(theta):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta, params)
+            kinks.clear()
+            with torch.enable_grad():  # the recorders record only with autograd on
+                net(x)
+            D = reg.dissimilarity_matrix().detach()
+            value = float(piece(D[i, j]))
+            A = reg.activations().detach()
+        return value, _state_of(A, formula, dissimilarity, backend, frozen_edges=edges) + b"#" + kinks.pattern()
+
+    try:
+        base_state = evaluate(theta0)[1]
+        g_fd, jumps, h = _choose_step_and_differentiate(evaluate, theta0, base_state, eps, True,
+                                                        group_scale=tensor_scale, floor=_FLOOR)
+    finally:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta0, params)
+    abs_err, rel_err = _errors(g_auto, g_fd)
+    return FrozenTreeReport(edges=[tuple(e) for e in edges.tolist()], max_abs_err=abs_err, max_rel_err=rel_err,
+                            step=float(h.max()), min_step=float(h.min()), jumps=jumps, tolerance=tolerance)
 
 
 # ---------------------------------------------------------------------------
@@ -1091,7 +1254,9 @@ def summary_line(reports: list[GradcheckReport], seconds: float) -> str:
     counts = {}
     for r in reports:
         counts[r.verdict] = counts.get(r.verdict, 0) + 1
-    order = ["ok", "subgradient ok", "kink", "inconclusive", "FAIL", "subgradient FAIL"]
+    order = ["ok", "subgradient ok", "subgradient ok + frozen tree ok", "frozen tree ok", "kink",
+             "inconclusive", "FAIL", "subgradient FAIL"]
+    order += [v for v in counts if v not in order]  # the rarer combinations at a tie, as met
     names = {"kink": "kink (not differentiable: not compared)"}
     tally = ", ".join(f"{counts[v]} {names.get(v, v)}" for v in order if v in counts)
     n = len(reports)
@@ -1099,12 +1264,14 @@ def summary_line(reports: list[GradcheckReport], seconds: float) -> str:
     inconclusive = sum(r.inconclusive for r in reports)
     if failed:
         return (f"FAILED: {failed} of {n} checks found a gradient that disagrees with finite differences at a "
-                f"differentiable point, or violates the subgradient inequality ({tally}; {seconds:.1f} s).")
+                f"differentiable point, violates the subgradient inequality, or disagrees with finite "
+                f"differences of the frozen-tree piece at a tie ({tally}; {seconds:.1f} s).")
     if inconclusive:
         return (f"INCONCLUSIVE: {inconclusive} of {n} checks verified nothing (differentiable, but the "
                 f"finite-difference steps crossed a kink); no gradient was found wrong ({tally}; {seconds:.1f} s).")
+    frozen = " (and with those of the frozen-tree piece at ties)" if any(r.frozen_tree for r in reports) else ""
     return (f"OK: {n} checks ({tally}); autograd agrees with finite differences wherever the point is "
-            f"differentiable ({seconds:.1f} s).")
+            f"differentiable{frozen} ({seconds:.1f} s).")
 
 
 # ---------------------------------------------------------------------------
@@ -1129,7 +1296,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "neurons, spread of the deaths). Exit status: 0 if every check passed (ok, subgradient ok, or "
         "kink: a point diagnosed not differentiable, with no derivative to compare); 1 if they disagree "
         "at a point diagnosed differentiable, or if the gradient fails the subgradient inequality of T1 "
-        "at a tie; 3 if nothing failed but some check was inconclusive (differentiable, but every "
+        "at a tie, or if a model's parameter gradient disagrees with the frozen-tree piece at a tie; "
+        "3 if nothing failed but some check was inconclusive (differentiable, but every "
         "finite-difference step tried crossed a kink, so nothing was verified); 2 for bad options."
     )
     parser.add_argument("--formula", default="all", help=f"one of {list(FORMULAS)}, comma-separated, or 'all'")
