@@ -1096,11 +1096,14 @@ def _frozen_tree_check(net, x, params, reg, kinks, theta0, g_auto, formula, diss
     obtains them (the same matrix, the same check), so that they are the
     edges autograd differentiated through. Restores the parameters to ``theta0``.
     """
-    with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(theta0, params)
-    kinks.clear()
-    with torch.enable_grad():  # the recorders record only with autograd on
-        net(x)
+    def forward_at(theta):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta, params)
+        kinks.clear()
+        with torch.enable_grad():  # the recorders record only with autograd on
+            net(x)
+
+    forward_at(theta0)
     D0 = reg.dissimilarity_matrix().detach()
     edges = persistence.death_edges(D0, backend=backend, check=not reg._builtin_dissimilarity)
     i, j = edges[:, 0], edges[:, 1]
@@ -1109,11 +1112,8 @@ def _frozen_tree_check(net, x, params, reg, kinks, theta0, g_auto, formula, diss
         return regularisers.t1(deaths) if formula == "t1" else regularisers.t2(deaths, alpha=alpha)
 
     def evaluate(theta):
+        forward_at(theta)
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(theta, params)
-            kinks.clear()
-            with torch.enable_grad():  # the recorders record only with autograd on
-                net(x)
             D = reg.dissimilarity_matrix().detach()
             value = float(piece(D[i, j]))
             A = reg.activations().detach()
