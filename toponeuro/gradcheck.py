@@ -52,6 +52,7 @@ from torch import nn
 
 from . import dissimilarity as _dissimilarity
 from . import persistence, regularisers
+from .persistence import edge_backends
 from ._validation import check_activations, check_dissimilarity
 
 __all__ = [
@@ -101,11 +102,6 @@ _FLOOR = 1e-2
 #: the step is shrunk tenfold at most this many times when a finite-difference
 #: evaluation lands on another smooth piece (see _choose_step_and_differentiate)
 _MAX_SHRINK = 3
-
-
-def edge_backends() -> list[str]:
-    """The available persistence backends that give death edges (hence gradients)."""
-    return [b for b in persistence.available_backends() if persistence.BACKENDS[b].gives_edges]
 
 
 # ---------------------------------------------------------------------------

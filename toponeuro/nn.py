@@ -73,7 +73,7 @@ class TopologicalRegulariser(nn.Module):
         if formula in ("t1", "t2") and not spec.gives_edges:
             raise ValueError(
                 f"backend {backend!r} gives death values without gradient; T1/T2 need death edges: "
-                f"use one of {[b for b in persistence.available_backends() if persistence.BACKENDS[b].gives_edges]}"
+                f"use one of {persistence.edge_backends()}"
             )
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")

@@ -106,8 +106,7 @@ def _train_and_compare(args: argparse.Namespace) -> int:
     # an unknown backend, or one without death edges (the held-out T1 needs them), before any training
     if not persistence.get_backend(args.backend).gives_edges:
         raise ValueError(f"--backend {args.backend!r} gives death values only, not death edges; the regulariser "
-                         f"and the held-out T1 need edges: use one of "
-                         f"{[b for b in persistence.available_backends() if persistence.BACKENDS[b].gives_edges]}")
+                         f"and the held-out T1 need edges: use one of {persistence.edge_backends()}")
     device = resolve_device(args.device)
     # under torchrun every rank trains its slice of each batch (DDP); rank 0 reports
     device = distributed.setup(device)

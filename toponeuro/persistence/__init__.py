@@ -29,7 +29,8 @@ import torch
 
 from .._validation import _check_dissimilarity_form, _check_dissimilarity_values
 
-__all__ = ["death_edges", "deaths", "available_backends", "get_backend", "BACKENDS", "Backend", "canonical_order"]
+__all__ = ["death_edges", "deaths", "available_backends", "edge_backends", "get_backend", "BACKENDS", "Backend",
+           "canonical_order"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ def _importable(module: str) -> bool:
 def available_backends() -> list[str]:
     """Names of the backends whose requirements import here, in registry order."""
     return [name for name, b in BACKENDS.items() if all(_importable(r) for r in b.requires)]
+
+
+def edge_backends() -> list[str]:
+    """The available backends that give death edges (hence gradients), in registry order."""
+    return [name for name in available_backends() if BACKENDS[name].gives_edges]
 
 
 def get_backend(name: str) -> Backend:
@@ -287,7 +293,7 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
     if not b.gives_edges:
         raise ValueError(
             f"backend {backend!r} gives death values only, not death edges; "
-            f"use one of {[n for n in available_backends() if BACKENDS[n].gives_edges]}"
+            f"use one of {edge_backends()}"
         )
     return _checked_edges(D, b, check)[1]
 
