@@ -251,14 +251,18 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device is capturing a CUDA graph on its current stream (no host sync allowed)."""
+    if not t.is_cuda:
+        return False
+    with torch.cuda.device(t.device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def _refuse_inside_capture(t: torch.Tensor, name: str) -> None:
     """A check reads a result back to the host, which a CUDA graph capture does not allow:
     raise a ValueError that says so, instead of letting the sync invalidate the capture."""
-    if not t.is_cuda:
-        return
-    with torch.cuda.device(t.device):
-        capturing = torch.cuda.is_current_stream_capturing()
-    if capturing:
+    if capturing(t):
         raise ValueError(
             f"{name} cannot be checked inside a CUDA graph capture (the check reads a result back to "
             "the host, which a capture does not allow): pass check=False to the calls inside the "

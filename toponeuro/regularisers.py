@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_activations
+from ._validation import capturing, check_activations
 from .dissimilarity import _safe_sqrt, correlation
 
 __all__ = ["t1", "t2", "min_corr", "decov", "l1", "l2", "FORMULAS_ON_DEATHS", "FORMULAS_ON_ACTIVATIONS"]
@@ -23,7 +23,7 @@ def _check_deaths(deaths: torch.Tensor) -> torch.Tensor:
         raise ValueError("deaths must be a 1-d tensor of the n - 1 finite death times")
     if deaths.numel() < 1:
         raise ValueError("deaths is empty; persistence of at least 2 neurons gives at least one death")
-    if deaths.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(deaths):
         return deaths  # inside a CUDA graph capture the check's host sync is not allowed: skipped
     if not torch.isfinite(deaths.detach()).all():
         raise ValueError("deaths contain NaN or inf; pass the finite deaths only")

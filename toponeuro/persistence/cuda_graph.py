@@ -45,6 +45,7 @@ from collections import OrderedDict
 
 import torch
 
+from .._validation import capturing
 from .boruvka import _PACKED_MAX_N, boruvka_edges
 from .boruvka_static import boruvka_edges_static
 
@@ -192,14 +193,12 @@ def death_edges(D: torch.Tensor) -> torch.Tensor:
         return torch.empty((0, 2), dtype=torch.long, device=D.device)
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()
-    if X.is_cuda:
-        with torch.cuda.device(X.device):
-            if torch.cuda.is_current_stream_capturing():  # the caller's graph: no graph of ours inside
-                if n > _PACKED_MAX_N or X.dtype != torch.float32:
-                    raise ValueError(f"torch-graph inside a CUDA graph capture needs float32 and n <= "
-                                     f"{_PACKED_MAX_N}, got {X.dtype} at n={n}: convert D with .float() "
-                                     f"or call it outside the capture")
-                return boruvka_edges_static(X.clone())
+    if capturing(X):  # the caller's graph: no graph of ours inside
+        if n > _PACKED_MAX_N or X.dtype != torch.float32:
+            raise ValueError(f"torch-graph inside a CUDA graph capture needs float32 and n <= "
+                             f"{_PACKED_MAX_N}, got {X.dtype} at n={n}: convert D with .float() "
+                             f"or call it outside the capture")
+        return boruvka_edges_static(X.clone())
     if n > _PACKED_MAX_N or (X.is_cuda and X.dtype != torch.float32):
         return boruvka_edges(X)
     if not X.is_cuda:
