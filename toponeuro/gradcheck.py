@@ -686,6 +686,11 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend {backend!r} gives no death edges, hence no gradient; use one of {edge_backends()}")
 
 
+def _formula_on_deaths(formula: str, deaths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """T1 or T2 of ``deaths`` ((n - 1,))."""
+    return regularisers.t1(deaths) if formula == "t1" else regularisers.t2(deaths, alpha=alpha)
+
+
 def regulariser_value(A: torch.Tensor, formula: str = "t1", dissimilarity="abs_correlation",
                       backend: str = "torch", alpha: float = 0.5) -> torch.Tensor:
     """The function under test: ``R(A)``, through the library's public pieces.
@@ -695,8 +700,7 @@ def regulariser_value(A: torch.Tensor, formula: str = "t1", dissimilarity="abs_c
     """
     if formula in _ON_DEATHS:
         D = _dissimilarity.get(dissimilarity)(A)
-        deaths = persistence.deaths(D, backend=backend)
-        return regularisers.t1(deaths) if formula == "t1" else regularisers.t2(deaths, alpha=alpha)
+        return _formula_on_deaths(formula, persistence.deaths(D, backend=backend), alpha)
     return regularisers.FORMULAS_ON_ACTIVATIONS[formula](A)
 
 
@@ -777,9 +781,8 @@ def _floor_fraction(formula: str, dissimilarity) -> float:
       floor (``1e-12``) only keeps the step off 0.
     * ``decov`` is a polynomial of degree 2 in each entry, so central
       differences have no truncation error and the largest step has the least
-      rounding error; its value subtracts ``||diag C||^2`` from ``||C||_F^2``,
-      whose rounding grows with the largest neuron. The floor is 1: one
-      step, ``1e-6 * max|A|``, for every entry.
+      rounding error. The floor is 1: one step, ``1e-6 * max|A|``, for every
+      entry.
     * Otherwise (``euclidean``, a callable dissimilarity) an entry's effect on
       ``R`` is measured against the other neurons', and a step far below
       theirs is lost in the rounding of ``R``: the floor is ``1e-2``.
@@ -1104,14 +1107,11 @@ def _frozen_tree_check(net, x, params, reg, kinks, theta0, g_auto, formula, diss
     edges = persistence.death_edges(D0, backend=backend, check=not reg._builtin_dissimilarity)
     i, j = edges[:, 0], edges[:, 1]
 
-    def piece(deaths):
-        return regularisers.t1(deaths) if formula == "t1" else regularisers.t2(deaths, alpha=alpha)
-
     def evaluate(theta):
         forward_at(theta)
         with torch.no_grad():
             D = reg.dissimilarity_matrix().detach()
-            value = float(piece(D[i, j]))
+            value = float(_formula_on_deaths(formula, D[i, j], alpha))
             A = reg.activations().detach()
         return value, _state_of(A, formula, dissimilarity, backend, frozen_edges=edges) + b"#" + kinks.pattern()
 
