@@ -8,11 +8,13 @@ that names the problem and the fix, rather than surfacing later as a NaN.
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["check_activations", "check_dissimilarity"]
+__all__ = ["check_activations", "check_dissimilarity", "prepare_output_folder"]
 
 try:  # numba is optional: it makes the CPU scan of a matrix a single pass
     import numba
@@ -249,6 +251,29 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
         raise ValueError(
             f"{name} is too large to sum in float64; rescale it before computing the regulariser"
         )
+
+
+def prepare_output_folder(out, option: str = "--out") -> Path:
+    """Create the folder ``out`` (with its parents) and check that a file can be written there.
+
+    For commands that write their results at the end: a ValueError, naming
+    ``option`` and the problem, now rather than after the work, when ``out``
+    is a file, lies under one, or cannot be created or written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {out} is a file, not a folder; give a folder (it is created if missing)")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{option} {out} lies under {blocking}, which is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ValueError(f"{option} {out}: cannot create or write the folder ({err.strerror or err}); "
+                         f"give a writable folder") from err
+    return out
 
 
 def capturing(t: torch.Tensor) -> bool:

@@ -69,7 +69,7 @@ from typing import Callable
 import torch
 
 from . import __version__, persistence, regularisers
-from ._validation import check_dissimilarity
+from ._validation import check_dissimilarity, prepare_output_folder
 from .dissimilarity import abs_correlation
 from .experiments.runner import git_commit
 from .persistence import torch_mst
@@ -933,28 +933,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _prepare_out_dir(out: Path) -> Path:
-    """Create ``out`` (with its parents) and check that a file can be written there.
-
-    ValueError, naming the problem, when ``out`` is a file, lies under one,
-    or cannot be created or written.
-    """
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; give a folder (it is created if missing)")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--out {out} lies under {blocking}, which is a file; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"--out {out}: cannot create or write the folder ({err.strerror or err}); "
-                         f"give a writable folder") from err
-    return out
-
-
 @contextlib.contextmanager
 def _sigterm_raises_keyboard_interrupt():
     """Within the block, SIGTERM (what ``timeout`` and ``kill`` send) raises KeyboardInterrupt in the
@@ -993,7 +971,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("requested device(s) not available: "
                              + "; ".join(f"{name}: {why}" for name, why in missing)
                              + "; drop them from --devices (without --devices: cpu, and cuda when available)")
-        out = _prepare_out_dir(args.out if args.out is not None else default_out_dir(devices))
+        out = prepare_output_folder(args.out if args.out is not None else default_out_dir(devices))
     except ValueError as err:
         print(f"toponeuro bench: error: {err}", file=sys.stderr)
         return 2

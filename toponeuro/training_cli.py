@@ -13,13 +13,13 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from . import data, distributed, models, persistence
+from ._validation import prepare_output_folder
 from .dissimilarity import DISSIMILARITIES, correlation
 from .nn import TopologicalRegulariser
 from .training import TrainConfig, device_label, fit, resolve_device, seed_everything
@@ -113,11 +113,7 @@ def _train_and_compare(args: argparse.Namespace) -> int:
     writer = distributed.rank() == 0
     out = Path(args.out)
     if writer:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):  # not writable: an OSError now, not after training
-            pass
+        prepare_output_folder(out)  # a file, or not writable: an error now, not after training
 
     train = data.load(args.dataset, "train")
     if args.limit is not None:
