@@ -86,6 +86,13 @@ def _method_order(methods) -> list[str]:
     return known + sorted(set(methods) - set(known))
 
 
+def _best_by_validation(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per ``keys``, the row of ``table`` with the highest ``val_accuracy`` (ties: the smaller ``weight``)."""
+    ordered = table.sort_values(keys + ["val_accuracy", "weight"], ascending=[True] * len(keys) + [False, True],
+                                kind="mergesort")
+    return ordered.groupby(keys, sort=True).head(1)
+
+
 def select_weights(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, network, method, seed): the weight with the best validation accuracy.
 
@@ -96,11 +103,9 @@ def select_weights(runs: pd.DataFrame) -> pd.DataFrame:
     missing = need - set(runs.columns)
     if missing:
         raise ValueError(f"runs table lacks the columns {sorted(missing)}")
-    ordered = runs.sort_values(["dataset", "network", "method", "seed", "val_accuracy", "weight"],
-                               ascending=[True, True, True, True, False, True], kind="mergesort")
-    ordered = ordered[ordered["val_accuracy"].notna()]
-    selected = ordered.groupby(["dataset", "network", "method", "seed"], sort=True).head(1)
-    return selected.sort_values(["dataset", "network", "method", "seed"]).reset_index(drop=True)
+    keys = ["dataset", "network", "method", "seed"]
+    selected = _best_by_validation(runs[runs["val_accuracy"].notna()], keys)
+    return selected.sort_values(keys).reset_index(drop=True)
 
 
 def select_weights_pooled(runs: pd.DataFrame) -> pd.DataFrame:
@@ -114,9 +119,7 @@ def select_weights_pooled(runs: pd.DataFrame) -> pd.DataFrame:
     keys = ["dataset", "network", "method"]
     valid = runs[runs["val_accuracy"].notna()]
     means = valid.groupby(keys + ["weight"], as_index=False)["val_accuracy"].mean()
-    means = means.sort_values(keys + ["val_accuracy", "weight"], ascending=[True, True, True, False, True],
-                              kind="mergesort")
-    chosen = means.groupby(keys, sort=True).head(1)[keys + ["weight"]]
+    chosen = _best_by_validation(means, keys)[keys + ["weight"]]
     out = valid.merge(chosen, on=keys + ["weight"], how="inner")
     return out.sort_values(keys + ["seed"]).reset_index(drop=True)
 
