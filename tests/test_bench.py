@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import torch
 
 from toponeuro import bench, persistence
 from toponeuro.cli import main as cli_main
-from toponeuro.dissimilarity import abs_correlation
 from toponeuro.persistence import Backend
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -427,35 +425,3 @@ def test_timeout_on_a_real_process_keeps_the_finished_cases(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is False and results["interrupted"] == "SIGTERM"
     assert results["cases"] and all(c["status"] == "ok" and c["n"] == 16 for c in results["cases"])
-
-
-# ---------------------------------------------------------------- the dirty flag
-
-
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_git_dirty_against_git_status(tmp_path, monkeypatch):
-    monkeypatch.delenv("TOPONEURO_COMMIT", raising=False)
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path counts
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    assert bench.git_dirty(repo) is None  # not a repository
-
-    def git(*argv):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *argv], cwd=repo,
-                       check=True, capture_output=True)
-
-    git("init", "-q")
-    (repo / "a.py").write_text("x = 1\n")
-    git("add", "a.py")
-    git("commit", "-q", "-m", "a")
-    assert bench.git_dirty(repo) is False
-    (repo / "untracked.txt").write_text("results\n")
-    assert bench.git_dirty(repo) is False  # untracked files are ignored
-    (repo / "a.py").write_text("x = 2\n")
-    assert bench.git_dirty(repo) is True  # a modified tracked file
-    git("add", "a.py")
-    assert bench.git_dirty(repo) is True  # staged, not committed
-    git("commit", "-q", "-m", "b")
-    assert bench.git_dirty(repo) is False
-    monkeypatch.setenv("TOPONEURO_COMMIT", "abc1234")  # a copied tree: its state is unknown
-    assert bench.git_dirty(repo) is None

@@ -716,15 +716,3 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 def test_report_needs_runs(tmp_path):
     with pytest.raises(ValueError, match="runs.csv"):
         report.write_report(tmp_path / "nothing")
-
-
-def test_git_commit_from_the_repository_or_the_environment(monkeypatch):
-    import subprocess
-
-    monkeypatch.delenv("TOPONEURO_COMMIT", raising=False)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(runner.__file__).parent,
-                          capture_output=True, text=True)
-    expected = head.stdout.strip() if head.returncode == 0 else "unknown"
-    assert runner.git_commit() == (expected or "unknown")
-    monkeypatch.setenv("TOPONEURO_COMMIT", " abc1234 ")  # a tree copied without .git
-    assert runner.git_commit() == "abc1234"

@@ -58,11 +58,10 @@ import platform
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -71,8 +70,8 @@ import torch
 from . import __version__, persistence, regularisers
 from ._validation import check_dissimilarity, prepare_output_folder
 from .dissimilarity import abs_correlation
-from .experiments.runner import git_commit
 from .persistence import torch_mst
+from .provenance import git_commit, git_dirty
 
 __all__ = [
     "DEFAULT_N",
@@ -82,7 +81,6 @@ __all__ = [
     "time_calls",
     "extrapolate_seconds",
     "run_benchmark",
-    "git_dirty",
     "write_results",
     "format_table",
     "plot_results",
@@ -416,30 +414,6 @@ def _device_info(device: torch.device) -> dict:
             "cuda": torch.version.cuda,
         }
     return {"name": _cpu_model(), "threads": torch.get_num_threads(), "cores": os.cpu_count()}
-
-
-def git_dirty(path: Path | str | None = None) -> bool | None:
-    """Whether the git working tree holding ``path`` (default: this package) has uncommitted changes.
-
-    ``git status --porcelain --untracked-files=no`` is non-empty: a tracked
-    file modified, staged, deleted or renamed. Untracked files are ignored
-    (benchmark outputs and scratch files would otherwise mark every rerun).
-    None when unknown: ``TOPONEURO_COMMIT`` is set (the commit then comes from
-    the environment, see :func:`~toponeuro.experiments.runner.git_commit`, and
-    this tree's state says nothing about it), git is missing, or ``path`` is
-    not in a repository.
-    """
-    if os.environ.get("TOPONEURO_COMMIT", "").strip():
-        return None
-    cwd = Path(__file__).resolve().parent if path is None else Path(path)
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return bool(out.stdout.strip())
 
 
 def _environment() -> dict:

@@ -412,7 +412,7 @@ def _protocol_section(runs: pd.DataFrame, config, paper) -> list[str]:
         have = {(r.dataset, r.network, r.method, float(r.weight), int(r.seed)) for r in runs.itertuples()}
         missing = sorted(expected - have)
         lines.append(f"- Completeness: {len(expected & have)} of the {len(expected)} runs of this experiment's "
-                     f"config are finished." + (f" Missing (first 15): " + ", ".join(
+                     f"config are finished." + (" Missing (first 15): " + ", ".join(
                          f"{n}/{m}/w={_fmt_weight(w)}/s={s}" for _, n, m, w, s in missing[:15]) if missing else ""))
     lines.append("")
     return lines

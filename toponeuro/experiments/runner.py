@@ -47,7 +47,6 @@ import multiprocessing
 import os
 import re
 import socket
-import subprocess
 import tempfile
 import traceback
 import warnings
@@ -57,6 +56,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed, training
+from ..provenance import git_commit
 from .config import ExperimentConfig, RunSpec
 
 __all__ = [
@@ -68,7 +68,6 @@ __all__ = [
     "RunSummary",
     "ExperimentLockedError",
     "experiment_lock",
-    "git_commit",
     "experiment_dir",
     "read_rows",
     "row_key",
@@ -167,23 +166,6 @@ def experiment_lock(directory):
             os.ftruncate(fd, 0)  # nobody holds it now
     finally:
         os.close(fd)  # releases the lock
-
-
-def git_commit() -> str:
-    """``git rev-parse --short HEAD`` of the package's repository, or ``"unknown"``.
-
-    ``TOPONEURO_COMMIT`` in the environment takes precedence: a copy of the
-    tree without ``.git`` (as on a rented GPU machine) can still record the
-    commit it was copied from.
-    """
-    if os.environ.get("TOPONEURO_COMMIT", "").strip():
-        return os.environ["TOPONEURO_COMMIT"].strip()
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def experiment_dir(config: ExperimentConfig, out_root=DEFAULT_OUT) -> Path:
