@@ -1177,3 +1177,71 @@ def test_a_plugin_whose_edges_do_not_span_is_refused(monkeypatch, edges, what):
         ph.deaths(_D4, backend="fake")
     plugin.death_edges = lambda X: torch.tensor([[0, 1], [0, 2], [0, 3]])  # a star: spans, accepted
     torch.testing.assert_close(ph.deaths(_D4, backend="fake"), torch.tensor([.1, .2, .3]))
+
+
+# ----------------------------------------------------------------------------
+# the boundary: what check=False still refuses, meta tensors, plug-ins, float32 backends
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D, what", [
+    (torch.zeros(2, 4, 4), "square"),
+    (torch.zeros(3, 4), "square"),
+    (torch.zeros(1, 1), "1 x 1"),
+    (torch.zeros(0, 0), "0 x 0"),
+    (torch.zeros(4, 4, dtype=torch.int64), "floating-point"),
+], ids=["batched", "rectangular", "1x1", "0x0", "int64"])
+def test_check_false_still_refuses_a_wrong_shape_or_dtype(backend, D, what):
+    """check=False skips the pass over the values, not the O(1) form check: without it
+    a 1 x 1 matrix gave an empty result and a batched one a numba typing error."""
+    with pytest.raises(ValueError, match=what):
+        ph.deaths(D, backend=backend, check=False)
+
+
+def test_check_false_accepts_an_array(rng):
+    X = make_D("random", 6, torch.float64, rng).numpy()
+    ref = ph.deaths(torch.from_numpy(X))
+    assert torch.equal(ph.deaths(X, check=False), ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_tensors_get_a_value_error(backend):
+    M = torch.empty(10, 10, device="meta")
+    with pytest.raises(ValueError, match="'meta' device.*check=False"):
+        ph.deaths(M, backend=backend)
+    if backend == "torch-graph":  # no data-dependent shapes: it runs on meta
+        assert ph.deaths(M, backend=backend, check=False).shape == (9,)
+    else:
+        with pytest.raises(ValueError, match="'meta' device.*torch-graph"):
+            ph.deaths(M, backend=backend, check=False)
+
+
+def test_a_plugin_whose_module_does_not_import_is_not_available(monkeypatch):
+    from toponeuro.persistence import Backend
+
+    monkeypatch.setitem(ph.BACKENDS, "typo", Backend("typo", "toponeuro.persistence.no_such_module", ("torch",), True))
+    assert "typo" not in ph.available_backends()
+    with pytest.raises(ValueError, match="'typo' is not installed.*no_such_module"):
+        ph.deaths(_D4, backend="typo")
+
+
+@pytest.mark.parametrize("backend", sorted({"giotto-ph", "ripser"} & set(BACKENDS)))
+def test_float32_backends_refuse_float64_beyond_float32_range(backend):
+    """ripser dropped the death that float32 turns into inf and padded a zero in its place."""
+    D = torch.tensor([[0, 1, 5e38], [1, 0, 6e38], [5e38, 6e38, 0]], dtype=torch.float64)
+    assert ph.deaths(D, backend="torch").tolist() == [1.0, 5e38]  # exact backends need no float32
+    with pytest.raises(ValueError, match=f"{backend}.*float32.*rescale"):
+        ph.deaths(D, backend=backend)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_the_gradient_lands_on_the_upper_triangle(backend, rng):
+    """As documented: each death reads D[i, j], i < j; the gradient of a symmetric
+    parametrisation is the chain rule through both triangles (checked by central
+    differences elsewhere), here the raw D leaf."""
+    D = make_D("random", 8, torch.float64, rng).requires_grad_(True)
+    (g,) = torch.autograd.grad(ph.deaths(D, backend=backend).sum(), D)
+    e = ph.death_edges(D.detach(), backend=backend)
+    expected = torch.zeros_like(g)
+    expected[e[:, 0], e[:, 1]] = 1
+    assert torch.equal(g, expected) and bool((e[:, 0] < e[:, 1]).all())

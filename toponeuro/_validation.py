@@ -235,6 +235,18 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     return t
 
 
+def refuse_beyond_float32(X: np.ndarray, backend: str) -> None:
+    """For a backend that computes in float32: refuse a float64 ``X`` with entries
+    float32 cannot hold (they would become inf there and vanish from the diagram)."""
+    limit = float(np.finfo(np.float32).max)
+    if X.dtype == np.float64 and X.size and float(X.max()) > limit:
+        raise ValueError(
+            f"backend {backend!r} computes in float32, and the dissimilarity matrix has entries above "
+            f"float32's largest value ({limit:.3g}; max here {float(X.max()):.3g}): rescale the matrix or "
+            "use backend='torch'"
+        )
+
+
 def _check_finite(t: torch.Tensor, name: str) -> None:
     # One reduction instead of an n x n boolean buffer: a sum is finite iff
     # every entry is (inf - inf gives NaN); the slower elementwise check only
@@ -381,6 +393,8 @@ def _check_dissimilarity_values(D: torch.Tensor, name: str = "dissimilarity matr
     :func:`_check_dissimilarity_form`: finite, >= 0, zero diagonal, symmetric.
     Returns ``max |D - D.T|`` (within the tolerance; 0 for an exactly symmetric D)."""
     _refuse_inside_capture(D, name)
+    if D.is_meta:
+        raise ValueError(f"{name} is on the 'meta' device and has no values to check: pass check=False")
     lo, hi, asym, finite = _matrix_summary(D.detach())
     if not finite:
         _check_finite(D, name)  # locates the NaN or inf and raises

@@ -69,9 +69,14 @@ def _importable(module: str) -> bool:
     return True
 
 
+def _installed(b: Backend) -> bool:
+    """The backend's requirements and its own module import here."""
+    return all(_importable(r) for r in b.requires) and _importable(b.module)
+
+
 def available_backends() -> list[str]:
-    """Names of the backends whose requirements import here, in registry order."""
-    return [name for name, b in BACKENDS.items() if all(_importable(r) for r in b.requires)]
+    """Names of the backends whose requirements and module import here, in registry order."""
+    return [name for name, b in BACKENDS.items() if _installed(b)]
 
 
 def edge_backends() -> list[str]:
@@ -88,10 +93,10 @@ def get_backend(name: str) -> Backend:
             f"(all known: {sorted(BACKENDS)})"
         )
     b = BACKENDS[name]
-    if not all(_importable(r) for r in b.requires):
+    if not _installed(b):
         raise ValueError(
-            f"persistence backend {name!r} is not installed (needs {', '.join(b.requires)}); "
-            f"available here: {available_backends()}"
+            f"persistence backend {name!r} is not installed (needs {', '.join(b.requires)} and its module "
+            f"{b.module}); available here: {available_backends()}"
         )
     return b
 
@@ -227,6 +232,19 @@ def _upper_mirrored(D: torch.Tensor) -> torch.Tensor:
     return torch.where(k[:, None] <= k[None, :], X, X.mT)
 
 
+# backends whose kernels have no data-dependent shapes or host reads, hence run on
+# the 'meta' device (shape propagation, e.g. to check a model under FakeTensor)
+_META_BACKENDS = ("torch-graph",)
+
+
+def _refuse_meta(D: torch.Tensor, b: Backend) -> None:
+    if D.is_meta and b.name not in _META_BACKENDS:
+        raise ValueError(
+            f"dissimilarity matrix is on the 'meta' device, which backend {b.name!r} cannot run on "
+            f"(it reads values); use backend={_META_BACKENDS[0]!r} with check=False there"
+        )
+
+
 def _checked_edges(D, b: Backend, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(D as a tensor, its death edges), validating D first when ``check``.
 
@@ -238,9 +256,10 @@ def _checked_edges(D, b: Backend, check: bool) -> tuple[torch.Tensor, torch.Tens
     passes but is not exactly symmetric goes to the backend as
     :func:`_upper_mirrored`.
     """
+    D = _check_dissimilarity_form(D)  # O(1), no sync: kept even when check=False
+    _refuse_meta(D, b)
     if not check:
         return D, _backend_edges(D, b)
-    D = _check_dissimilarity_form(D)
     job = None
     if _can_overlap(D, b):
         try:
@@ -313,14 +332,23 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     (n - 1,) tensor, ascending. For edge-giving backends it is ``D`` gathered at
     the death edges, hence differentiable with respect to ``D``; a value-only
     backend (``"ripser"``) returns values without gradient.
+
+    Notes
+    -----
+    Each death is read from ``D[i, j]`` with ``i < j``, so the gradient with
+    respect to ``D`` lands on the upper triangle only. Through a ``D`` built
+    symmetric from parameters (every built-in dissimilarity) the chain rule
+    makes this the full gradient. To descend on a ``D`` that is itself a
+    leaf, symmetrise its gradient (``(G + G.T) / 2``) or parametrise ``D``
+    symmetrically, or the next call will find it asymmetric.
     """
     b = get_backend(backend)
     if b.gives_edges:
         D, e = _checked_edges(D, b, check)
         return D[e[:, 0], e[:, 1]]
-    X = D
+    D = X = _check_dissimilarity_form(D)
+    _refuse_meta(D, b)
     if check:
-        D = _check_dissimilarity_form(D)
         X = _upper_mirrored(D) if _check_dissimilarity_values(D) > 0 else D
     with torch.no_grad():
         values = b.load().death_values(X.detach())

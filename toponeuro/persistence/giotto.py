@@ -1,4 +1,10 @@
-"""giotto-ph backend: ``gph.ripser_parallel`` with H0 generators."""
+"""giotto-ph backend: ``gph.ripser_parallel`` with H0 generators.
+
+giotto-ph computes in float32: for a float64 matrix whose entries differ below
+float32's resolution, its tree is minimal in float32 and may weigh a few
+float64 ulps more than the exact MST (the deaths are still gathered from the
+float64 matrix). Entries above float32's range are refused.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import os
 import numpy as np
 import torch
 from gph import ripser_parallel
+
+from .._validation import refuse_beyond_float32
 
 
 def _root(parent: np.ndarray, v: int) -> int:
@@ -43,6 +51,7 @@ def _complete_with_zero_edges(X: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def death_edges(D: torch.Tensor, n_threads: int | None = None) -> torch.Tensor:
     """(n, n) dissimilarity -> (n - 1, 2) death edges (on D's device)."""
     X = D.detach().cpu().numpy()
+    refuse_beyond_float32(X, "giotto-ph")
     if n_threads is None:
         n_threads = min(os.cpu_count() or 1, 2)
     out = ripser_parallel(X, metric="precomputed", maxdim=0, return_generators=True, n_threads=n_threads)
