@@ -711,10 +711,18 @@ def test_ripser_returns_values_without_grad(rng):
         ph.death_edges(D, backend="ripser")
 
 
-def test_default_backend_is_torch(rng):
+def test_default_backend_is_torch(rng, monkeypatch):
     D = make_D("tied", 50, torch.float32, rng)
     assert torch.equal(ph.death_edges(D), ph.death_edges(D, backend="torch"))
     assert torch.equal(ph.deaths(D), ph.deaths(D, backend="torch"))
+    # on CPU "torch" and "numba" run the same Prim, so equal edges cannot tell them apart: a spy can
+    called = []
+    for name in EDGE_BACKENDS:
+        plugin = ph.BACKENDS[name].load()
+        monkeypatch.setattr(plugin, "death_edges", lambda X, f=plugin.death_edges, name=name: (called.append(name), f(X))[1])
+    ph.deaths(D)
+    ph.death_edges(D)
+    assert called == ["torch", "torch"]
 
 
 # ----------------------------------------------------------------------------
