@@ -11,7 +11,9 @@ import scipy.sparse.csgraph
 import torch
 from torch import nn
 
-from toponeuro import data, training
+from toponeuro import data, persistence, training
+from toponeuro.nn import TopologicalRegulariser
+from toponeuro.sampling import IndexSampler
 from toponeuro.training import TrainConfig, fit, seed_everything
 
 
@@ -98,6 +100,96 @@ def test_train_reg_of_a_single_batch_is_the_t1_of_the_initial_network(digits):
     assert deaths.size == A.shape[1] - 1
     expected_t1 = float((1.0 - deaths).sum())
     assert res.history[0]["train_reg"] == pytest.approx(expected_t1, rel=1e-4)
+
+
+def _mst_deaths(d):
+    """Deaths of the 0-dimensional persistence of the dissimilarity ``d``: its MST's edge weights (scipy)."""
+    # scipy's MST drops zero-weight edges; shift weights by a constant (same tree) and undo it
+    shift = 1.0
+    mst = scipy.sparse.csgraph.minimum_spanning_tree(np.triu(d + shift, 1)).toarray()
+    deaths = mst[mst > 0] - shift
+    assert deaths.size == d.shape[0] - 1
+    return deaths
+
+
+def _t2_by_hand(A, dissimilarity, alpha):
+    """T2 = alpha * std(D) - (1 - alpha) * mean(D) (population std) of the (m, n) activations ``A`` (NumPy).
+
+    A constant column (a dead ReLU) has rho = 0 with every other column.
+    """
+    Ac = A - A.mean(0)
+    sd = np.sqrt((Ac ** 2).sum(0))
+    live = sd > 0
+    rho = np.zeros((A.shape[1], A.shape[1]))
+    rho[np.ix_(live, live)] = (Ac[:, live].T @ Ac[:, live]) / np.outer(sd[live], sd[live])
+    d = {"one_minus_rho": 1.0 - rho, "abs_correlation": 1.0 - np.abs(rho)}[dissimilarity]
+    np.fill_diagonal(d, 0.0)
+    deaths = _mst_deaths(d)
+    return alpha * deaths.std() - (1 - alpha) * deaths.mean()
+
+
+def test_fit_passes_sampler_dissimilarity_alpha_and_backend_to_the_regulariser(digits, monkeypatch):
+    """One full batch: train_reg is T2 of the chosen columns, with 1 - rho and alpha = 0.2 (NumPy, scipy)."""
+    train, val, _ = digits
+    X, _ = train
+    seed_everything(6)
+    model = small_net(hidden=30)
+    with torch.no_grad():  # the regulariser of the only batch sees the initial weights (the step comes after)
+        h = torch.relu(model.fc1(X.flatten(1)))
+        logits = model.out(h)
+    alive = [j for j in range(30) if float(h[:, j].std()) > 0]
+    hidden_cols, output_cols = alive[::2][:10], [1, 4, 6, 9]
+    assert len(hidden_cols) == 10
+    sampler = IndexSampler({"relu1": hidden_cols, "output": output_cols})
+    # the backend reaches the persistence call
+    backend = "numba" if "numba" in persistence.edge_backends() else "torch-graph"
+    seen_backends = []
+    real_deaths = persistence.deaths
+
+    def recording_deaths(D, backend="torch", check=True):
+        seen_backends.append(backend)
+        return real_deaths(D, backend=backend, check=check)
+
+    monkeypatch.setattr(persistence, "deaths", recording_deaths)
+    cfg = TrainConfig(batch_size=4096, max_epochs=1)
+    res = fit(model, train, val, method="t2", weight=0.1, alpha=0.2, sampler=sampler,
+              dissimilarity="one_minus_rho", backend=backend, config=cfg, progress=False)
+    assert seen_backends == [backend]  # one batch, one regulariser evaluation, on the named backend
+
+    chosen = torch.cat([h[:, hidden_cols], logits[:, output_cols]], 1).double().numpy()
+    expected = _t2_by_hand(chosen, "one_minus_rho", 0.2)
+    got = res.history[0]["train_reg"]
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # each setting matters here: dropping any one of them gives a value outside the tolerance
+    everything = torch.cat([h, logits], 1).double().numpy()
+    for other in (_t2_by_hand(chosen, "abs_correlation", 0.2),  # dissimilarity dropped
+                  _t2_by_hand(chosen, "one_minus_rho", 0.5),  # alpha dropped
+                  _t2_by_hand(everything, "one_minus_rho", 0.2)):  # sampler dropped
+        assert abs(other - expected) > 1e-2 * abs(expected)
+
+
+def test_regulariser_runs_on_every_batch_and_a_lone_leftover_sample_is_skipped(digits, monkeypatch):
+    """513 images, batch 256: batches of 256, 256 and 1; the regulariser runs on the first two of every epoch."""
+    (X, y), val, _ = digits
+    train = (X[:513], y[:513])
+    calls = []  # (rows of the batch, value), one per regulariser call
+    real_forward = TopologicalRegulariser.forward
+
+    def counting_forward(self):
+        value = real_forward(self)
+        calls.append((self.recorder.layers()["output"].shape[0], float(value.detach())))
+        return value
+
+    monkeypatch.setattr(TopologicalRegulariser, "forward", counting_forward)
+    seed_everything(1)
+    cfg = TrainConfig(lr=0.05, batch_size=256, max_epochs=2)
+    res = fit(small_net(), train, val, method="t1", weight=1e-3, config=cfg, progress=False)
+    assert res.epochs == 2 and not res.diverged
+    assert [rows for rows, _ in calls] == [256, 256, 256, 256]  # two full batches per epoch, the lone sample skipped
+    for epoch, record in enumerate(res.history):
+        values = [v for _, v in calls[2 * epoch: 2 * epoch + 2]]
+        assert values[0] != values[1]
+        assert record["train_reg"] == pytest.approx(sum(values) / 2, rel=1e-6)
 
 
 def test_same_seed_gives_identical_runs(digits):
