@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from toponeuro import cli, training
+from toponeuro import cli, models, training
 from toponeuro.experiments import config as cfgmod
 from toponeuro.experiments import report, runner
 
@@ -124,15 +124,18 @@ class FakeFit:
     """Counts calls; writes two epochs of curve; optionally interrupts at call number ``stop_at``.
 
     ``device(method, weight, seed)`` gives the device the result reports (default ``"cpu"``).
+    ``received`` records, per call, the model and every other keyword argument it was given.
     """
 
     def __init__(self, stop_at=None, device=None):
         self.calls = []
+        self.received = []
         self.stop_at = stop_at
         self.device = device or (lambda method, weight, seed: "cpu")
 
     def __call__(self, model, train, val, test=None, *, method, weight, seed, on_epoch=None, **kw):
         self.calls.append((method, weight, seed))
+        self.received.append({"model": model, "train": train, **kw})
         for epoch in (1, 2):
             on_epoch({"epoch": epoch, "train_loss": 1.0, "train_reg": 0.0, "val_loss": 0.5,
                       "val_accuracy": 0.8, "lr": 0.01, "seconds": 0.1})
@@ -189,6 +192,52 @@ def test_rows_carry_every_required_column(tmp_path, monkeypatch):
         assert row["device"] == "cpu" and row["dataset"] == "digits"
         assert row["train_size"] == "1149"  # digits' in-order 80/20 split of 1437
     assert (tmp_path / "tiny" / "config.toml").read_text() == tiny().text
+
+
+def test_regulariser_settings_of_the_config_reach_fit(tmp_path, monkeypatch):
+    """backend, dissimilarity, alpha and sampler (a random one seeded with the run's seed; a per-network override)."""
+    from toponeuro import sampling
+
+    cfg = tiny(**{
+        'networks = ["mlp"]': 'networks = ["mlp", "mlp-deep"]',
+        "seeds = [0]": "seeds = [0, 3]",
+        "[training]": '[regulariser]\nbackend = "numba"\ndissimilarity = "euclidean"\nalpha = 0.2\n'
+                      'sampler = { kind = "random", p = 0.5 }\n'
+                      '[regulariser.networks.mlp-deep]\nsampler = { kind = "importance", p = 0.01 }\n'
+                      'alpha = 0.7\n[training]',
+    })
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
+    assert len(fake.calls) == 2 * 2 * 2  # (none, l2) x 2 networks x 2 seeds
+    samplers = []
+    for (method, weight, seed), kw in zip(fake.calls, fake.received):
+        deep = kw["model"].fc1.out_features == models.HIDDEN_WIDTHS["mlp-deep"][0]  # 300, the mlp's is 450
+        assert (kw["backend"], kw["dissimilarity"]) == ("numba", "euclidean")
+        assert kw["alpha"] == (0.7 if deep else 0.2)
+        assert kw["config"] == cfg.training and kw["train"][0].shape[0] == 1149
+        sampler = kw["sampler"]
+        if deep:
+            assert type(sampler) is sampling.ImportanceSampler and sampler.p == 0.01
+        else:
+            assert type(sampler) is sampling.RandomSampler and sampler.p == 0.5 and sampler.seed == seed
+        samplers.append(sampler)
+    assert len({id(s) for s in samplers}) == len(samplers)  # a fresh sampler per run
+    assert sorted(s.seed for s in samplers if isinstance(s, sampling.RandomSampler)) == [0, 0, 3, 3]
+    # the rows record the same settings
+    rows = rows_of(tmp_path / "tiny")
+    assert {(r["network"], r["backend"], r["dissimilarity"], r["alpha"], r["sampler"]) for r in rows} == {
+        ("mlp", "numba", "euclidean", "0.2", "random(p=0.5)"),
+        ("mlp-deep", "numba", "euclidean", "0.7", "importance(p=0.01)")}
+
+
+def test_the_all_sampler_reaches_fit_as_none(tmp_path, monkeypatch):
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False)
+    assert [kw["sampler"] for kw in fake.received] == [None, None]
+    assert {(kw["backend"], kw["dissimilarity"], kw["alpha"]) for kw in fake.received} == {
+        ("torch", "abs_correlation", 0.5)}
 
 
 def test_limit_runs_and_a_torn_row_are_handled(tmp_path, monkeypatch):
@@ -602,6 +651,58 @@ def test_report_states_its_selection_and_block_choices_as_deviations(tmp_path, m
     assert "changes a mean test accuracy by at most 4.50 points" in text
     assert "A choice that differs from Demšar (2006)." in text and "the critical difference is optimistic" in text
     assert "(2 blocks from 1 network(s))" in text
+
+
+# test accuracy of the weight that validation selects (weight 1), per block (seed) and method
+THREE_METHODS = {
+    0: {"none": 0.90, "l1": 0.92, "l2": 0.91},
+    1: {"none": 0.89, "l1": 0.93, "l2": 0.94},
+    2: {"none": 0.88, "l1": 0.90, "l2": 0.87},
+    3: {"none": 0.91, "l1": 0.95, "l2": 0.93},
+}
+
+
+def test_report_runs_friedman_nemenyi_and_draws_the_critical_difference_diagram(tmp_path, monkeypatch):
+    """3 methods x 4 complete blocks: the statistics section is written from the hand-made accuracies."""
+    def fit(*args, method, weight, seed, **kw):
+        result = FakeFit()(*args, method=method, weight=weight, seed=seed, **kw)
+        if weight == 0.1:  # worse on validation: selection must drop it, whatever its test accuracy
+            result.val_accuracy, result.test_accuracy = 0.5, 0.99
+        else:
+            result.val_accuracy, result.test_accuracy = 0.8, THREE_METHODS[seed][method]
+        return result
+
+    cfg = tiny(**{'methods = ["none", "l2"]': 'methods = ["none", "l1", "l2"]',
+                  "weights = [0.1]": "weights = [0.1, 1.0]", "seeds = [0]": "seeds = [0, 1, 2, 3]"})
+    monkeypatch.setattr(training, "fit", fit)
+    runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
+    directory = tmp_path / "tiny"
+    text = report.write_report(directory).read_text()
+
+    methods = ["none", "l1", "l2"]
+    columns = [[THREE_METHODS[seed][m] for seed in sorted(THREE_METHODS)] for m in methods]
+    expected = scipy.stats.friedmanchisquare(*columns)
+    # by hand: ranks per block (1 = best) none 3,3,2,3 ; l1 1,2,1,1 ; l2 2,1,3,2 -> sums 11, 5, 8
+    n, k = 4, 3
+    R = np.array([11, 5, 8])
+    chi2 = 12 / (n * k * (k + 1)) * (R ** 2).sum() - 3 * n * (k + 1)
+    assert chi2 == pytest.approx(4.5) and expected.statistic == pytest.approx(chi2)
+    assert (f"**Friedman test** (scipy.stats.friedmanchisquare): chi² = {chi2:.4f}, "
+            f"p = {expected.pvalue:.4g} → equal performance is not rejected at 0.05.") in text
+    assert "4 blocks, 3 methods (none, L1, L2)" in text
+    for label, rank in (("none", 11 / 4), ("L1", 5 / 4), ("L2", 8 / 4)):
+        assert f"| {label} | {rank:.2f} |" in text
+    # Demšar (2006), Table 5a: q_0.05 = 2.343 for k = 3; CD = q sqrt(k (k + 1) / (6 N))
+    cd = 2.343 * math.sqrt(k * (k + 1) / (6 * n))
+    assert f"critical difference of average ranks at alpha = 0.05: CD = {cd:.2f} " in text
+    # Nemenyi p of none vs L1 by hand: z = |R_i - R_j| / N / sqrt(k (k + 1) / (6 N)), studentized range at z sqrt 2
+    z = abs(R[0] - R[1]) / n / math.sqrt(k * (k + 1) / (6 * n))
+    p_none_l1 = scipy.stats.studentized_range.sf(z * math.sqrt(2), k, np.inf)
+    row = next(line for line in text.splitlines() if line.startswith("| none | 1 | "))
+    assert float(row.split("|")[3]) == pytest.approx(p_none_l1, rel=2e-3)
+    assert "![critical difference diagram](critical_difference.png)" in text
+    png = (directory / "critical_difference.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
 def test_friedman_matches_scipy_and_the_textbook_formula():
