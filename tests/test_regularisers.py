@@ -211,6 +211,31 @@ def test_decov_of_half_precision_activations_is_finite_and_in_float32(dtype, rng
     assert value.item() == pytest.approx(np_decov(A.double().numpy()), rel=1e-4)
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decov_and_min_corr_inside_autocast_are_computed_in_float32(autocast_dtype, input_dtype, rng):
+    """Autocast recasts matrix products to 16 bits: the covariance of activations of about 70 overflowed
+    float16 to a silent inf, and every value came back in 16 bits."""
+    A = torch.relu(torch.from_numpy(rng.standard_normal((256, 50)) * 16)).to(input_dtype)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        values = {"decov": R.decov(A), "min_corr": R.min_corr(A)}
+    ref = {"decov": np_decov(A.double().numpy()), "min_corr": np_min_corr(A.double().numpy())}
+    for name, value in values.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        assert value.item() == pytest.approx(ref[name], rel=1e-5), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_min_corr_of_half_precision_activations_is_in_float32(dtype, rng):
+    A = np.maximum(rng.standard_normal((64, 12)) @ rng.standard_normal((12, 30)), 0.0)
+    At = torch.from_numpy(A).to(dtype).requires_grad_(True)
+    value = R.min_corr(At)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(np_min_corr(At.detach().double().numpy()), rel=1e-5)
+    value.backward()
+    assert At.grad.dtype == dtype and torch.isfinite(At.grad).all()
+
+
 def test_decov_keeps_its_precision_when_one_neuron_dwarfs_the_others(rng):
     """||C||^2 - ||diag C||^2 would subtract two numbers of about 1e16 to get one of about 1e8."""
     from fractions import Fraction

@@ -10,6 +10,8 @@ The total loss is ``task_loss + lam * R``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ._validation import capturing, check_activations
@@ -28,6 +30,31 @@ def _check_deaths(deaths: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(deaths.detach()).all():
         raise ValueError("deaths contain NaN or inf; pass the finite deaths only")
     return deaths
+
+
+def _autocast_available(device_type: str) -> bool:
+    check = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    return check(device_type) if check is not None else device_type in ("cpu", "cuda")
+
+
+def _autocast_off(*device_types: str) -> contextlib.ExitStack:
+    """A context with autocast disabled on these device types (those that have autocast)."""
+    stack = contextlib.ExitStack()
+    for kind in dict.fromkeys(device_types):
+        if _autocast_available(kind):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
+
+
+def _in_full_precision(A: torch.Tensor):
+    """(A in float32 if it was float16/bfloat16, a context with autocast disabled on A's device).
+
+    Under ``torch.autocast`` the matrix products of the correlation and the
+    covariance would be recast to 16 bits (and overflow float16).
+    """
+    if A.is_floating_point() and A.dtype.itemsize < 4:
+        A = A.float()
+    return A, _autocast_off(A.device.type)
 
 
 def t1(deaths: torch.Tensor) -> torch.Tensor:
@@ -60,8 +87,18 @@ def min_corr(A: torch.Tensor) -> torch.Tensor:
 
     A : (m, n) activations, batch first. Pairs that involve a constant neuron
     (``rho`` defined as 0) are left out of the mean; 0 if no pair is left.
+    Float16 and bfloat16 activations are computed, and returned, in float32,
+    and autocast is disabled inside (its 16-bit matrix product would cost the
+    correlations their precision).
     """
-    C = correlation(A).abs()
+    A = check_activations(A)
+    A, full_precision = _in_full_precision(A)
+    with full_precision:
+        return _min_corr(A)
+
+
+def _min_corr(A: torch.Tensor) -> torch.Tensor:
+    C = correlation(A, check=False).abs()
     offdiag = ~torch.eye(C.shape[0], dtype=torch.bool, device=C.device)
     used = offdiag & (C.detach() != 0)
     count = used.sum()
@@ -76,11 +113,16 @@ def decov(A: torch.Tensor) -> torch.Tensor:
     A : (m, n) activations, batch first; ``C = Ac^T Ac / m`` is the batch
     covariance of the centred activations ``Ac``. Float16 and bfloat16
     activations are computed, and returned, in float32: the sums of squared
-    covariances overflow float16 for activations of a few tens.
+    covariances overflow float16 for activations of a few tens; for the same
+    reason autocast is disabled inside (it would recast the product to float16).
     """
     A = check_activations(A)
-    if A.dtype.itemsize < 4:
-        A = A.float()
+    A, full_precision = _in_full_precision(A)
+    with full_precision:
+        return _decov(A)
+
+
+def _decov(A: torch.Tensor) -> torch.Tensor:
     Ac = A - A.mean(0, keepdim=True)
     C = Ac.mT @ Ac / A.shape[0]
     # the off-diagonal entries summed directly: ||C||^2 - ||diag C||^2 cancels away the value's
