@@ -6,6 +6,9 @@ by layer, and scipy's minimum spanning tree for the deaths.
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 from collections import OrderedDict
 
 import numpy as np
@@ -396,3 +399,180 @@ def test_cuda_value_and_gradient_match_cpu(formula):
         results.append((value.detach().cpu(), model.fc1.weight.grad.cpu()))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-7, atol=1e-9)
+
+
+# --------------------------------------------------------------------------
+# autocast: the formulas are computed in float32
+# --------------------------------------------------------------------------
+def _pipeline(formula, A):
+    """The value from activations, by the functional pipeline (no autocast here)."""
+    if formula in ("t1", "t2"):
+        deaths = persistence.deaths(dissimilarity.abs_correlation(A))
+        return regularisers.t1(deaths) if formula == "t1" else regularisers.t2(deaths)
+    return regularisers.FORMULAS_ON_ACTIVATIONS[formula](A)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("formula", FORMULAS)
+def test_under_autocast_the_value_is_the_float32_pipeline_on_the_recorded_activations(formula, dtype):
+    """Activations of a few tens: DeCov's squared covariances overflow float16 (inf, silently, before)."""
+    model = _mlp(torch.float32)
+    with torch.no_grad():
+        model.fc1.weight.mul_(30)
+    x = _inputs(torch.float32)
+    with tn.TopologicalRegulariser(model, formula=formula) as reg:
+        with torch.autocast("cpu", dtype=dtype):
+            model(x)
+            value = reg()
+            A = reg.activations()
+        assert A.dtype == dtype  # recorded as autocast computed them
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        want = _pipeline(formula, A.detach().float())
+        torch.testing.assert_close(value.detach(), want, rtol=1e-6, atol=1e-6)
+        value.backward()
+    assert torch.isfinite(model.fc1.weight.grad).all() and model.fc1.weight.grad.abs().sum() > 0
+
+
+def test_under_autocast_deaths_and_dissimilarity_are_float32():
+    model = _mlp(torch.float32)
+    with tn.TopologicalRegulariser(model, formula="t1") as reg:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(_inputs(torch.float32))
+            D, deaths = reg.dissimilarity_matrix(), reg.deaths()
+        A = reg.activations().detach().float()
+    assert D.dtype == deaths.dtype == torch.float32
+    torch.testing.assert_close(D.detach(), dissimilarity.abs_correlation(A), rtol=0, atol=0)
+    np.testing.assert_allclose(deaths.detach().numpy(), _scipy_mst_weights(dissimilarity.abs_correlation(A)),
+                               rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# a no-grad pass between the training forward and reg() keeps the training pass
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_no_grad_pass_before_reg_keeps_the_training_pass(context):
+    model = _mlp()
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula="t1") as reg:
+        model(x)
+        with context():
+            model(torch.randn(7, 10, dtype=torch.float64))  # a teacher / pseudo-label pass
+        value = reg()
+    want = regularisers.t1(persistence.deaths(dissimilarity.abs_correlation(_hand_activations(model, x))))
+    torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# samplers inside the regulariser
+# --------------------------------------------------------------------------
+def test_random_sampler_draws_once_per_recorded_pass():
+    """reg.activations() / reg.deaths() for logging and reg() see the same neurons; the next pass draws anew,
+    in the seed's sequence: the reference sampler draws once per pass."""
+    model = _mlp()
+    reference = RandomSampler(0.5, seed=4)
+    with tn.TopologicalRegulariser(model, formula="t1", sampler=RandomSampler(0.5, seed=4)) as reg:
+        for step in range(3):
+            x = torch.randn(BATCH, 10, dtype=torch.float64)
+            model(x)
+            logged = reg.activations().detach()
+            reg.deaths()
+            value = reg()
+            torch.testing.assert_close(reg.activations().detach(), logged, rtol=0, atol=0)
+            A = _hand_activations(model, x)
+            layers = OrderedDict([("relu1", A[:, :16]), ("relu2", A[:, 16:28]), ("output", A[:, 28:])])
+            chosen = reference.select(layers, "output")
+            want_A = torch.cat([A[:, :16][:, chosen["relu1"]], A[:, 16:28][:, chosen["relu2"]], A[:, 28:]], dim=1)
+            torch.testing.assert_close(logged, want_A, rtol=0, atol=0)
+            want = regularisers.t1(persistence.deaths(dissimilarity.abs_correlation(want_A)))
+            torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_sampler_that_keeps_one_neuron_is_named_in_the_error():
+    model = _mlp()  # widths 16, 12, 5: p = 0.07 keeps floor(1.12) = 1, floor(0.84) = 0, floor(0.35) = 0
+    with tn.TopologicalRegulariser(model, sampler=ImportanceSampler(0.07, keep_output=False)) as reg:
+        model(_inputs())
+        with pytest.warns(UserWarning, match="keeps 0 of"), pytest.raises(
+                ValueError, match=r"ImportanceSampler\(p=0.07, keep_output=False\) chose 1 neuron.*raise p"):
+            reg()
+
+
+def test_a_hidden_layer_that_p_leaves_out_is_warned_about_and_left_out():
+    model = _mlp()  # p = 0.07 keeps 1 of relu1's 16, none of relu2's 12, the 5 logits whole
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, sampler=ImportanceSampler(0.07)) as reg:
+        model(x)
+        with pytest.warns(UserWarning, match="keeps 0 of the 12 neurons of layer 'relu2'.*1/12"):
+            value = reg()
+    A = _hand_activations(model, x)
+    top = int(np.argmax(A[:, :16].abs().mean(0).numpy()))
+    want_A = torch.cat([A[:, top:top + 1], A[:, 28:]], dim=1)
+    want = regularisers.t1(persistence.deaths(dissimilarity.abs_correlation(want_A)))
+    torch.testing.assert_close(value.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# copies of a regulariser, and of its model
+# --------------------------------------------------------------------------
+class _LightningStyle(nn.Module):
+    """A module that holds the network and the regulariser as attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+        self.reg = tn.TopologicalRegulariser(self.net, formula="t1", sampler=RandomSampler(0.5, seed=2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _t1_of(model, x, sampler):
+    A = _hand_activations(model, x)
+    layers = OrderedDict([("relu1", A[:, :16]), ("relu2", A[:, 16:28]), ("output", A[:, 28:])])
+    return regularisers.t1(persistence.deaths(dissimilarity.abs_correlation(sampler(layers, "output"))))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "averaged_model"])
+def test_a_module_holding_the_regulariser_copies_after_a_forward_and_the_copy_records(how):
+    module = _LightningStyle()
+    x = _inputs()
+    module(x)
+    value = module.reg().detach()
+    if how == "deepcopy":
+        clone = copy.deepcopy(module)
+    elif how == "pickle":
+        clone = pickle.loads(pickle.dumps(module))
+    else:
+        clone = torch.optim.swa_utils.AveragedModel(module).module
+    assert clone.reg.model is clone.net and clone.net is not module.net
+    assert not clone.reg.recorder.has_pass
+    with torch.no_grad():
+        clone.net.fc1.weight.mul_(-2.0)
+    x2 = torch.randn(BATCH + 4, 10, dtype=torch.float64)
+    clone(x2)
+    # the copy's sampler continues the original's sequence from where the copy was made
+    sampler = copy.deepcopy(module.reg.sampler)
+    torch.testing.assert_close(clone.reg().detach(), _t1_of(clone.net, x2, sampler), rtol=1e-12, atol=1e-12)
+    # the original is untouched
+    torch.testing.assert_close(module.reg().detach(), value, rtol=0, atol=0)
+
+
+def test_a_model_with_a_regulariser_attached_pickles_with_inert_hooks():
+    model = _mlp()
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula="t1") as reg:
+        model(x)
+        value = reg().detach()
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        clone = pickle.loads(pickle.dumps(model))
+        clone(torch.randn(5, 10, dtype=torch.float64))
+        torch.testing.assert_close(reg().detach(), value, rtol=0, atol=0)
+        torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+
+
+def test_after_the_with_block_the_error_says_the_hooks_were_removed():
+    model = _mlp()
+    with tn.TopologicalRegulariser(model, formula="t1") as reg:
+        model(_inputs())
+    with pytest.raises(ValueError, match="hooks were removed"):
+        reg()

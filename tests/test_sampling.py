@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import math
+import pickle
 import warnings
 from collections import OrderedDict
 from decimal import Decimal
@@ -345,6 +347,7 @@ def test_random_sampler_differs_for_another_seed():
     assert a["relu1"] != b["relu1"]  # C(200, 100) choices: equal only by a miracle
 
 
+@pytest.mark.filterwarnings("ignore:RandomSampler.*keeps 0 of")
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 1.0])
 def test_random_sampler_takes_floor_p_width_distinct_columns_per_layer(p):
     layers = _layers_with_ties()
@@ -395,7 +398,7 @@ def test_index_sampler_needs_an_entry():
 
 def test_sampler_that_chooses_nothing_raises():
     layers = OrderedDict([("relu1", torch.rand(4, 3))])
-    with pytest.raises(ValueError, match="no neurons"):
+    with pytest.raises(ValueError, match="no neurons"), pytest.warns(UserWarning, match="keeps 0 of"):
         ImportanceSampler(0.1)(layers, None)  # floor(0.3) = 0
 
 
@@ -406,6 +409,7 @@ def test_p_outside_zero_one_raises(cls, p):
         cls(p)
 
 
+@pytest.mark.filterwarnings("ignore:.*keeps 0 of")
 @pytest.mark.parametrize("p", [0.29, 0.57, 0.58, 0.07, 0.1, 0.005, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("width", [1, 7, 100, 200, 1000])
 def test_fraction_count_is_floor_of_the_decimal_p_times_width(p, width):
@@ -493,3 +497,309 @@ def test_sampler_rejects_an_unknown_sync():
     layers = OrderedDict([("relu1", torch.rand(4, 6)), (OUTPUT, torch.rand(4, 2))])
     with pytest.raises(ValueError, match="sync must be one of"):
         ImportanceSampler(0.5)(layers, OUTPUT, sync="everywhere")
+
+
+# --------------------------------------------------------------------------
+# a pass that records nothing keeps the last recorded one
+# --------------------------------------------------------------------------
+def _no_grad(rec):
+    return torch.no_grad()
+
+
+def _inference_mode(rec):
+    return torch.inference_mode()
+
+
+class _disabled:
+    def __init__(self, rec):
+        self.rec = rec
+
+    def __enter__(self):
+        self.rec.enabled = False
+
+    def __exit__(self, *exc):
+        self.rec.enabled = True
+
+
+@pytest.mark.parametrize("not_recording", [_no_grad, _inference_mode, _disabled])
+def test_a_pass_that_records_nothing_keeps_the_last_recorded_pass(not_recording, x28):
+    """A teacher / pseudo-label / logging pass between the training forward and reg() must not erase it."""
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    model(x28)
+    key = rec.pass_key
+    with not_recording(rec):
+        model(torch.rand(BATCH + 3, 1, 28, 28))
+    assert rec.pass_key is key
+    layers = rec.layers()
+    with torch.no_grad():
+        want = _hand_forward_mlp(model, x28, 3)
+    assert list(layers) == list(want)
+    for k in want:
+        torch.testing.assert_close(layers[k].detach(), want[k], rtol=0, atol=0)
+    model(x28[:2])  # the next recording pass replaces it
+    assert rec.pass_key is not key
+    assert all(A.shape[0] == 2 for A in rec.layers().values())
+
+
+# --------------------------------------------------------------------------
+# IndexSampler input
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("indices, match", [
+    ([0, 0, 1], "repeat neurons \\[0\\]"),
+    (torch.tensor([3, 1, 3, 1]), "repeat neurons \\[1, 3\\]"),
+    ([0.9, 1.2], "dtype float64"),
+    (torch.tensor([0.0, 1.0]), "dtype torch.float32"),
+    (np.array([1.5]), "dtype float64"),
+    ([[0, 1], [2, 3]], "shape \\(2, 2\\)"),
+    (torch.tensor([[True, False]]), "shape \\(1, 2\\)"),
+    (3, "shape \\(\\)"),
+    ("0, 1", "string"),
+])
+def test_index_sampler_rejects_duplicate_fractional_and_non_1d_indices(indices, match):
+    with pytest.raises(ValueError, match=f"layer 'relu1'.*{match}"):
+        IndexSampler({"relu1": indices})
+
+
+@pytest.mark.parametrize("as_mask", [lambda m: torch.from_numpy(m), lambda m: m, lambda m: m.tolist()])
+def test_index_sampler_takes_a_boolean_mask_as_its_true_positions(as_mask):
+    layers = _layers_with_ties()
+    mask = np.zeros(11, dtype=bool)
+    mask[[3, 7, 9]] = True
+    got = IndexSampler({"relu1": as_mask(mask), OUTPUT: None})(layers, OUTPUT)
+    want = np.concatenate([layers["relu1"].numpy()[:, np.flatnonzero(mask)], layers[OUTPUT].numpy()], axis=1)
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert got.shape[1] == 3 + 5
+
+
+def test_index_sampler_mask_of_another_width_raises_when_the_layer_is_seen():
+    sampler = IndexSampler({"relu2": np.ones(11, dtype=bool)})  # relu2 has 7 neurons
+    with pytest.raises(ValueError, match="mask for layer 'relu2' has 11 entries, but the layer has 7"):
+        sampler(_layers_with_ties(), OUTPUT)
+
+
+def test_index_sampler_takes_integer_arrays_of_any_integer_dtype_in_their_order():
+    layers = _layers_with_ties()
+    for idx in (np.array([4, 0, 6], dtype=np.int32), np.array([4, 0, 6], dtype=np.uint8),
+                torch.tensor([4, 0, 6], dtype=torch.int16), range(4, 7)):
+        got = IndexSampler({"relu2": idx})(layers, OUTPUT)
+        np.testing.assert_array_equal(got.numpy(), layers["relu2"].numpy()[:, list(idx)])
+
+
+# --------------------------------------------------------------------------
+# a layer that floor(p * width) leaves out is warned about, once
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [ImportanceSampler, RandomSampler])
+def test_a_layer_that_p_leaves_out_is_warned_about_once_per_layer(cls):
+    # relu1 has 11 neurons, relu2 7: p = 0.1 keeps floor(1.1) = 1 of relu1 and floor(0.7) = 0 of relu2
+    layers = _layers_with_ties()
+    sampler = cls(0.1)
+    with pytest.warns(UserWarning) as record:
+        for _ in range(3):
+            got = sampler(layers, OUTPUT)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1, messages
+    assert f"{cls.__name__}(p=0.1) keeps 0 of the 7 neurons of layer 'relu2'" in messages[0]
+    assert "p >= 1/7 = 0.1429 keeps one" in messages[0]
+    assert record[0].filename == __file__  # points at the caller
+    # the floor rule is kept: one neuron of relu1, none of relu2, the output whole
+    assert got.shape[1] == 1 + 0 + 5
+    np.testing.assert_array_equal(got[:, 1:].numpy(), layers[OUTPUT].numpy())
+
+
+def test_no_warning_when_every_layer_keeps_a_neuron():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ImportanceSampler(0.15)(_layers_with_ties(), OUTPUT)  # floor(1.65) = 1, floor(1.05) = 1
+
+
+# --------------------------------------------------------------------------
+# RandomSampler: one draw per recorded pass
+# --------------------------------------------------------------------------
+def test_random_sampler_draws_once_per_key_in_the_seeds_sequence():
+    layers = _layers_with_ties()
+    sampler, reference = RandomSampler(0.5, seed=5), RandomSampler(0.5, seed=5)
+    for _ in range(3):
+        key = object()
+        want = _random_choice(reference, layers)  # the reference draws once per pass
+        first = sampler(layers, OUTPUT, key=key)
+        for _ in range(2):  # logging calls on the same pass see the same neurons
+            torch.testing.assert_close(sampler(layers, OUTPUT, key=key), first, rtol=0, atol=0)
+        expected = np.concatenate([layers["relu1"].numpy()[:, want["relu1"]],
+                                   layers["relu2"].numpy()[:, want["relu2"]], layers[OUTPUT].numpy()], axis=1)
+        np.testing.assert_array_equal(first.numpy(), expected)
+
+
+def test_random_sampler_without_a_key_draws_at_every_call():
+    layers = OrderedDict([("relu1", torch.rand(4, 200)), (OUTPUT, torch.rand(4, 3))])
+    sampler = RandomSampler(0.5, seed=0)
+    assert not torch.equal(sampler(layers, OUTPUT), sampler(layers, OUTPUT))
+
+
+# --------------------------------------------------------------------------
+# copies: pickle, deepcopy
+# --------------------------------------------------------------------------
+def test_a_model_with_a_recorder_pickles_and_its_copy_records_nowhere(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    model(x28)
+    before = rec.layers()["relu2"].detach().clone()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the whole model, hooks included
+    assert buffer.tell() > 0
+    clone = pickle.loads(pickle.dumps(model))
+    out = clone(torch.rand(BATCH + 1, 1, 28, 28))
+    torch.testing.assert_close(clone(x28), model(x28), rtol=0, atol=0)
+    assert out.shape == (BATCH + 1, 10)
+    torch.testing.assert_close(rec.layers()["relu2"].detach(), before, rtol=0, atol=0)
+
+
+class _Holder(nn.Module):
+    """A LightningModule-style wrapper: the network and a recorder on it, as attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _build("mlp")
+        self.rec = ActivationRecorder(self.net)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("after_forward", [False, True])
+def test_a_copy_of_a_module_holding_a_recorder_records_its_own_model(how, after_forward, x28):
+    holder = _Holder()
+    if after_forward:
+        holder(x28)
+    clone = copy.deepcopy(holder) if how == "deepcopy" else pickle.loads(pickle.dumps(holder))
+    assert clone.rec.model is clone.net and clone.net is not holder.net
+    assert not clone.rec.has_pass  # the recorded tensors are not copied
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    x = torch.rand(BATCH + 2, 1, 28, 28)
+    clone(x)
+    layers = clone.rec.layers()
+    with torch.no_grad():
+        want = _hand_forward_mlp(clone.net, x, 3)
+    for k in want:
+        torch.testing.assert_close(layers[k].detach(), want[k], rtol=0, atol=0)
+    if after_forward:  # the original keeps its own pass
+        assert all(A.shape[0] == BATCH for A in holder.rec.layers().values())
+    else:
+        assert not holder.rec.has_pass
+
+
+def test_a_copy_of_a_removed_recorder_does_not_record(x28):
+    holder = _Holder()
+    holder.rec.remove()
+    clone = copy.deepcopy(holder)
+    assert _no_hooks_left(clone.net) or all(
+        type(h).__name__ == "_InertHook" for m in clone.net.modules()
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+    clone(x28)
+    with pytest.raises(ValueError, match="hooks were removed"):
+        clone.rec.layers()
+
+
+class _HoldsItsOwnRecorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _build("mlp")
+        self.rec = ActivationRecorder(self)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_model_holding_its_own_recorder_copies_to_one_that_says_it_does_not_record(x28):
+    model = _HoldsItsOwnRecorder()
+    model(x28)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        clone(x28)
+        with pytest.raises(ValueError, match="does not record: build a new"):
+            clone.rec.layers()
+    assert model.rec.has_pass
+
+
+# --------------------------------------------------------------------------
+# messages
+# --------------------------------------------------------------------------
+class _TupleOut(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        self.fc, self.relu, self.head = nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)
+        self.wrap = wrap
+
+    def forward(self, x):
+        logits = self.head(self.relu(self.fc(x)))
+        return self.wrap(logits, x)
+
+
+@pytest.mark.parametrize("wrap", [lambda logits, x: (logits, x), lambda logits, x: {"logits": logits}])
+def test_a_tuple_or_dict_output_says_to_leave_the_output_out_and_name_the_logits(wrap):
+    model = _TupleOut(wrap)
+    rec = ActivationRecorder(model)
+    with pytest.raises(ValueError, match="include_output=False, and name the logits' module in modules"):
+        model(torch.randn(4, 5))
+    rec.remove()
+    # which works
+    rec = ActivationRecorder(model, modules=["relu", "head"], include_output=False)
+    x = torch.randn(4, 5)
+    model(x)
+    with torch.no_grad():
+        h = F.relu(model.fc(x))
+        torch.testing.assert_close(rec.layers()["head"].detach(), model.head(h), rtol=0, atol=0)
+
+
+def test_a_1d_output_names_the_layer_and_the_fix():
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1), nn.Flatten(0))
+    rec = ActivationRecorder(model)
+    model(torch.randn(8, 5))
+    with pytest.raises(ValueError, match="layer 'output' returned shape \\(8,\\).*include_output=False"):
+        rec.layers()
+
+
+def test_modules_as_one_string_is_that_module(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model, modules="relu2", include_output=False)
+    model(x28)
+    assert list(rec.layers()) == ["relu2"]
+    with pytest.raises(ValueError, match="modules must be names"):
+        ActivationRecorder(model, modules=[model.relu1])
+
+
+def test_no_activations_message_says_why(x28):
+    model = _build("mlp")
+    rec = ActivationRecorder(model)
+    with pytest.raises(ValueError, match="no forward pass recorded yet"):
+        rec.layers()
+    rec.enabled = False
+    with pytest.raises(ValueError, match="recording is disabled: set enabled = True"):
+        rec.layers()
+    rec.enabled = True
+    rec.remove()
+    model(x28)
+    with pytest.raises(ValueError, match="hooks were removed \\(remove\\(\\), or the end of the with-block\\)"):
+        rec.layers()
+    unused = ActivationRecorder(_build("mlp"), modules=["relu1"], include_output=False)
+    unused.model.relu1 = nn.Identity()  # the named module is no longer run by the forward pass
+    unused.model(x28)
+    with pytest.raises(ValueError, match="ran none of the recorded modules \\['relu1'\\]"):
+        unused.layers()
+
+
+@pytest.mark.parametrize("conv, width", [("flatten", 10 * 8), ("channel", 10)])
+def test_a_sequence_output_follows_the_documented_rule(conv, width):
+    """(m, L, D): flatten gives L * D neurons, channel the L token positions, each the mean over D."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+    rec = ActivationRecorder(model, conv=conv, include_output=False)
+    x = torch.randn(4, 10, 8)
+    model(x)
+    got = rec.layers()["1"]
+    with torch.no_grad():
+        h = F.gelu(model[0](x))
+    want = h.reshape(4, -1) if conv == "flatten" else h.mean(2)
+    assert got.shape == (4, width)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)

@@ -16,11 +16,17 @@ from . import dissimilarity as _dissimilarity
 from . import persistence, regularisers
 from ._validation import check_activations
 from .distributed import SYNC_MODES, gather_batch
+from .regularisers import _autocast_off
 from .sampling import ActivationRecorder, AllNeurons, Sampler
 
 __all__ = ["TopologicalRegulariser", "FORMULAS"]
 
 FORMULAS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
+
+
+def _full_precision(A: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 activations (recorded under autocast) -> float32; others as they are."""
+    return A.float() if A.is_floating_point() and A.dtype.itemsize < 4 else A
 
 
 class TopologicalRegulariser(nn.Module):
@@ -43,16 +49,39 @@ class TopologicalRegulariser(nn.Module):
         Which neurons to use; :class:`~toponeuro.sampling.AllNeurons` by default.
     alpha : float
         T2's weight on the standard deviation.
-    modules : iterable of str, optional
+    modules : iterable of str, or str, optional
         Record these modules instead of every non-linearity (see
-        :class:`~toponeuro.sampling.ActivationRecorder`).
+        :class:`~toponeuro.sampling.ActivationRecorder`); functional calls
+        (``F.relu``) and custom activation modules are recorded only if named.
     include_output : bool
         Record the logits as neurons too (the paper does).
     conv : {"flatten", "channel"}
-        Convolution maps: each position a neuron, or each channel's mean.
+        Outputs of more than two dimensions: each position a neuron, or each
+        channel's mean (for a sequence ``(m, L, D)``: the ``L`` token positions,
+        each the mean over ``D``; see :class:`~toponeuro.sampling.ActivationRecorder`).
     sync : {"global", "local"}
         Under DistributedDataParallel, compute on the global batch (all-gather
         with autograd) or on this rank's slice. Same thing in one process.
+
+    Notes
+    -----
+    The value is that of the last recording forward pass (autograd on,
+    :attr:`enabled` true); passes under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` leave it as it was. With gradient
+    accumulation, call it after each micro-batch's forward pass.
+
+    Mixed precision: under ``torch.autocast`` the recorded activations are
+    float16 or bfloat16; the dissimilarity, the persistence and the formulas
+    are computed with autocast disabled, in float32, and the value is float32.
+
+    Copies: ``copy.deepcopy`` or ``pickle`` of the regulariser, alone or with
+    a module that holds it and the model (a LightningModule-style wrapper, an
+    ``AveragedModel`` of it), gives a regulariser on the copied model that
+    records the copy's passes, starts with nothing recorded, and leaves the
+    original alone. A copy of the model alone (an EMA, ``torch.save(model)``)
+    carries inert hooks: its passes are recorded nowhere. A model that holds
+    its own regulariser gives, when copied, a regulariser that does not record
+    (it says so): build a new one on the copy.
 
     Examples
     --------
@@ -123,28 +152,50 @@ class TopologicalRegulariser(nn.Module):
     def activations(self) -> torch.Tensor:
         """The sampled activations of the last forward pass: (m, n), batch first.
 
-        Under a process group with ``sync="global"``, ``m`` is the global batch.
+        In the recorded dtype (float16 or bfloat16 under autocast). Under a
+        process group with ``sync="global"``, ``m`` is the global batch.
         """
         if self.recorder is None:
             raise ValueError(f"formula {self.formula!r} uses the weights, not activations")
+        layers = self.recorder.layers()
         # sync: under "global", a sampler that reads the values (importance) chooses on the global batch,
-        # so that the gathered columns are the same neurons on every rank
-        A = self.sampler(self.recorder.layers(), self.recorder.output_name, sync=self.sync)
+        # so that the gathered columns are the same neurons on every rank; key: one random draw per pass
+        A = self.sampler(layers, self.recorder.output_name, sync=self.sync, key=self.recorder.pass_key)
+        if A.ndim == 2 and A.shape[1] < 2:
+            widths = {name: L.shape[1] for name, L in layers.items()}
+            if sum(widths.values()) >= 2:
+                raise ValueError(
+                    f"the sampler {self.sampler!r} chose {A.shape[1]} neuron of the recorded layers {widths}; "
+                    "persistence and the correlations need at least 2: raise p (it keeps floor(p * width) "
+                    "neurons of each layer), keep the output (keep_output=True), or name more neurons"
+                )
+            raise ValueError(
+                f"the recorded layers {widths} have {A.shape[1]} neuron in all; persistence and the "
+                "correlations need at least 2: record more modules with modules=[...]"
+            )
         # gather before checking, so that every rank sees (and rejects) the same batch
         return check_activations(gather_batch(A, self.sync))
 
+    # Under torch.autocast the matrix products would be recast to 16 bits: the dissimilarity, the
+    # persistence and the formulas run with autocast off, on the activations' device and on the CPU
+    # (where the numba and giotto-ph backends compute), from float32 activations.
+    def _formula_input(self) -> torch.Tensor:
+        return _full_precision(self.activations())
+
     def dissimilarity_matrix(self) -> torch.Tensor:
-        """(n, n) dissimilarity of the sampled neurons of the last pass."""
-        A = self.activations()
-        if self._builtin_dissimilarity:
-            return self.dissimilarity(A, check=False)
-        return self.dissimilarity(A)
+        """(n, n) dissimilarity of the sampled neurons of the last pass (float32 for 16-bit activations)."""
+        A = self._formula_input()
+        with _autocast_off(A.device.type, "cpu"):
+            if self._builtin_dissimilarity:
+                return self.dissimilarity(A, check=False)
+            return self.dissimilarity(A)
 
     def deaths(self) -> torch.Tensor:
         """(n - 1,) deaths of the sampled neurons of the last pass, differentiable."""
+        D = self.dissimilarity_matrix()
         # a user's dissimilarity function is checked (square, finite, >= 0, symmetric); the built-ins are by construction
-        return persistence.deaths(self.dissimilarity_matrix(), backend=self.backend,
-                                  check=not self._builtin_dissimilarity)
+        with _autocast_off(D.device.type, "cpu"):
+            return persistence.deaths(D, backend=self.backend, check=not self._builtin_dissimilarity)
 
     def forward(self) -> torch.Tensor:
         """The regulariser value (scalar) of the last forward pass."""
@@ -152,12 +203,15 @@ class TopologicalRegulariser(nn.Module):
             return regularisers.l1(self.model)
         if self.formula == "l2":
             return regularisers.l2(self.model)
-        if self.formula == "t1":
-            return regularisers.t1(self.deaths())
-        if self.formula == "t2":
-            return regularisers.t2(self.deaths(), alpha=self.alpha)
-        A = self.activations()
-        return regularisers.FORMULAS_ON_ACTIVATIONS[self.formula](A)
+        if self.formula in ("t1", "t2"):
+            deaths = self.deaths()
+            with _autocast_off(deaths.device.type, "cpu"):
+                if self.formula == "t1":
+                    return regularisers.t1(deaths)
+                return regularisers.t2(deaths, alpha=self.alpha)
+        A = self._formula_input()
+        with _autocast_off(A.device.type, "cpu"):
+            return regularisers.FORMULAS_ON_ACTIVATIONS[self.formula](A)
 
     def extra_repr(self) -> str:
         return (f"formula={self.formula!r}, backend={self.backend!r}, "
