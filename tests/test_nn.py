@@ -198,6 +198,53 @@ def test_edge_backends_give_the_same_value_and_gradient(backend):
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", [b for b in persistence.available_backends()
+                                     if persistence.BACKENDS[b].gives_edges])
+def test_the_named_backend_is_the_one_that_runs(backend, monkeypatch):
+    """Every edge backend gives the same deaths, so equal values cannot show which one ran: spies can."""
+    called = []
+    for name in persistence.edge_backends():
+        plugin = persistence.BACKENDS[name].load()
+        monkeypatch.setattr(plugin, "death_edges",
+                            lambda X, f=plugin.death_edges, name=name: (called.append(name), f(X))[1])
+    model = _mlp()
+    with tn.TopologicalRegulariser(model, formula="t1", backend=backend) as reg:
+        model(_inputs())
+        reg()
+    assert called == [backend]
+
+
+def test_include_output_false_leaves_the_logits_out():
+    model = _mlp()
+    x = _inputs()
+    with tn.TopologicalRegulariser(model, formula="t1", include_output=False) as reg:
+        model(x)
+        A = reg.activations().detach()
+        value = reg()
+    torch.testing.assert_close(A, _hand_activations(model, x)[:, :28], rtol=0, atol=0)
+    want = regularisers.t1(persistence.deaths(dissimilarity.abs_correlation(A)))
+    torch.testing.assert_close(value.detach(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("conv", ["flatten", "channel"])
+def test_conv_neurons_through_the_regulariser(conv):
+    """flatten: one neuron per channel and position; channel: the spatial mean per channel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict([
+        ("conv", nn.Conv2d(1, 3, 3)), ("relu", nn.ReLU()), ("flat", nn.Flatten()), ("out", nn.Linear(3 * 4 * 4, 4)),
+    ])).double()
+    x = torch.randn(BATCH, 1, 6, 6, dtype=torch.float64)
+    with tn.TopologicalRegulariser(model, formula="t1", conv=conv) as reg:
+        model(x)
+        A = reg.activations().detach()
+    with torch.no_grad():
+        h = F.relu(model.conv(x))  # (m, 3, 4, 4)
+        hidden = h.flatten(1) if conv == "flatten" else h.mean(dim=(2, 3))
+        want = torch.cat([hidden, model(x)], dim=1)
+    assert A.shape == want.shape == (BATCH, (48 if conv == "flatten" else 3) + 4)
+    torch.testing.assert_close(A, want, rtol=1e-12, atol=1e-12)
+
+
 def test_callable_dissimilarity():
     model = _mlp()
     x = _inputs()
