@@ -380,3 +380,15 @@ def test_cuda_same_device_and_values(name, dtype, torch_gen):
     )
     D.sum().backward()
     assert torch.isfinite(Ac.grad).all()
+
+
+@pytest.mark.parametrize("name", ["abs_correlation", "sqrt_one_minus_rho2", "one_minus_rho", "euclidean"])
+def test_autocast_does_not_lower_the_precision(name):
+    """Under torch.autocast the correlation's matmul would run in bfloat16 (1 - |rho| to 3 digits):
+    the result inside autocast equals the one outside, bit for bit, in A's dtype."""
+    A = torch.randn(64, 20, generator=torch.Generator().manual_seed(3))
+    outside = dis.DISSIMILARITIES[name](A)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = dis.DISSIMILARITIES[name](A)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, outside)

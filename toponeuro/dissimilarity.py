@@ -11,6 +11,7 @@ defined correlation; we treat it as uncorrelated with every other neuron
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -26,6 +27,20 @@ __all__ = [
     "get",
     "DISSIMILARITIES",
 ]
+
+
+def _autocast_available(device_type: str) -> bool:
+    check = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    return check(device_type) if check is not None else device_type in ("cpu", "cuda")
+
+
+def _autocast_off(*device_types: str) -> contextlib.ExitStack:
+    """A context with autocast disabled on these device types (those that have autocast)."""
+    stack = contextlib.ExitStack()
+    for kind in dict.fromkeys(device_types):
+        if _autocast_available(kind):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
 
 
 def _zero_diagonal(M: torch.Tensor) -> torch.Tensor:
@@ -54,9 +69,17 @@ def correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     (n, n) tensor
         Exactly symmetric, entries clamped to [-1, 1], unit diagonal.
         Rows and columns of constant neurons are 0 off the diagonal.
+        Computed in ``A``'s dtype, with autocast disabled inside.
     """
     if check:
         A = check_activations(A)
+    # under torch.autocast the matmul would run in 16 bits: 1 - |rho| near 0 (the
+    # deaths that matter) would keep 3 significant digits; A's own dtype is kept
+    with _autocast_off(A.device.type):
+        return _correlation(A)
+
+
+def _correlation(A: torch.Tensor) -> torch.Tensor:
     Ad = A.detach()
     constant = Ad.amax(0) == Ad.amin(0)  # exact test: a dead ReLU is exactly constant
     # masked unconditionally: testing for a constant column first would cost a host sync per

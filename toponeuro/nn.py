@@ -16,7 +16,7 @@ from . import dissimilarity as _dissimilarity
 from . import persistence, regularisers
 from ._validation import check_activations
 from .distributed import SYNC_MODES, gather_batch
-from .regularisers import _autocast_off
+from .dissimilarity import _autocast_off
 from .sampling import ActivationRecorder, AllNeurons, Sampler
 
 __all__ = ["TopologicalRegulariser", "FORMULAS"]

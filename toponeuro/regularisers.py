@@ -10,12 +10,10 @@ The total loss is ``task_loss + lam * R``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ._validation import capturing, check_activations
-from .dissimilarity import _safe_sqrt, correlation
+from .dissimilarity import _autocast_off, _safe_sqrt, correlation
 
 __all__ = ["t1", "t2", "min_corr", "decov", "l1", "l2", "FORMULAS_ON_DEATHS", "FORMULAS_ON_ACTIVATIONS"]
 
@@ -30,20 +28,6 @@ def _check_deaths(deaths: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(deaths.detach()).all():
         raise ValueError("deaths contain NaN or inf; pass the finite deaths only")
     return deaths
-
-
-def _autocast_available(device_type: str) -> bool:
-    check = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
-    return check(device_type) if check is not None else device_type in ("cpu", "cuda")
-
-
-def _autocast_off(*device_types: str) -> contextlib.ExitStack:
-    """A context with autocast disabled on these device types (those that have autocast)."""
-    stack = contextlib.ExitStack()
-    for kind in dict.fromkeys(device_types):
-        if _autocast_available(kind):
-            stack.enter_context(torch.autocast(kind, enabled=False))
-    return stack
 
 
 def _in_full_precision(A: torch.Tensor):
