@@ -909,12 +909,12 @@ def test_cuda_graph_cache_keeps_the_latest_sizes(rng):
 def test_cuda_graph_capture_failure_falls_back_once(monkeypatch, rng):
     cuda_graph.clear()
 
-    def refuse(n, device):
+    def refuse(n, device, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(cuda_graph, "_Captured", refuse)
     D = make_D("tied", 50, torch.float32, rng).cuda()
-    with pytest.warns(RuntimeWarning, match="capture failed"):
+    with pytest.warns(RuntimeWarning, match="capture failed.*RuntimeError: operation not permitted"):
         e = cuda_graph.death_edges(D)
     assert torch.equal(e, torch_mst.boruvka_edges(D))
     import warnings
@@ -1129,6 +1129,30 @@ def test_graph_cache_forgets_a_capture_that_ran_out_of_memory(fresh_graph_cache)
     assert (0, 10) not in cuda_graph._graphs
     assert cuda_graph._cached((0, 10), capture).key == (0, 10)
     assert not answers
+
+
+def _raised(inner: BaseException | None, outer: BaseException) -> BaseException:
+    try:
+        try:
+            if inner is not None:
+                raise inner
+        finally:
+            raise outer
+    except BaseException as err:
+        return err
+
+
+@pytest.mark.parametrize("err, oom", [
+    (_raised(None, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4 GiB")), True),
+    (_raised(None, RuntimeError("CUDA error: out of memory")), True),
+    # an allocation inside the capture, then capture_end's own error on top of it
+    (_raised(torch.cuda.OutOfMemoryError("Tried to allocate"), RuntimeError("CUDA error: operation failed due to a previous error during capture")), True),
+    (_raised(RuntimeError("operation not permitted when stream is capturing"), RuntimeError("capture invalidated")), False),
+    (_raised(None, ValueError("weights it cannot order")), False),
+])
+def test_out_of_memory_is_recognised_behind_capture_ends_error(err, oom):
+    """Only out of memory is retried (:data:`cuda_graph._RETRY`); it may be the context of another error."""
+    assert cuda_graph._ran_out_of_memory(err) is oom
 
 
 def test_dense_step_rejects_an_asymmetry_its_component_weights_hide(monkeypatch):

@@ -167,12 +167,28 @@ def _capture(n: int, index: int):
             _end_failed_capture(index, pool)
         # capture_end's error replaces the one that broke the capture (an .item() inside, say)
         cause = f"; after {type(err.__context__).__name__}: {err.__context__}" if err.__context__ else ""
-        oom = isinstance(err, torch.cuda.OutOfMemoryError)
+        oom = _ran_out_of_memory(err)
         warnings.warn(f"toponeuro: CUDA graph capture failed at n={n} ({type(err).__name__}: {err}{cause}); "
                       f"the torch-graph backend runs the torch backend's Boruvka "
                       f"{'this time (out of memory: a later call tries again)' if oom else 'at this size'}",
                       RuntimeWarning, stacklevel=4)
         return _RETRY if oom else None
+
+
+def _ran_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err``, or an error it was raised during or from, is CUDA running out of memory.
+
+    An allocation that fails inside a capture surfaces as the cause (``__context__``)
+    of capture_end's own error; the CUDA runtime's form is a RuntimeError
+    "CUDA error: out of memory".
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def clear() -> None:
