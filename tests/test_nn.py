@@ -459,16 +459,19 @@ def _pipeline(formula, A):
     return regularisers.FORMULAS_ON_ACTIVATIONS[formula](A)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("formula", FORMULAS)
-def test_under_autocast_the_value_is_the_float32_pipeline_on_the_recorded_activations(formula, dtype):
-    """Activations of a few tens: DeCov's squared covariances overflow float16 (inf, silently, before)."""
-    model = _mlp(torch.float32)
+def test_under_autocast_the_value_is_the_float32_pipeline_on_the_recorded_activations(formula, dtype, device):
+    """Activations of a few tens: DeCov's squared covariances overflow float16 (inf, silently, before).
+    On CUDA, autocast is what mixed-precision training uses."""
+    model = _mlp(torch.float32).to(device)
     with torch.no_grad():
         model.fc1.weight.mul_(30)
-    x = _inputs(torch.float32)
+    x = _inputs(torch.float32).to(device)
     with tn.TopologicalRegulariser(model, formula=formula) as reg:
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             model(x)
             value = reg()
             A = reg.activations()
