@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.sparse.csgraph import minimum_spanning_tree
 
 from toponeuro import bench, persistence
 from toponeuro.cli import main as cli_main
@@ -145,6 +147,33 @@ def test_backend_that_raises_at_run_time_is_recorded_as_error(monkeypatch, tmp_p
     assert all(c["status"] == "ok" for c in results["cases"] if c["series"] == "torch")
     bench.plot_results(results, tmp_path / "t.png")  # errors leave gaps, not a crash
     assert (tmp_path / "t.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_every_mst_case_is_checked_against_the_exact_deaths(monkeypatch, tmp_path):
+    """A plug-in that returns a spanning tree that is not minimal (a star) is timed, and flagged;
+    the error is checked against SciPy's MST of the same matrix."""
+    (tmp_path / "toponeuro_star_plugin.py").write_text(
+        "import torch\n"
+        "def death_edges(D):\n"
+        "    n = D.shape[0]\n"
+        "    return torch.stack([torch.zeros(n - 1, dtype=torch.long), torch.arange(1, n)], 1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _register(monkeypatch, "star", "toponeuro_star_plugin", ("toponeuro_star_plugin",))
+    results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch", "star", "ripser"], devices=["cpu"],
+                                  progress=False)
+    checked = {(c["series"], c["n"]): c for c in results["cases"] if "deaths_equal_reference" in c}
+    assert set(checked) == {(s, n) for s in ("torch", bench.BORUVKA, "star", "ripser") for n in (16, 32)}
+    for n in (16, 32):
+        _, D = bench.benchmark_matrix(n, 8, 0)
+        X = D.double().numpy()
+        mst = np.sort(minimum_spanning_tree(X).data)
+        star = np.sort(X[0, 1:])
+        assert checked[("star", n)]["deaths_equal_reference"] is False
+        assert checked[("star", n)]["max_abs_deaths_error"] == pytest.approx(np.abs(star - mst).max(), rel=1e-6)
+        for series in ("torch", bench.BORUVKA, "ripser"):
+            assert checked[(series, n)]["deaths_equal_reference"] is True
+            assert checked[(series, n)]["max_abs_deaths_error"] == 0
+    assert "6 of 8 MST cases equal bit for bit; cpu star n=16" in bench.format_table(results)
 
 
 def test_cases_over_the_budget_are_skipped_and_recorded(monkeypatch):

@@ -17,6 +17,11 @@ that same matrix:
   ``abs_correlation(A)`` alone (with a dense upstream gradient). The two are
   timed in alternation, so that their ratio sees the same machine load.
 
+Every ``mst`` result is checked, outside the timed calls, against the exact
+deaths of the same matrix (the CPU ``torch`` backend): ``deaths_equal_reference``
+(bit for bit, as the sorted deaths of every minimum spanning tree agree) and
+``max_abs_deaths_error`` per case, and a line of the printed table.
+
 Each case runs once to warm up, then ``--repeats`` times; the median, min and
 max are recorded (CUDA timings are bracketed by ``torch.cuda.synchronize``).
 A case whose time, extrapolated from the smaller ``n`` of the same series, would
@@ -337,6 +342,31 @@ def _cases_for(device: torch.device, backends: list[str], inputs: dict) -> list[
     return cases
 
 
+def _deaths_against_reference(output: torch.Tensor, D: torch.Tensor, reference: torch.Tensor) -> dict:
+    """How an MST call's result compares with the exact deaths of the same matrix.
+
+    output : (n - 1, 2) edges or (n - 1,) deaths, on any device. D : (n, n) the
+    matrix on the CPU. reference : (n - 1,) its exact deaths, ascending. The
+    sorted deaths of any minimum spanning tree are the same, ties included, so
+    an exact backend's must equal the reference bit for bit.
+    """
+    out = output.detach().cpu()
+    deaths = D[out[:, 0], out[:, 1]] if out.ndim == 2 else out.to(D.dtype)
+    deaths = torch.sort(deaths).values
+    if deaths.shape != reference.shape:
+        return {"deaths_equal_reference": False, "max_abs_deaths_error": math.inf}
+    return {"deaths_equal_reference": bool(torch.equal(deaths, reference)),
+            "max_abs_deaths_error": float((deaths.double() - reference.double()).abs().max())}
+
+
+def _exact_deaths(D0: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D0 on the CPU, its exact deaths by the CPU "torch" backend), computed once into ``cache``."""
+    if not cache:
+        cache["D"] = D0.cpu()
+        cache["deaths"] = persistence.deaths(cache["D"], backend="torch", check=False)
+    return cache["D"], cache["deaths"]
+
+
 def _backends_of(case: _Case) -> list[str]:
     return [REGULARISER_SERIES.get(series, series) for _, series, _ in case.members]
 
@@ -651,6 +681,7 @@ def _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_se
             if bar is not None:
                 bar.update(total // len(ns))
             continue
+        exact: dict = {}  # the CPU matrix and its exact deaths, made when an MST case first needs them
         for dev_name, device in live:
             inputs = {"A": A0.to(device), "D": D0.to(device)}
             itemsize = inputs["D"].element_size()
@@ -673,7 +704,10 @@ def _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_se
                     warmup = estimate is None or estimate * (repeats + 1) <= max_seconds_per_case
                     try:
                         calls = case.make()
-                        measured = time_calls(calls, device, repeats, warmup, max_seconds_per_case)
+                        kept: dict = {}  # an MST call's last result, checked against the reference after timing
+                        timed = ([lambda f=calls[0]: kept.__setitem__("output", f())]
+                                 if [kind for kind, _, _ in case.members] == ["mst"] else calls)
+                        measured = time_calls(timed, device, repeats, warmup, max_seconds_per_case)
                         ops = [count_torch_ops(call) if series in OP_COUNTED_SERIES else None
                                for call, (_, series, _) in zip(calls, case.members)]
                     except Exception as err:  # a backend failing at run time is reported, not fatal
@@ -686,6 +720,8 @@ def _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_se
                                           peak_extra_nxn=None if peak is None else peak / (n * n * itemsize))
                             if n_ops is not None:
                                 record["torch_ops"] = n_ops
+                            if "output" in kept:
+                                record.update(_deaths_against_reference(kept["output"], *_exact_deaths(D0, exact)))
                             history[key] = history.get(key, []) + [(n, record["median_s"])]
                         if device.type == "cuda" and "torch-graph" in _backends_of(case):
                             # the captured graph keeps its buffers between calls, outside the timed peaks
@@ -699,7 +735,7 @@ def _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_se
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        del A0, D0
+        del A0, D0, exact
 
 
 def _median(cases: list[dict], device: str, series: str, n: int) -> float | None:
@@ -796,6 +832,13 @@ def format_table(results: dict) -> str:
     for c in cases:
         if c["status"] == "error":
             lines.append(f"error: {c['device']} n={c['n']} {c['series']}: {c['error']}")
+    checked = [c for c in cases if "deaths_equal_reference" in c]
+    if checked:
+        inexact = [c for c in checked if not c["deaths_equal_reference"]]
+        lines.append(f"deaths against the exact ones (CPU 'torch' backend, same matrix): {len(checked) - len(inexact)} "
+                     f"of {len(checked)} MST cases equal bit for bit"
+                     + "".join(f"; {c['device']} {c['series']} n={c['n']}: max |error| "
+                               f"{c['max_abs_deaths_error']:.3g}" for c in inexact))
     return "\n".join(lines)
 
 
