@@ -803,3 +803,23 @@ def test_a_sequence_output_follows_the_documented_rule(conv, width):
     want = h.reshape(4, -1) if conv == "flatten" else h.mean(2)
     assert got.shape == (4, width)
     torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# nn.DataParallel over several devices: replicas are invisible to the hooks
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("nested", [False, True])
+def test_data_parallel_over_several_devices_is_refused(nested, x28):
+    model = _build("mlp")
+    dp = torch.nn.DataParallel(model)  # on CPU: device_ids = [], it runs the module itself
+    rec = ActivationRecorder(dp)       # one device (here none): recorded as usual
+    dp(x28)
+    want = _hand_forward_mlp(model, x28, hidden=3)
+    got = rec.layers()
+    assert list(got) == ["module.relu1", "module.relu2", "module.relu3", OUTPUT]
+    torch.testing.assert_close(got["module.relu3"].detach(), want["relu3"].detach(), rtol=0, atol=0)
+    rec.remove()
+    dp.device_ids = [0, 1]           # as on a machine with two GPUs
+    wrapped = torch.nn.Sequential(dp) if nested else dp
+    with pytest.raises(ValueError, match=r"DataParallel over devices \[0, 1\].*DistributedDataParallel"):
+        ActivationRecorder(wrapped)

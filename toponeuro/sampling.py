@@ -143,6 +143,7 @@ class ActivationRecorder:
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if conv not in _CONV_MODES:
             raise ValueError(f"conv must be one of {_CONV_MODES}, got {conv!r}")
+        _refuse_multi_device_data_parallel(model)
         named = dict(model.named_modules())
         if modules is None:
             names = [n for n, m in named.items() if n and isinstance(m, NONLINEARITIES)]
@@ -296,6 +297,19 @@ def _remove_handles(handles) -> None:
 # The hooks hold the recorder and the module they were registered on weakly: the recorder is
 # not kept alive by the model. A copy of a hook (copy.deepcopy or pickle of the model, which
 # carries its hooks along) is an inert hook: a copied model records nothing, and pickles.
+def _refuse_multi_device_data_parallel(model: nn.Module) -> None:
+    """nn.DataParallel over several devices runs copies of the model (replicas) whose passes the
+    hooks cannot see: only the gathered output would be recorded, a silently different regulariser."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.DataParallel) and len(m.device_ids) > 1:
+            where = "the model" if not name else f"module {name!r}"
+            raise ValueError(
+                f"{where} is an nn.DataParallel over devices {m.device_ids}: its replicas' activations cannot be "
+                "recorded (only the gathered output would be); use DistributedDataParallel (see "
+                "toponeuro.distributed) or nn.DataParallel on one device"
+            )
+
+
 class _InertHook:
     """A recorder's hook in a copy of the model: does nothing."""
 
