@@ -43,6 +43,11 @@ def _autocast_off(*device_types: str) -> contextlib.ExitStack:
     return stack
 
 
+def _full_precision(A: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (as recorded under autocast) -> float32; other tensors as they are."""
+    return A.float() if A.is_floating_point() and A.dtype.itemsize < 4 else A
+
+
 def _zero_diagonal(M: torch.Tensor) -> torch.Tensor:
     # The diagonal carries no information and no gradient.
     return torch.diagonal_scatter(M, torch.zeros_like(M.diagonal()))

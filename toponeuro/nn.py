@@ -16,17 +16,12 @@ from . import dissimilarity as _dissimilarity
 from . import persistence, regularisers
 from ._validation import check_activations
 from .distributed import SYNC_MODES, gather_batch
-from .dissimilarity import _autocast_off
+from .dissimilarity import _autocast_off, _full_precision
 from .sampling import ActivationRecorder, AllNeurons, Sampler
 
 __all__ = ["TopologicalRegulariser", "FORMULAS"]
 
 FORMULAS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
-
-
-def _full_precision(A: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 activations (recorded under autocast) -> float32; others as they are."""
-    return A.float() if A.is_floating_point() and A.dtype.itemsize < 4 else A
 
 
 class TopologicalRegulariser(nn.Module):
@@ -176,15 +171,13 @@ class TopologicalRegulariser(nn.Module):
         # gather before checking, so that every rank sees (and rejects) the same batch
         return check_activations(gather_batch(A, self.sync))
 
-    # Under torch.autocast the matrix products would be recast to 16 bits: the dissimilarity, the
-    # persistence and the formulas run with autocast off, on the activations' device and on the CPU
-    # (where the numba and giotto-ph backends compute), from float32 activations.
-    def _formula_input(self) -> torch.Tensor:
-        return _full_precision(self.activations())
-
+    # Under torch.autocast the matrix products would be recast to 16 bits: the dissimilarity (a user's
+    # too) and the persistence run with autocast off, on the activations' device and on the CPU (where
+    # the numba and giotto-ph backends compute), from float32 activations. The formulas on activations
+    # (min_corr, decov) do the same themselves; T1 and T2 on float32 deaths have no matrix product.
     def dissimilarity_matrix(self) -> torch.Tensor:
         """(n, n) dissimilarity of the sampled neurons of the last pass (float32 for 16-bit activations)."""
-        A = self._formula_input()
+        A = _full_precision(self.activations())
         with _autocast_off(A.device.type, "cpu"):
             if self._builtin_dissimilarity:
                 return self.dissimilarity(A, check=False)
@@ -203,15 +196,11 @@ class TopologicalRegulariser(nn.Module):
             return regularisers.l1(self.model)
         if self.formula == "l2":
             return regularisers.l2(self.model)
-        if self.formula in ("t1", "t2"):
-            deaths = self.deaths()
-            with _autocast_off(deaths.device.type, "cpu"):
-                if self.formula == "t1":
-                    return regularisers.t1(deaths)
-                return regularisers.t2(deaths, alpha=self.alpha)
-        A = self._formula_input()
-        with _autocast_off(A.device.type, "cpu"):
-            return regularisers.FORMULAS_ON_ACTIVATIONS[self.formula](A)
+        if self.formula == "t1":
+            return regularisers.t1(self.deaths())
+        if self.formula == "t2":
+            return regularisers.t2(self.deaths(), alpha=self.alpha)
+        return regularisers.FORMULAS_ON_ACTIVATIONS[self.formula](self.activations())
 
     def extra_repr(self) -> str:
         return (f"formula={self.formula!r}, backend={self.backend!r}, "

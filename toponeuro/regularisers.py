@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._validation import capturing, check_activations
-from .dissimilarity import _autocast_off, _safe_sqrt, correlation
+from .dissimilarity import _autocast_off, _full_precision, _safe_sqrt, correlation
 
 __all__ = ["t1", "t2", "min_corr", "decov", "l1", "l2", "FORMULAS_ON_DEATHS", "FORMULAS_ON_ACTIVATIONS"]
 
@@ -28,17 +28,6 @@ def _check_deaths(deaths: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(deaths.detach()).all():
         raise ValueError("deaths contain NaN or inf; pass the finite deaths only")
     return deaths
-
-
-def _in_full_precision(A: torch.Tensor):
-    """(A in float32 if it was float16/bfloat16, a context with autocast disabled on A's device).
-
-    Under ``torch.autocast`` the matrix products of the correlation and the
-    covariance would be recast to 16 bits (and overflow float16).
-    """
-    if A.is_floating_point() and A.dtype.itemsize < 4:
-        A = A.float()
-    return A, _autocast_off(A.device.type)
 
 
 def t1(deaths: torch.Tensor) -> torch.Tensor:
@@ -75,9 +64,8 @@ def min_corr(A: torch.Tensor) -> torch.Tensor:
     and autocast is disabled inside (its 16-bit matrix product would cost the
     correlations their precision).
     """
-    A = check_activations(A)
-    A, full_precision = _in_full_precision(A)
-    with full_precision:
+    A = _full_precision(check_activations(A))
+    with _autocast_off(A.device.type):  # autocast would recast the correlation's matmul to 16 bits
         return _min_corr(A)
 
 
@@ -100,9 +88,8 @@ def decov(A: torch.Tensor) -> torch.Tensor:
     covariances overflow float16 for activations of a few tens; for the same
     reason autocast is disabled inside (it would recast the product to float16).
     """
-    A = check_activations(A)
-    A, full_precision = _in_full_precision(A)
-    with full_precision:
+    A = _full_precision(check_activations(A))
+    with _autocast_off(A.device.type):  # autocast would recast the covariance's matmul to float16
         return _decov(A)
 
 
