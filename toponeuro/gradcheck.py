@@ -449,6 +449,14 @@ def check_subgradient(D, backend: str = "torch", trials: int = 200, scale: float
                              strict=int((slacks > tol).sum()), tolerance=tol, mst_margin=margin)
 
 
+def _step_verdict(jumps: int, max_rel_err: float, tolerance: float) -> str:
+    """A finite-difference comparison's verdict: ``inconclusive`` if any step left the smooth
+    piece (a jump), else ``ok`` within ``tolerance``, else ``FAIL``."""
+    if jumps:
+        return "inconclusive"
+    return "ok" if max_rel_err <= tolerance else "FAIL"
+
+
 @dataclass
 class FrozenTreeReport:
     """At a tie, autograd's parameter gradient against finite differences of the frozen-tree piece.
@@ -483,9 +491,7 @@ class FrozenTreeReport:
     @property
     def verdict(self) -> str:
         """``ok``, ``FAIL``, or ``inconclusive`` (every step tried left the piece's smooth part)."""
-        if self.jumps:
-            return "inconclusive"
-        return "ok" if self.max_rel_err <= self.tolerance else "FAIL"
+        return _step_verdict(self.jumps, self.max_rel_err, self.tolerance)
 
     @property
     def passed(self) -> bool:
@@ -580,9 +586,7 @@ class GradcheckReport:
             return " + ".join(parts)
         if not self.diagnosis.differentiable:
             return "kink"
-        if self.jumps:
-            return "inconclusive"
-        return "ok" if self.max_rel_err <= self.tolerance else "FAIL"
+        return _step_verdict(self.jumps, self.max_rel_err, self.tolerance)
 
     @property
     def failed(self) -> bool:

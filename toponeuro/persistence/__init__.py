@@ -237,12 +237,16 @@ def _upper_mirrored(D: torch.Tensor) -> torch.Tensor:
 _META_BACKENDS = ("torch-graph",)
 
 
-def _refuse_meta(D: torch.Tensor, b: Backend) -> None:
+def _formed(D, b: Backend) -> torch.Tensor:
+    """``D`` as a floating square (n, n) tensor, n >= 2, on a device ``b`` runs on: the O(1) checks
+    (no sync), made even when ``check=False``."""
+    D = _check_dissimilarity_form(D)
     if D.is_meta and b.name not in _META_BACKENDS:
         raise ValueError(
             f"dissimilarity matrix is on the 'meta' device, which backend {b.name!r} cannot run on "
             f"(it reads values); use backend={_META_BACKENDS[0]!r} with check=False there"
         )
+    return D
 
 
 def _checked_edges(D, b: Backend, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,8 +260,7 @@ def _checked_edges(D, b: Backend, check: bool) -> tuple[torch.Tensor, torch.Tens
     passes but is not exactly symmetric goes to the backend as
     :func:`_upper_mirrored`.
     """
-    D = _check_dissimilarity_form(D)  # O(1), no sync: kept even when check=False
-    _refuse_meta(D, b)
+    D = _formed(D, b)
     if not check:
         return D, _backend_edges(D, b)
     job = None
@@ -346,8 +349,7 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     if b.gives_edges:
         D, e = _checked_edges(D, b, check)
         return D[e[:, 0], e[:, 1]]
-    D = X = _check_dissimilarity_form(D)
-    _refuse_meta(D, b)
+    D = X = _formed(D, b)
     if check:
         X = _upper_mirrored(D) if _check_dissimilarity_values(D) > 0 else D
     with torch.no_grad():
