@@ -5,10 +5,13 @@
 * ``@pytest.mark.slow``: a larger case; deselect with ``-m "not slow"``.
 * ``rng`` / ``torch_gen``: generators seeded per test, so every test sees the
   same numbers on every run and in any order.
+* ``free_port``: a function returning a TCP port free on the loopback now, for
+  process groups and torchrun.
 """
 
 from __future__ import annotations
 
+import socket
 import zlib
 
 import numpy as np
@@ -66,3 +69,15 @@ def dispatched_ops():
         return seen
 
     return record
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """Call it for a TCP port free on 127.0.0.1 now (another process may take it before it is bound)."""
+    return _free_loopback_port

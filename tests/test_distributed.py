@@ -25,7 +25,6 @@ split 8 + 8 across the two ranks:
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from collections import OrderedDict
@@ -183,12 +182,6 @@ def _run_rank(rank: int, port: int, problems_path: str, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(problems_path: str, out_dir: str, port: int) -> list[str]:
     """Start the ranks, wait (bounded), and return their error reports (empty: success)."""
     import multiprocessing as mp
@@ -224,7 +217,7 @@ def _run_workers(problems_path: str, out_dir: str, port: int) -> list[str]:
     return errors
 
 
-def _spawn_workers(tmp: str) -> list[dict]:
+def _spawn_workers(tmp: str, free_port) -> list[dict]:
     problems_path = os.path.join(tmp, "problems.pt")
     torch.save({name: _problem(name) for name in PROBLEMS}, problems_path)
     for attempt in range(3):
@@ -232,7 +225,7 @@ def _spawn_workers(tmp: str) -> list[dict]:
         os.makedirs(out_dir)
         # the free port is released before the ranks bind it; another process
         # may take it in between, which is the one failure worth a retry
-        errors = _run_workers(problems_path, out_dir, _free_port())
+        errors = _run_workers(problems_path, out_dir, free_port())
         if not any("address already in use" in e.lower() for e in errors):
             break
     if errors:
@@ -241,10 +234,10 @@ def _spawn_workers(tmp: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
+def ranks(tmp_path_factory, free_port) -> list[dict]:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    return _spawn_workers(str(tmp_path_factory.mktemp("ddp")))
+    return _spawn_workers(str(tmp_path_factory.mktemp("ddp")), free_port)
 
 
 # --------------------------------------------------------------------------

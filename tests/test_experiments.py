@@ -7,7 +7,6 @@ import math
 import multiprocessing
 import os
 import queue
-import socket
 import time
 from pathlib import Path
 
@@ -422,13 +421,7 @@ def _rank_child(rank, port, out_root, text, release, results):
         results.put((rank, "error", repr(err)))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ranks_of_one_torchrun_job_share_the_lock_and_all_refuse_a_locked_folder(tmp_path):
+def test_ranks_of_one_torchrun_job_share_the_lock_and_all_refuse_a_locked_folder(tmp_path, free_port):
     """Only rank 0 locks; every rank learns whether it got the lock, so none trains or hangs alone."""
     import torch.distributed
 
@@ -436,7 +429,7 @@ def test_ranks_of_one_torchrun_job_share_the_lock_and_all_refuse_a_locked_folder
         pytest.skip("torch.distributed is not available in this build")
     ctx = multiprocessing.get_context("spawn")
     results, release = ctx.Queue(), ctx.Event()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_child, args=(r, port, str(tmp_path), TINY, release, results))
              for r in range(2)]
     try:

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -11,20 +10,14 @@ import pytest
 from toponeuro import cli
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("torchrun") is None and sys.platform != "linux", reason="needs torchrun")
-def test_train_under_torchrun_matches_single_process(tmp_path):
+def test_train_under_torchrun_matches_single_process(tmp_path, free_port):
     args = ["train", "--limit", "768", "--epochs", "1", "--device", "cpu", "--no-progress", "--weight", "0.01"]
     single = tmp_path / "single"
     assert cli.main(args + ["--out", str(single)]) == 0
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "toponeuro", *args, "--out", str(ddp)]
+           f"--master_port={free_port()}", "-m", "toponeuro", *args, "--out", str(ddp)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     a = json.loads((single / "summary.json").read_text())

@@ -81,6 +81,13 @@ def setup(device: str | torch.device) -> torch.device:
     return local_device(device)
 
 
+def _global(sync: str) -> bool:
+    """Whether ``sync`` asks for the global batch and there is a process group to give it."""
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+    return sync == "global" and is_distributed()
+
+
 def gather_batch(A: torch.Tensor, sync: str = "global") -> torch.Tensor:
     """Activations of the batch the regulariser should see.
 
@@ -97,9 +104,7 @@ def gather_batch(A: torch.Tensor, sync: str = "global") -> torch.Tensor:
     -------
     (m_global, n) or (m_local, n) tensor.
     """
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
-    if sync == "local" or not is_distributed():
+    if not _global(sync):
         return A
     from torch.distributed.nn.functional import all_gather
 
@@ -124,9 +129,7 @@ def global_sum(t: torch.Tensor, sync: str = "global") -> torch.Tensor:
     per-neuron sums of ``|a|``), so that every rank makes the choice of the
     global batch. ``"local"``, or no process group: ``t`` itself.
     """
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
-    if sync == "local" or not is_distributed():
+    if not _global(sync):
         return t
     total = t.detach().clone()
     dist.all_reduce(total)
