@@ -5,13 +5,17 @@
 * ``@pytest.mark.slow``: a larger case; deselect with ``-m "not slow"``.
 * ``rng`` / ``torch_gen``: generators seeded per test, so every test sees the
   same numbers on every run and in any order.
+* Without CUDA, ``TRITON_INTERPRET=1`` (unless set): Triton kernels run in
+  Triton's interpreter on CPU tensors.
 * ``free_port``: a function returning a TCP port free on the loopback now, for
   process groups and torchrun.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import zlib
 
 import numpy as np
@@ -19,6 +23,11 @@ import pytest
 import torch
 
 HAVE_CUDA = torch.cuda.is_available()
+
+if not HAVE_CUDA and "triton" not in sys.modules:
+    # Without a GPU, Triton's interpreter runs the Triton kernels on CPU tensors
+    # (tests/test_persistence_triton.py). Triton reads this when it is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,24 +4,34 @@
   installed. It reads each row of the matrix once, straight from the tensor's
   memory (no copy for a contiguous float32/float64 CPU tensor), and keeps
   O(n) state besides.
-* CUDA tensors (and CPU without numba): Boruvka's algorithm in torch
-  (:mod:`toponeuro.persistence.boruvka`), a logarithmic number of rounds of
-  whole-matrix reductions with row contraction, so that later rounds work on
-  ``(components, n)`` matrices. It never copies the matrix to the host and
-  synchronises once per round (never per vertex).
+* CUDA float32 tensors (n <= 65536) with Triton installed (it comes with
+  torch's CUDA builds): Boruvka's algorithm with one Triton kernel per round
+  (:mod:`toponeuro.persistence.boruvka_triton`), which reads each row of the
+  matrix in place and skips the rows whose lightest outgoing edge is still
+  known. A logarithmic number of rounds, one host synchronisation each.
+* Other CUDA tensors (float64, or no Triton), and CPU without numba:
+  Boruvka's algorithm in torch operations
+  (:mod:`toponeuro.persistence.boruvka`), rounds of whole-matrix reductions
+  with row contraction, so that later rounds work on ``(components, n)``
+  matrices, also with one synchronisation per round.
 
-Both break ties by a fixed strict total order (Prim: ``(D[i, j], i, j)``
-with ``i < j``; Boruvka: weight, then component labels), so each returns
-the same edges every time on the same matrix, ties and duplicate neurons
-included. Where the MST is not unique the two may pick different (equally
-light) trees; the deaths agree exactly.
+None of them copies a CUDA matrix to the host or loops once per vertex on
+the device. Prim and the Triton Boruvka break ties by one strict total order,
+``(D[i, j], i, j)`` with ``i < j``, so they return the same edges; the torch
+Boruvka orders ties by component labels. Each returns the same edges every
+time on the same matrix, ties and duplicate neurons included; where the MST is
+not unique the torch Boruvka may pick another (equally light) tree, and the
+deaths agree exactly.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
+from . import boruvka_triton
 from .boruvka import _PACKED_MAX_N, boruvka_edges
 
 try:  # numba is optional: without it the torch Boruvka serves CPU tensors too
@@ -32,6 +42,9 @@ except Exception:  # pragma: no cover - exercised only where numba is missing
 __all__ = ["death_edges", "prim_edges", "boruvka_edges", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
+
+# devices where the Triton kernels failed to compile or launch once: not tried again in this process
+_TRITON_FAILED: set = set()
 
 # The packed Prim kernel stores an edge as one int64 key
 # ``bits(w) << 32 | i << 16 | j`` (i < j): vertex labels must fit 16 bits, the
@@ -166,4 +179,13 @@ def death_edges(D: torch.Tensor) -> torch.Tensor:
     """(n, n) dissimilarity -> (n - 1, 2) death edges on D's device."""
     if D.device.type == "cpu" and HAVE_NUMBA:
         return prim_edges(D)
+    if D.is_cuda and boruvka_triton.runs_on(D) and D.device not in _TRITON_FAILED:
+        try:
+            return boruvka_triton.triton_boruvka_edges(D)
+        except ValueError:  # bad input, as the torch Boruvka would say
+            raise
+        except Exception as e:  # the kernels did not compile or launch on this device
+            _TRITON_FAILED.add(D.device)
+            warnings.warn(f"the Triton Boruvka failed on {D.device} ({type(e).__name__}: {e}); the torch "
+                          f"backend uses its torch Boruvka there from now on", RuntimeWarning, stacklevel=2)
     return boruvka_edges(D)
