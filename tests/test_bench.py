@@ -454,3 +454,24 @@ def test_timeout_on_a_real_process_keeps_the_finished_cases(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] is False and results["interrupted"] == "SIGTERM"
     assert results["cases"] and all(c["status"] == "ok" and c["n"] == 16 for c in results["cases"])
+
+
+def test_spin_up_runs_only_on_a_gpu_and_before_each_sizes_cases(monkeypatch):
+    def no_randn(*args, **kwargs):
+        raise AssertionError("spin_up made GPU work on the CPU")
+
+    monkeypatch.setattr(bench.torch, "randn", no_randn)
+    bench.spin_up(torch.device("cpu"), seconds=10.0)  # returns at once: no work, no wait
+    monkeypatch.undo()
+    devices = []
+    monkeypatch.setattr(bench, "spin_up", lambda device, seconds=bench.SPIN_UP_S: devices.append(device.type))
+    results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch"], devices=["cpu"], progress=False)
+    assert devices == ["cpu", "cpu"]  # once per size and device, before that size's cases
+    assert results["config"]["gpu_spin_up_s"] == bench.SPIN_UP_S
+
+
+@pytest.mark.cuda
+def test_cuda_spin_up_keeps_the_gpu_busy_for_the_time_asked():
+    start = time.perf_counter()
+    bench.spin_up(torch.device("cuda"), seconds=0.05)
+    assert time.perf_counter() - start >= 0.05

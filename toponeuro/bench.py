@@ -175,6 +175,25 @@ class _PeakMemory:
         return None if status is None else max(0, status["VmHWM"] - self.base)
 
 
+SPIN_UP_S = 0.25  # seconds of GPU work before each size's cases on a GPU
+
+
+def spin_up(device: torch.device, seconds: float = SPIN_UP_S) -> None:
+    """Keep a GPU busy for ``seconds`` (matrix products) before its cases are timed.
+
+    While the CPU cases of the previous size run, the GPU idles and its clocks
+    drop; they rise again only under load, so the first case timed afterwards
+    would pay for the ramp. Does nothing on other devices.
+    """
+    if device.type != "cuda":
+        return
+    x = torch.randn(2048, 2048, device=device)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        x = torch.tanh(x @ x)  # bounded: no overflow however long it runs
+        torch.cuda.synchronize(device)
+
+
 def time_calls(
     fns: list[Callable[[], object]],
     device: torch.device,
@@ -466,6 +485,7 @@ def _environment() -> dict:
             "numba": _version("numba"),
             "giotto-ph": _version("giotto-ph"),
             "ripser": _version("ripser"),
+            "triton": _version("triton"),
         },
     }
 
@@ -631,6 +651,7 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
             "dissimilarity": "abs_correlation (1 - |rho|) of standard normal activations",
             "giotto_threads": min(os.cpu_count() or 1, 2),
             "torch_threads": torch.get_num_threads(),
+            "gpu_spin_up_s": SPIN_UP_S,
         },
         **_environment(),
         "load_average_start": _load_average(),
@@ -685,6 +706,7 @@ def _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_se
         for dev_name, device in live:
             inputs = {"A": A0.to(device), "D": D0.to(device)}
             itemsize = inputs["D"].element_size()
+            spin_up(device)
             for case in _cases_for(device, usable, inputs):
                 if bar is not None:
                     bar.set_description(f"{dev_name} n={n} {'+'.join(m[1] for m in case.members)}")
