@@ -172,3 +172,13 @@ def test_cuda_kernel_failure_falls_back_to_torch_boruvka(monkeypatch, rng):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(ph.death_edges(D), e)  # not tried again: no second warning
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_kernels_run_on_the_matrix_device_not_the_current_one(rng):
+    D = make_D("random", 200, torch.float32, rng).to("cuda:1")
+    with torch.cuda.device(0):
+        e = bt.triton_boruvka_edges(D)
+    assert e.device == D.device
+    check_against_references(D, e)

@@ -40,6 +40,7 @@ kernels on their first call in a process (seconds); its interpreter
 tested without a GPU.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -221,15 +222,17 @@ def triton_boruvka_edges(D: torch.Tensor, rows: int = ROWS, cols: int = COLS,
     counts = torch.zeros((rounds, 3), dtype=torch.int32, device=dev)
     by_rows, by_vertices = (triton.cdiv(n, rows),), (triton.cdiv(n, _VERTICES),)
     kept = 0
-    for t in range(rounds):
-        lightest[by_rows](X, comp, keys, n, X.stride(0), BLOCK_R=rows, BLOCK_C=cols, num_warps=warps)
-        minima[by_vertices](comp, keys, best, n, BLOCK=_VERTICES)
-        link[by_vertices](comp, best, parent, picked[t], counts[t], n, BLOCK=_VERTICES)
-        relabel[by_vertices](comp, parent, best, counts[t], n, BLOCK=_VERTICES)
-        roots, refused, k = counts[t].tolist()  # the round's one host sync
-        kept += k
-        if refused or roots == 1:
-            break
+    # Triton launches on the current CUDA device, which need not be D's (a second GPU)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        for t in range(rounds):
+            lightest[by_rows](X, comp, keys, n, X.stride(0), BLOCK_R=rows, BLOCK_C=cols, num_warps=warps)
+            minima[by_vertices](comp, keys, best, n, BLOCK=_VERTICES)
+            link[by_vertices](comp, best, parent, picked[t], counts[t], n, BLOCK=_VERTICES)
+            relabel[by_vertices](comp, parent, best, counts[t], n, BLOCK=_VERTICES)
+            roots, refused, k = counts[t].tolist()  # the round's one host sync
+            kept += k
+            if refused or roots == 1:
+                break
     if refused or roots != 1 or kept != n - 1:
         raise ValueError(_INCONSISTENT)
     # the keys order the edges by (weight, i, j): the n - 1 kept ones come first
