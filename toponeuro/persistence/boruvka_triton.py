@@ -62,10 +62,8 @@ HAVE_TRITON = triton is not None
 ROWS = 4  # rows per program (they share each load of the column labels)
 COLS = 512  # columns per step of a program's loop
 WARPS = 4
-_NO_EDGE = (1 << 63) - 1  # the key of a vertex with no outgoing edge: above every real one
-
-
 _VERTICES = 1024  # vertices per program of the per-vertex kernels
+_NO_EDGE = (1 << 63) - 1  # the key of a vertex with no outgoing edge: above every real one
 
 
 if HAVE_TRITON:  # the kernels' annotations name triton (its interpreter wants them spelled tl.constexpr)
@@ -166,8 +164,9 @@ def _interpreting() -> bool:
 
 @functools.lru_cache(maxsize=2)
 def _kernels(interpret: bool) -> tuple:
-    # triton.jit reads TRITON_INTERPRET when it wraps: one set per mode (the interpreter
-    # runs the kernels on CPU tensors, which is how the tests without a GPU run them)
+    # triton.jit reads TRITON_INTERPRET when it wraps, and Triton's own library functions when
+    # triton is imported: the interpreter (CPU tensors, how the tests without a GPU run the
+    # kernels) needs it set before that import (tests/conftest.py sets it); one set per mode
     return tuple(triton.jit(f) for f in (_lightest_edges_source, _component_minima_source, _link_source,
                                          _relabel_source))
 

@@ -5,10 +5,11 @@
   memory (no copy for a contiguous float32/float64 CPU tensor), and keeps
   O(n) state besides.
 * CUDA float32 tensors (n <= 65536) with Triton installed (it comes with
-  torch's CUDA builds): Boruvka's algorithm with one Triton kernel per round
-  (:mod:`toponeuro.persistence.boruvka_triton`), which reads each row of the
-  matrix in place and skips the rows whose lightest outgoing edge is still
-  known. A logarithmic number of rounds, one host synchronisation each.
+  torch's CUDA builds): Boruvka's algorithm in four Triton kernels per round
+  (:mod:`toponeuro.persistence.boruvka_triton`), whose one pass over the
+  matrix reads each row in place and skips the rows whose lightest outgoing
+  edge is still known. A logarithmic number of rounds, one host
+  synchronisation each.
 * Other CUDA tensors (float64, or no Triton), and CPU without numba:
   Boruvka's algorithm in torch operations
   (:mod:`toponeuro.persistence.boruvka`), rounds of whole-matrix reductions
