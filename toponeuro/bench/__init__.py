@@ -72,11 +72,11 @@ from typing import Callable
 
 import torch
 
-from . import __version__, persistence, regularisers
-from ._validation import check_dissimilarity, prepare_output_folder
-from .dissimilarity import abs_correlation
-from .persistence import torch_mst
-from .provenance import git_commit, git_dirty
+from .. import __version__, persistence, regularisers
+from .._validation import check_dissimilarity, prepare_output_folder
+from ..dissimilarity import abs_correlation
+from ..persistence import torch_mst
+from ..provenance import git_commit, git_dirty
 
 __all__ = [
     "DEFAULT_N",
@@ -393,7 +393,7 @@ def _backends_of(case: _Case) -> list[str]:
 def _graph_held_bytes(device: torch.device) -> int:
     """Device memory the torch-graph backend's captured graphs hold (then dropped): the
     reserved memory that clearing them gives back."""
-    from .persistence import cuda_graph
+    from ..persistence import cuda_graph
 
     _sync(device)
     torch.cuda.empty_cache()

@@ -50,10 +50,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import dissimilarity as _dissimilarity
-from . import persistence, regularisers
-from .persistence import edge_backends
-from ._validation import check_activations, check_dissimilarity
+from .. import dissimilarity as _dissimilarity
+from .. import persistence, regularisers
+from ..persistence import edge_backends
+from .._validation import check_activations, check_dissimilarity
 
 __all__ = [
     "FORMULAS",
@@ -1019,7 +1019,7 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
     tree edge, ...) the piece itself is not smooth, and nothing is compared.
     The result is the report's ``frozen_tree``: a disagreement is a ``FAIL``.
     """
-    from .nn import TopologicalRegulariser
+    from ..nn import TopologicalRegulariser
 
     start = time.perf_counter()
     _check_formula(formula)
