@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .._validation import _check_dissimilarity_form, _check_dissimilarity_values
+from .tree import mst_margin, tree_path_max  # noqa: F401  (MST analysis: toponeuro.persistence.tree)
 
 __all__ = ["death_edges", "deaths", "available_backends", "edge_backends", "get_backend", "BACKENDS", "Backend",
            "canonical_order"]
