@@ -178,7 +178,7 @@ def test_every_mst_case_is_checked_against_the_exact_deaths(monkeypatch, tmp_pat
 
 def test_cases_over_the_budget_are_skipped_and_recorded(monkeypatch):
     # pretend every case would take far too long once there is a smaller n to extrapolate from
-    monkeypatch.setattr(bench, "extrapolate_seconds", lambda history, n: None if not history else 1e9)
+    monkeypatch.setattr(bench.runner, "extrapolate_seconds", lambda history, n: None if not history else 1e9)
     results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch"], devices=["cpu"],
                                   max_seconds_per_case=5.0, progress=False)
     by_n = {n: [c for c in results["cases"] if c["n"] == n] for n in (16, 32)}
@@ -298,7 +298,7 @@ def no_timing(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a case was timed before the request was refused")
 
-    monkeypatch.setattr(bench, "time_calls", fail)
+    monkeypatch.setattr(bench.runner, "time_calls", fail)
 
 
 def _one_line_error(capsys, *fragments):
@@ -357,7 +357,7 @@ def test_results_are_handed_over_after_every_case_and_complete_only_at_the_end()
                                   on_case=on_case)
     assert results["complete"] is True
     counts = [k for k, _, _ in seen]
-    per_n = len(bench._cases_for(torch.device("cpu"), ["torch"], {}))
+    per_n = len(bench.cases._cases_for(torch.device("cpu"), ["torch"], {}))
     assert len(seen) == 2 * per_n  # one call per case
     assert counts == sorted(counts) and counts[-1] == len(results["cases"])
     assert all(complete is False for _, complete, _ in seen)
@@ -386,7 +386,7 @@ def _interrupt_second_case(monkeypatch, interrupt):
             raise AssertionError("the interrupt did not stop the run")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "time_calls", time_calls)
+    monkeypatch.setattr(bench.runner, "time_calls", time_calls)
 
 
 def _check_partial(out, signame):
@@ -460,11 +460,11 @@ def test_spin_up_runs_only_on_a_gpu_and_before_each_sizes_cases(monkeypatch):
     def no_randn(*args, **kwargs):
         raise AssertionError("spin_up made GPU work on the CPU")
 
-    monkeypatch.setattr(bench.torch, "randn", no_randn)
+    monkeypatch.setattr(bench.timing.torch, "randn", no_randn)
     bench.spin_up(torch.device("cpu"), seconds=10.0)  # returns at once: no work, no wait
     monkeypatch.undo()
     devices = []
-    monkeypatch.setattr(bench, "spin_up", lambda device, seconds=bench.SPIN_UP_S: devices.append(device.type))
+    monkeypatch.setattr(bench.runner, "spin_up", lambda device, seconds=bench.SPIN_UP_S: devices.append(device.type))
     results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch"], devices=["cpu"], progress=False)
     assert devices == ["cpu", "cpu"]  # once per size and device, before that size's cases
     assert results["config"]["gpu_spin_up_s"] == bench.SPIN_UP_S

@@ -1,0 +1,56 @@
+"""The results as a figure (:func:`plot_results`): time against n, and the regulariser's cost ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cases import TARGET_REGULARISER_RATIO
+from .results import _replace_atomically
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Two panels: time against n (log-log, one line per series and device, min-max
+    bars) and the regulariser's cost ratio against n, saved (atomically) to ``path`` as PNG."""
+    import matplotlib.pyplot as plt
+
+    cases = results["cases"]
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(12, 4.8))
+    lines = list(dict.fromkeys((c["device"], c["series"]) for c in cases
+                               if c["kind"] in ("mst", "check", "mst+check") and c["status"] == "ok"))
+    styles = {"check": ":", "torch+check": "--"}
+    for device, series in lines:
+        pts = sorted((c["n"], c["median_s"], c["min_s"], c["max_s"]) for c in cases
+                     if c["device"] == device and c["series"] == series and c["status"] == "ok")
+        n, med, lo, hi = zip(*pts)
+        ax_t.errorbar(n, [t * 1e3 for t in med],
+                      yerr=[[1e3 * (a - b) for a, b in zip(med, lo)], [1e3 * (b - a) for a, b in zip(med, hi)]],
+                      marker="o", ms=3, capsize=2, linestyle=styles.get(series, "-"), label=f"{series} ({device})")
+    ax_t.set_xscale("log", base=2)
+    ax_t.set_yscale("log")
+    ax_t.set_xlabel("n (neurons)")
+    ax_t.set_ylabel("median time (ms)")
+    ax_t.set_title(f"0-dim persistence of 1 - |rho|, {results['config']['dtype']}, m = {results['config']['m']}")
+    ax_t.grid(True, which="both", alpha=0.3)
+    if lines:
+        ax_t.legend(fontsize=8)
+    reg = results["summary"]["regulariser"]
+    for device, series in dict.fromkeys((r["device"], r.get("series", "t1")) for r in reg):
+        pts = sorted((r["n"], r["ratio"]) for r in reg if r["device"] == device and r.get("series", "t1") == series)
+        ax_r.plot(*zip(*pts), marker="o", label=f"{series} / correlation ({device})")
+    ax_r.axhline(TARGET_REGULARISER_RATIO, color="grey", linestyle="--", label=f"target {TARGET_REGULARISER_RATIO:g}x")
+    ax_r.axhline(1.0, color="black", linewidth=0.5)
+    ax_r.set_xscale("log", base=2)
+    ax_r.set_ylim(bottom=0)
+    ax_r.set_xlabel("n (neurons)")
+    ax_r.set_ylabel("forward+backward time ratio")
+    ax_r.set_title("regulariser cost: T1 vs correlation alone")
+    ax_r.grid(True, which="both", alpha=0.3)
+    ax_r.legend(fontsize=8)
+    date = results["date"][:10]
+    names = "; ".join(f"{k}: {v.get('name', '?')}" for k, v in results["devices"].items() if v["available"])
+    fig.suptitle(f"toponeuro bench, {date}, torch {results['versions']['torch']}; {names}", fontsize=9)
+    fig.tight_layout()
+    try:
+        _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

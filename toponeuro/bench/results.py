@@ -1,0 +1,79 @@
+"""The results: their summary (ratios), where they are written by default, and writing them atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .cases import REFERENCE_BACKEND, TARGET_REGULARISER_RATIO
+
+
+def default_out_dir(devices: list[str]) -> Path:
+    """``data/bench/cpu``, or ``data/bench/<gpu name>`` when a CUDA device is benchmarked.
+
+    ``devices`` are the devices that will run (all available); a CUDA device
+    that is not there is passed over.
+    """
+    for d in devices:
+        if d.startswith("cuda") and torch.cuda.is_available():
+            index = torch.device(d).index
+            if index is not None and index >= torch.cuda.device_count():
+                continue
+            name = torch.cuda.get_device_name(torch.device(d))
+            return Path("data/bench") / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return Path("data/bench/cpu")
+
+
+def _median(cases: list[dict], device: str, series: str, n: int) -> float | None:
+    for c in cases:
+        if c["device"] == device and c["series"] == series and c["n"] == n and c["status"] == "ok":
+            return c["median_s"]
+    return None
+
+
+def _summarise(cases: list[dict]) -> dict:
+    """Ratios to giotto-ph (same run, same n) and the regulariser's cost ratio."""
+    ratios, reg = [], []
+    keys = sorted({(c["device"], c["series"], c["n"]) for c in cases if c["kind"] in ("mst", "mst+check")})
+    for device, series, n in keys:
+        ref = _median(cases, "cpu", REFERENCE_BACKEND, n)
+        t = _median(cases, device, series, n)
+        if ref is not None and t is not None and series != REFERENCE_BACKEND:
+            ratios.append({"device": device, "series": series, "n": n, "speedup_vs_giotto_ph": ref / t})
+    for device, series, n in sorted({(c["device"], c["series"], c["n"]) for c in cases if c["kind"] == "regulariser"},
+                                    key=lambda k: (k[0], k[1] != "t1", k[1], k[2])):
+        t1 = _median(cases, device, series, n)
+        corr = _median(cases, device, "correlation", n)
+        if t1 is not None and corr is not None:
+            reg.append({"device": device, "series": series, "n": n, "t1_forward_backward_s": t1,
+                        "correlation_forward_backward_s": corr, "ratio": t1 / corr,
+                        "target_ratio": TARGET_REGULARISER_RATIO})
+    return {"speedup_vs_giotto_ph": ratios, "regulariser": reg}
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``:
+    a reader (or a kill at any moment) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_results(results: dict, path: Path) -> None:
+    """``results`` as indented JSON to ``path``, atomically (see :func:`_replace_atomically`)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+            f.write("\n")
+
+    _replace_atomically(path, write)
