@@ -323,7 +323,7 @@ def test_out_that_is_a_file_exits_2_before_timing(tmp_path, capsys, no_timing):
 
 def test_unknown_backend_exits_2_naming_the_known_ones_and_writes_nothing(tmp_path, monkeypatch, capsys,
                                                                             no_timing):
-    monkeypatch.chdir(tmp_path)  # the default --out, data/bench/cpu, would be made here
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/bench/cpu, would be made here
     for argv in (["--backends", "torch", "giotto"], ["--backends", "giotto", "--out", "given"]):
         assert cli_main(["bench", *TINY, "--devices", "cpu", *argv]) == 2
         _one_line_error(capsys, "'giotto'", *persistence.BACKENDS)
@@ -336,12 +336,69 @@ def test_unavailable_device_exits_2_and_writes_nothing(tmp_path, monkeypatch, ca
     missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: missing on every machine
     monkeypatch.chdir(tmp_path)
     for devices in ([missing], ["cpu", missing]):
-        # without --out, a run that fell back to the CPU would have written over data/bench/cpu
+        # without --out, a run that fell back to the CPU would have written runs/bench/cpu
         assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", *devices]) == 2
         _one_line_error(capsys, missing, "not available")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="none of the requested devices"):
         bench.run_benchmark([16], m=8, repeats=1, backends=["torch"], devices=[missing], progress=False)
+
+
+# ---------------------------------------------------------------- where the results go
+
+
+def test_default_out_is_a_scratch_folder_not_the_committed_results(tmp_path, monkeypatch):
+    # run from a checkout, `toponeuro bench` used to rewrite data/bench/cpu, the committed results
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", "cpu"]) == 0
+    written = json.loads((tmp_path / "runs" / "bench" / "cpu" / "results.json").read_text())
+    assert written["complete"] is True and (tmp_path / "runs" / "bench" / "cpu" / "timings.png").exists()
+    assert not (tmp_path / "data").exists()
+    assert bench.default_out_dir(["cpu"]) == Path("runs/bench/cpu")
+
+
+def _complete_results(folder: Path, complete: bool = True) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"complete": complete, "cases": [{"series": "kept"}]})
+    (folder / "results.json").write_text(text)
+    (folder / "timings.png").write_bytes(PNG_MAGIC)
+    return text
+
+
+def test_complete_results_are_not_overwritten_without_force(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bench"
+    kept = _complete_results(out)
+    real = bench.runner.time_calls
+    monkeypatch.setattr(bench.runner, "time_calls", lambda *a, **k: pytest.fail("timed before refusing"))
+    assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", "cpu", "--out", str(out)]) == 2
+    _one_line_error(capsys, str(out), "--force", "--out")
+    assert (out / "results.json").read_text() == kept and (out / "timings.png").read_bytes() == PNG_MAGIC
+    with pytest.raises(ValueError, match="--force"):
+        bench.check_output_folder(out)
+    monkeypatch.setattr(bench.runner, "time_calls", real)
+    assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", "cpu", "--out", str(out), "--force"]) == 0
+    assert json.loads((out / "results.json").read_text())["cases"][0]["series"] != "kept"
+
+
+def test_an_interrupted_run_is_overwritten_but_not_committed_results(tmp_path, capsys):
+    out = tmp_path / "interrupted"
+    _complete_results(out, complete=False)  # an interrupted scratch run: rerunning replaces it
+    bench.check_output_folder(out)
+    assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", "cpu", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+    # a results.json tracked by git is refused even when incomplete (committed partial results)
+    repo = tmp_path / "repo"
+    kept = _complete_results(repo / "data" / "bench" / "cpu", complete=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    for args in (["init", "-q"], ["add", "data"], ["commit", "-qm", "results"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    committed = repo / "data" / "bench" / "cpu"
+    with pytest.raises(ValueError, match="committed"):
+        bench.check_output_folder(committed)
+    assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", "cpu", "--out", str(committed)]) == 2
+    _one_line_error(capsys, "--force", "--out")
+    assert (committed / "results.json").read_text() == kept
+    bench.check_output_folder(committed, force=True)
 
 
 # ---------------------------------------------------------------- saving as the run goes

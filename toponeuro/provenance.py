@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["git_commit", "git_dirty"]
+__all__ = ["git_commit", "git_dirty", "git_tracked"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -55,3 +55,10 @@ def git_dirty(path: Path | str | None = None) -> bool | None:
         return None
     out = _git(["status", "--porcelain", "--untracked-files=no"], _PACKAGE_DIR if path is None else Path(path))
     return None if out is None else bool(out.strip())
+
+
+def git_tracked(path: Path | str) -> bool:
+    """Whether the file ``path`` is tracked by the git repository that holds it (False when git is
+    missing, the file is untracked, or it is not in a repository)."""
+    path = Path(path).resolve()
+    return _git(["ls-files", "--error-unmatch", "--", path.name], path.parent) is not None

@@ -30,14 +30,16 @@ memory beyond the inputs is recorded per case: ``torch.cuda.max_memory_allocated
 on CUDA, the resident-set high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``) on Linux CPUs.
 
-Outputs, in ``--out`` (default ``data/bench/cpu``, or ``data/bench/<gpu name>``
-when CUDA is benchmarked): ``results.json`` (host, devices, versions, date,
+Outputs, in ``--out`` (default ``runs/bench/cpu``, or ``runs/bench/<gpu name>``
+when CUDA is benchmarked: a git-ignored scratch folder, never the committed
+results under ``data/bench``): ``results.json`` (host, devices, versions, date,
 commit and ``dirty``, every timing) and ``timings.png`` (time against n,
-log-log; regulariser cost ratio against n). A table is printed. The folder is
+log-log; regulariser cost ratios against n). A table is printed. The folder is
 created, and checked to be writable, before anything is timed; a request that
 cannot be met (an unknown backend name, a requested device that is not
-available, an ``--out`` that is a file) exits with status 2 before timing and
-writes nothing. ``results.json`` is rewritten atomically (a temporary file in
+available, an ``--out`` that is a file, or one whose ``results.json`` is
+complete or tracked by git, without ``--force``) exits with status 2 before
+timing and writes nothing. ``results.json`` is rewritten atomically (a temporary file in
 the same folder, then ``os.replace``) after every finished case, with
 ``"complete": false`` until the last one, so a Ctrl-C, a SIGTERM (what
 ``timeout`` sends) or even a SIGKILL keeps the cases measured so far; an
@@ -54,7 +56,8 @@ The package, one idea a module (the public names are re-exported here):
 ``cases`` (the input matrix and what is timed), ``timing`` (timed rounds,
 peak memory, operator counts, extrapolation), ``exactness`` (MST results
 against the exact deaths), ``environment`` (host, versions, commit),
-``runner`` (:func:`run_benchmark`), ``results`` (summary, default folder,
+``runner`` (:func:`run_benchmark`), ``recording`` (a run into a folder,
+saved as it goes), ``results`` (summary, default folder and its guard,
 atomic writes), ``table``, ``plots`` and ``cli``.
 """
 
@@ -63,7 +66,8 @@ from __future__ import annotations
 from .cases import BORUVKA, DEFAULT_N, OP_COUNTED_SERIES, QUICK_N, REGULARISER_SERIES, benchmark_matrix
 from .cli import configure_parser, run
 from .plots import plot_results
-from .results import default_out_dir, write_results
+from .recording import Recording, prepare_run, record_benchmark
+from .results import check_output_folder, default_out_dir, write_results
 from .runner import run_benchmark
 from .table import format_table
 from .timing import SPIN_UP_S, count_torch_ops, extrapolate_seconds, spin_up, time_call, time_calls
@@ -83,6 +87,10 @@ __all__ = [
     "extrapolate_seconds",
     "run_benchmark",
     "default_out_dir",
+    "check_output_folder",
+    "prepare_run",
+    "record_benchmark",
+    "Recording",
     "write_results",
     "format_table",
     "plot_results",

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from .. import persistence
-from .._validation import prepare_output_folder
 from .cases import DEFAULT_N, DTYPES, QUICK_N
-from .plots import plot_results
-from .results import default_out_dir, write_results
-from .runner import _check_backend_names, _check_devices, _check_options, _default_devices, run_benchmark
+from .recording import prepare_run, record_benchmark
+from .results import default_out_dir
+from .runner import _default_devices
 from .table import format_table
 
 
@@ -35,7 +31,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="matrix dtype (default float32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the activations (default 0)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default data/bench/cpu, or data/bench/<gpu name> with CUDA)")
+                        help="output folder (default runs/bench/cpu, or runs/bench/<gpu name> with CUDA: a "
+                             "scratch folder; the committed results under data/bench are refreshed with --out)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite a --out whose results.json is complete or tracked by git (refused "
+                             "otherwise)")
     parser.add_argument("--max-seconds-per-case", type=float, default=None,
                         help="skip a case whose extrapolated time per call exceeds this, and stop its repeats "
                              "when they would (default 30; --quick: 10)")
@@ -46,28 +46,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@contextlib.contextmanager
-def _sigterm_raises_keyboard_interrupt():
-    """Within the block, SIGTERM (what ``timeout`` and ``kill`` send) raises KeyboardInterrupt in the
-    main thread, as Ctrl-C does, so that the run's ``except KeyboardInterrupt`` saves what it has.
-    The previous handler is restored afterwards. Yields a list that receives the signal's number."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        yield received
-        return
-
-    def handler(signum, frame):
-        received.append(signum)
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield received
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark into ``--out``; bad options exit 2 with a one-line error, before anything is timed."""
     ns = args.n if args.n is not None else (QUICK_N if args.quick else DEFAULT_N)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     budget = args.max_seconds_per_case
@@ -75,57 +55,24 @@ def run(args: argparse.Namespace) -> int:
         budget = 10.0 if args.quick else 30.0
     devices = args.devices if args.devices is not None else _default_devices()
     backends = args.backends if args.backends is not None else persistence.available_backends()
-    # everything that can be refused is refused here, before any folder is made or anything timed
     try:
-        _check_options(ns, args.m, repeats, args.dtype, budget, args.threads)
-        _check_backend_names(backends)
-        missing = [(name, why) for name, device, why in _check_devices(devices) if device is None]
-        if missing:
-            raise ValueError("requested device(s) not available: "
-                             + "; ".join(f"{name}: {why}" for name, why in missing)
-                             + "; drop them from --devices (without --devices: cpu, and cuda when available)")
-        out = prepare_output_folder(args.out if args.out is not None else default_out_dir(devices))
+        out = prepare_run(ns, args.m, repeats, args.dtype, budget, args.threads, backends, devices,
+                          args.out if args.out is not None else default_out_dir(devices), force=args.force)
+        rec = record_benchmark(out, ns=ns, m=args.m, repeats=repeats, backends=backends, devices=devices,
+                               dtype=args.dtype, seed=args.seed, max_seconds_per_case=budget,
+                               progress=not args.no_progress, threads=args.threads)
     except ValueError as err:
         print(f"toponeuro bench: error: {err}", file=sys.stderr)
         return 2
-    json_path, png_path = out / "results.json", out / "timings.png"
-    latest: dict = {}
-
-    def save(results: dict) -> None:  # after every case: what is measured so far survives a kill
-        latest["results"] = results
-        write_results(results, json_path)
-
-    with _sigterm_raises_keyboard_interrupt() as received:
-        try:
-            results = run_benchmark(ns, m=args.m, repeats=repeats, backends=backends, devices=devices,
-                                    dtype=args.dtype, seed=args.seed, max_seconds_per_case=budget,
-                                    progress=not args.no_progress, threads=args.threads, on_case=save)
-        except KeyboardInterrupt:
-            results = None
-        except ValueError as err:
-            print(f"toponeuro bench: error: {err}", file=sys.stderr)
-            return 2
-    if results is None:  # interrupted: keep the finished cases, marked incomplete
-        signame = "SIGTERM" if received else "SIGINT"
-        code = 128 + (signal.SIGTERM if received else signal.SIGINT)
-        partial = latest.get("results")
-        if partial is None:
-            print(f"toponeuro bench: interrupted ({signame}) before the first case finished; "
-                  f"nothing written to {out}", file=sys.stderr)
-            return code
-        partial.update(complete=False, interrupted=signame)
-        write_results(partial, json_path)
-        print(format_table(partial))
-        try:
-            plot_results(partial, png_path)
-            plotted = f" and {png_path}"
-        except Exception as err:  # the timings are safe in the JSON; a plot failure must not hide that
-            plotted = f" (no plot: {type(err).__name__}: {err})"
-        print(f"toponeuro bench: interrupted ({signame}); {len(partial['cases'])} finished case records "
-              f"saved in {json_path}{plotted}, with \"complete\": false", file=sys.stderr)
-        return code
-    write_results(results, json_path)
-    plot_results(results, png_path)
-    print(format_table(results))
-    print(f"wrote {json_path} and {png_path}")
-    return 0
+    if rec.results is not None:
+        print(format_table(rec.results))
+    if rec.interrupted is None:
+        print(f"wrote {rec.json_path} and {rec.png_path}")
+    elif rec.results is None:
+        print(f"toponeuro bench: interrupted ({rec.interrupted}) before the first case finished; "
+              f"nothing written to {out}", file=sys.stderr)
+    else:
+        plotted = f" and {rec.png_path}" if rec.plot_error is None else f" (no plot: {rec.plot_error})"
+        print(f"toponeuro bench: interrupted ({rec.interrupted}); {len(rec.results['cases'])} finished case "
+              f"records saved in {rec.json_path}{plotted}, with \"complete\": false", file=sys.stderr)
+    return rec.exit_status

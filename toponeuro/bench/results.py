@@ -10,11 +10,17 @@ from typing import Callable
 
 import torch
 
+from ..provenance import git_tracked
 from .cases import REFERENCE_BACKEND, TARGET_REGULARISER_RATIO
 
 
+#: where a run writes without ``--out``: a scratch folder (git-ignored), never the committed
+#: results under data/bench, which are refreshed on purpose with ``--out`` (and ``--force``)
+SCRATCH_ROOT = Path("runs/bench")
+
+
 def default_out_dir(devices: list[str]) -> Path:
-    """``data/bench/cpu``, or ``data/bench/<gpu name>`` when a CUDA device is benchmarked.
+    """``runs/bench/cpu``, or ``runs/bench/<gpu name>`` when a CUDA device is benchmarked.
 
     ``devices`` are the devices that will run (all available); a CUDA device
     that is not there is passed over.
@@ -25,8 +31,34 @@ def default_out_dir(devices: list[str]) -> Path:
             if index is not None and index >= torch.cuda.device_count():
                 continue
             name = torch.cuda.get_device_name(torch.device(d))
-            return Path("data/bench") / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return Path("data/bench/cpu")
+            return SCRATCH_ROOT / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return SCRATCH_ROOT / "cpu"
+
+
+def check_output_folder(out, force: bool = False) -> None:
+    """Refuse to run into a folder whose ``results.json`` would be lost.
+
+    A ValueError when ``out/results.json`` exists and is complete (a finished
+    run) or tracked by git (committed results, complete or not), unless
+    ``force``. An interrupted scratch run (``"complete": false``, untracked)
+    is overwritten: rerunning it is what it is for.
+    """
+    path = Path(out) / "results.json"
+    if force or not path.is_file():
+        return
+    why = None
+    if git_tracked(path):
+        why = "holds committed results (tracked by git)"
+    else:
+        try:
+            complete = json.loads(path.read_text()).get("complete") is True
+        except (OSError, ValueError, AttributeError):
+            complete = False  # unreadable or not a results dict: not a finished run's
+        if complete:
+            why = "holds the results of a complete run"
+    if why is not None:
+        raise ValueError(f"--out {Path(out)} {why} ({path.name}); pass --force to overwrite them, "
+                         f"or choose another folder with --out")
 
 
 def _median(cases: list[dict], device: str, series: str, n: int) -> float | None:
