@@ -58,7 +58,7 @@ def test_every_backend_and_extra_is_timed_at_every_n(tiny_run):
     results = json.loads((out / "results.json").read_text())
     installed = persistence.available_backends()
     assert sorted(k for k, v in results["backends"].items() if v["available"]) == sorted(installed)
-    expected = set(installed) | {"check", "torch+check", "t1", "correlation"}
+    expected = set(installed) | {"check", "torch+check", "t1", "correlation", "matmul"}
     if persistence.torch_mst.HAVE_NUMBA:
         expected.add(bench.BORUVKA)
     for n in (16, 32):
@@ -78,6 +78,71 @@ def test_every_backend_and_extra_is_timed_at_every_n(tiny_run):
     if "giotto-ph" in installed:
         speedups = {(s["series"], s["n"]) for s in results["summary"]["speedup_vs_giotto_ph"]}
         assert {("torch", 16), ("torch", 32), ("torch+check", 16)} <= speedups
+
+
+def test_t1_is_reported_against_one_matrix_product(tiny_run):
+    _, out = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    reg = results["summary"]["regulariser"]
+    for r in reg:  # both ratios are quotients of the medians timed in the same interleaved rounds
+        median = {c["series"]: c["median_s"] for c in results["cases"] if c["n"] == r["n"]}
+        assert r["matmul_s"] == median["matmul"]
+        assert r["t1_vs_matmul"] == pytest.approx(median["t1"] / median["matmul"])
+        assert r["ratio"] == pytest.approx(median["t1"] / median["correlation"])  # the old ratio is kept
+    table = bench.format_table(results)
+    assert "T1/matmul" in table and "matmul ms" in table
+    row = next(line.split() for line in table.splitlines() if line.split()[:2] == ["t1", "32"])
+    assert row[-1] == f"{reg[-1]['t1_vs_matmul']:.1f}"
+
+
+def test_the_matmul_case_is_z_transpose_z_of_the_standardised_activations():
+    A, D = bench.benchmark_matrix(12, m=9, seed=3, dtype=torch.float64)
+    (case,) = [c for c in bench.cases._cases_for(torch.device("cpu"), ["torch"], {"A": A, "D": D})
+               if any(kind == "matmul" for kind, _, _ in c.members)]
+    kinds = [kind for kind, _, _ in case.members]
+    calls = case.make()
+    ZtZ = calls[kinds.index("matmul")]()
+    # reference: NumPy's Pearson correlation, times m (Z^T Z / m is the correlation of population-standardised Z)
+    np.testing.assert_allclose(ZtZ.numpy(), 9 * np.corrcoef(A.numpy().T), atol=1e-12)
+
+
+def test_t1_is_timed_through_the_regulariser_module(monkeypatch):
+    # a cheaper regulariser must show in the bench without editing it: T1 is timed through
+    # TopologicalRegulariser.forward on the recorded activations, and its gradient reaches them
+    import toponeuro.nn
+
+    calls = []
+    forward = toponeuro.nn.TopologicalRegulariser.forward
+
+    def counted(self):
+        value = forward(self)
+        calls.append((self.formula, self.backend, tuple(self.activations().shape), self.activations().requires_grad))
+        return value
+
+    monkeypatch.setattr(toponeuro.nn.TopologicalRegulariser, "forward", counted)
+    bench.run_benchmark([16], m=8, repeats=2, backends=["torch"], devices=["cpu"], progress=False)
+    assert calls and set(calls) == {("t1", "torch", (8, 16), True)}
+    assert len(calls) == 3  # one warm-up and two timed calls
+
+
+def test_cases_are_selectable(tmp_path, capsys):
+    results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch", "giotto-ph"], devices=["cpu"],
+                                  progress=False, cases=["regulariser"])
+    assert {c["kind"] for c in results["cases"]} == {"regulariser", "correlation", "matmul"}
+    assert results["config"]["cases"] == ["regulariser"]
+    assert [r["n"] for r in results["summary"]["regulariser"]] == [16, 32]
+    results = bench.run_benchmark([16], m=8, repeats=1, backends=["torch"], devices=["cpu"], progress=False,
+                                  cases=["mst", "check"])
+    assert {c["kind"] for c in results["cases"]} == {"mst", "check", "mst+check"}
+    with pytest.raises(ValueError, match="unknown case.*'timing'.*regulariser"):
+        bench.run_benchmark([16], devices=["cpu"], progress=False, cases=["timing"])
+    out = tmp_path / "sel"
+    assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", "cpu", "--cases", "regulariser",
+                     "--out", str(out)]) == 0
+    assert "T1/matmul" in capsys.readouterr().out
+    assert cli_main(["bench", *TINY, "--devices", "cpu", "--cases", "nonsense", "--out", str(out / "x")]) == 2
+    _one_line_error(capsys, "'nonsense'", "mst", "check", "regulariser")
+    assert not (out / "x").exists()
 
 
 def test_torch_ops_recorded_for_the_torch_series(tiny_run):
@@ -250,7 +315,7 @@ def test_cuda_run_records_gpu_and_memory(tmp_path):
     cases = [c for c in results["cases"] if c["device"] == "cuda"]
     assert cases and all(c["status"] == "ok" for c in cases)
     assert all(c["peak_extra_bytes"] is not None for c in cases)
-    assert {c["series"] for c in cases} == {"torch", "check", "torch+check", "t1", "correlation"}
+    assert {c["series"] for c in cases} == {"torch", "check", "torch+check", "t1", "correlation", "matmul"}
 
 
 @pytest.mark.cuda

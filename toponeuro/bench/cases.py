@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
-from .. import persistence, regularisers
+from .. import persistence
 from .._validation import check_dissimilarity
 from ..dissimilarity import abs_correlation
 from ..persistence import torch_mst
@@ -25,6 +26,9 @@ TARGET_REGULARISER_RATIO = 3.0
 OP_COUNTED_SERIES = {"torch", BORUVKA, "torch-graph"}
 # T1 series -> the backend its MST runs on; torch-graph's only on CUDA (on the CPU it is a test path)
 REGULARISER_SERIES = {"t1": "torch", "t1-graph": "torch-graph"}
+#: what can be timed (``--cases``): each persistence backend alone; the input check, alone and
+#: with the torch backend; T1 through the regulariser beside the correlation and one matrix product
+CASE_KINDS = ("mst", "check", "regulariser")
 
 
 # ---------------------------------------------------------------- inputs
@@ -55,12 +59,35 @@ def _single(kind: str, series: str, call: str, make: Callable[[], Callable[[], o
     return _Case([(kind, series, call)], lambda: [make()])
 
 
-def _t1_forward_backward(A0: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def regulariser_on_activations(backend: str = "torch", formula: str = "t1"):
+    """``(model, reg)``: a model whose one recorded module passes its input through, and the
+    :class:`~toponeuro.TopologicalRegulariser` on it.
+
+    ``model(A)`` makes ``reg`` record exactly ``A: (m, n)``, so ``reg()`` is
+    whatever the regulariser computes at run time from recorded activations
+    (checks, dissimilarity, persistence, formula): a change to it shows in
+    the timings without touching the benchmark.
+    """
+    from ..nn import TopologicalRegulariser
+
+    model = nn.Sequential(nn.Identity())
+    return model, TopologicalRegulariser(model, formula=formula, backend=backend, modules=["0"],
+                                         include_output=False)
+
+
+def _t1_forward_backward(A0: torch.Tensor, model: nn.Module, reg) -> torch.Tensor:
+    """T1 forward and backward through ``reg`` (see :func:`regulariser_on_activations`) on a leaf copy of ``A0``."""
     A = A0.detach().requires_grad_()
-    D = abs_correlation(A)
-    deaths = persistence.deaths(D, backend=backend, check=False)
-    regularisers.t1(deaths).backward()
+    model(A)
+    reg().backward()
     return A.grad
+
+
+def standardised(A: torch.Tensor) -> torch.Tensor:
+    """``Z: (m, n)``, each column of ``A: (m, n)`` centred and divided by its population standard
+    deviation (constant columns left at 0), so that ``Z^T Z / m`` is the correlation matrix."""
+    Z = A - A.mean(0)
+    return Z / Z.square().mean(0).sqrt().clamp_min(torch.finfo(A.dtype).tiny)
 
 
 def _correlation_forward_backward(A0: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
@@ -74,8 +101,21 @@ def _boruvka(D: torch.Tensor) -> torch.Tensor:
     return persistence.canonical_order(D, torch_mst.boruvka_edges(D))
 
 
-def _cases_for(device: torch.device, backends: list[str], inputs: dict) -> list[_Case]:
-    """The cases at one n on one device; ``inputs["A"], inputs["D"]`` are read when a case is made."""
+def check_case_kinds(kinds) -> list[str]:
+    """``kinds`` (None: all of :data:`CASE_KINDS`) as a list; a ValueError naming the choices for an unknown one."""
+    if kinds is None:
+        return list(CASE_KINDS)
+    kinds = list(kinds)
+    unknown = [k for k in kinds if k not in CASE_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown case kind(s) {', '.join(map(repr, unknown)) or '(none given)'} in --cases; "
+                         f"choose from {', '.join(CASE_KINDS)}")
+    return kinds
+
+
+def _cases_for(device: torch.device, backends: list[str], inputs: dict, kinds=CASE_KINDS) -> list[_Case]:
+    """The cases of ``kinds`` (see :data:`CASE_KINDS`) at one n on one device; ``inputs["A"], inputs["D"]``
+    are read when a case is made."""
     cases = []
 
     def mst(name):
@@ -84,7 +124,7 @@ def _cases_for(device: torch.device, backends: list[str], inputs: dict) -> list[
             return lambda: persistence.death_edges(D, backend=name, check=False)
         return lambda: persistence.deaths(D, backend=name, check=False)
 
-    for name in backends:
+    for name in backends if "mst" in kinds else ():
         if name in HOST_ONLY_BACKENDS and device.type != "cpu":
             continue
         call = "death_edges" if persistence.BACKENDS[name].gives_edges else "deaths"
@@ -92,23 +132,28 @@ def _cases_for(device: torch.device, backends: list[str], inputs: dict) -> list[
         if name == "torch" and device.type == "cpu" and torch_mst.HAVE_NUMBA:
             cases.append(_single("mst", BORUVKA, "canonical_order(D, boruvka_edges(D))",
                                  lambda: lambda D=inputs["D"]: _boruvka(D)))
-    cases.append(_single("check", "check", "check_dissimilarity(D)",
-                         lambda: lambda D=inputs["D"]: check_dissimilarity(D)))
-    if "torch" in backends:
+    if "check" in kinds:
+        cases.append(_single("check", "check", "check_dissimilarity(D)",
+                             lambda: lambda D=inputs["D"]: check_dissimilarity(D)))
+    if "torch" in backends and "check" in kinds:
         cases.append(_single("mst+check", "torch+check", "death_edges(D, 'torch')",
                              lambda: lambda D=inputs["D"]: persistence.death_edges(D, backend="torch")))
     t1_series = [(series, b) for series, b in REGULARISER_SERIES.items()
                  if b in backends and (b == "torch" or device.type == "cuda")]
-    if t1_series:
+    if t1_series and "regulariser" in kinds:
         def regulariser_calls():
             A, upstream = inputs["A"], torch.ones_like(inputs["D"])  # a dense upstream gradient
-            return [lambda b=b: _t1_forward_backward(A, b) for _, b in t1_series] + [
-                lambda: _correlation_forward_backward(A, upstream)]
+            Z = standardised(A)  # outside the timed call: the product alone is the yardstick
+            regs = [regulariser_on_activations(b) for _, b in t1_series]
+            return [lambda mr=mr: _t1_forward_backward(A, *mr) for mr in regs] + [
+                lambda: _correlation_forward_backward(A, upstream), lambda: Z.mT @ Z]
 
-        # timed in alternation, so that their ratio sees the same load
-        cases.append(_Case([("regulariser", series, f"T1 forward+backward from A (correlation, MST by {b!r}, gather)")
+        # timed in alternation, so that their ratios see the same load
+        cases.append(_Case([("regulariser", series, f"TopologicalRegulariser(formula='t1', backend={b!r}) "
+                                                    "forward+backward from recorded A (m, n)")
                             for series, b in t1_series]
-                           + [("correlation", "correlation", "abs_correlation(A) forward+backward")],
+                           + [("correlation", "correlation", "abs_correlation(A) forward+backward"),
+                              ("matmul", "matmul", "Z^T Z, Z: (m, n) standardised A (one matrix product)")],
                            regulariser_calls))
     return cases
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import persistence
-from .cases import DEFAULT_N, DTYPES, QUICK_N
+from .cases import CASE_KINDS, DEFAULT_N, DTYPES, QUICK_N
 from .recording import prepare_run, record_benchmark
 from .results import default_out_dir
 from .runner import _default_devices
@@ -18,7 +18,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Time every available persistence backend on every device over a list of n, on the same "
         "matrix 1 - |rho| of seeded random activations per n, and the regulariser's forward+backward "
-        "cost against the correlation's; write results.json and timings.png and print a table."
+        "cost against the correlation's and one matrix product's; write results.json and timings.png and print a table."
     )
     parser.add_argument("--n", type=int, nargs="+", default=None,
                         help=f"matrix sizes (default {' '.join(map(str, DEFAULT_N))}; --quick: "
@@ -27,6 +27,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 5; --quick: 3)")
     parser.add_argument("--backends", nargs="+", default=None,
                         help=f"persistence backends (default: all installed, from {list(persistence.BACKENDS)})")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="KIND",
+                        help=f"what to time, from {', '.join(CASE_KINDS)} (default: all): mst, each backend "
+                             "alone; check, the input check alone and with the torch backend; regulariser, T1 "
+                             "through TopologicalRegulariser beside the correlation and one matmul Z^T Z")
     parser.add_argument("--devices", nargs="+", default=None, help="devices (default: cpu, and cuda if available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="matrix dtype (default float32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the activations (default 0)")
@@ -57,10 +61,11 @@ def run(args: argparse.Namespace) -> int:
     backends = args.backends if args.backends is not None else persistence.available_backends()
     try:
         out = prepare_run(ns, args.m, repeats, args.dtype, budget, args.threads, backends, devices,
-                          args.out if args.out is not None else default_out_dir(devices), force=args.force)
+                          args.out if args.out is not None else default_out_dir(devices), force=args.force,
+                          cases=args.cases)
         rec = record_benchmark(out, ns=ns, m=args.m, repeats=repeats, backends=backends, devices=devices,
                                dtype=args.dtype, seed=args.seed, max_seconds_per_case=budget,
-                               progress=not args.no_progress, threads=args.threads)
+                               progress=not args.no_progress, threads=args.threads, cases=args.cases)
     except ValueError as err:
         print(f"toponeuro bench: error: {err}", file=sys.stderr)
         return 2

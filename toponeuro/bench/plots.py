@@ -9,15 +9,16 @@ from .results import _replace_atomically
 
 
 def plot_results(results: dict, path: Path) -> None:
-    """Two panels: time against n (log-log, one line per series and device, min-max
-    bars) and the regulariser's cost ratio against n, saved (atomically) to ``path`` as PNG."""
+    """Three panels: time against n (log-log, one line per series and device, min-max
+    bars), the regulariser's cost against the correlation's and against one matrix product
+    ``Z^T Z`` (log), against n; saved (atomically) to ``path`` as PNG."""
     import matplotlib.pyplot as plt
 
     cases = results["cases"]
-    fig, (ax_t, ax_r) = plt.subplots(1, 2, figsize=(12, 4.8))
-    lines = list(dict.fromkeys((c["device"], c["series"]) for c in cases
-                               if c["kind"] in ("mst", "check", "mst+check") and c["status"] == "ok"))
-    styles = {"check": ":", "torch+check": "--"}
+    fig, (ax_t, ax_r, ax_m) = plt.subplots(1, 3, figsize=(17, 4.8))
+    lines = list(dict.fromkeys((c["device"], c["series"]) for c in cases if c["status"] == "ok"))
+    styles = {"check": ":", "torch+check": "--", "t1": "-.", "t1-graph": "-.", "correlation": "-.",
+              "matmul": "-."}
     for device, series in lines:
         pts = sorted((c["n"], c["median_s"], c["min_s"], c["max_s"]) for c in cases
                      if c["device"] == device and c["series"] == series and c["status"] == "ok")
@@ -29,7 +30,8 @@ def plot_results(results: dict, path: Path) -> None:
     ax_t.set_yscale("log")
     ax_t.set_xlabel("n (neurons)")
     ax_t.set_ylabel("median time (ms)")
-    ax_t.set_title(f"0-dim persistence of 1 - |rho|, {results['config']['dtype']}, m = {results['config']['m']}")
+    ax_t.set_title(f"per call: 0-dim persistence of 1 - |rho| (solid), regulariser cases (dash-dot); "
+                   f"{results['config']['dtype']}, m = {results['config']['m']}", fontsize=9)
     ax_t.grid(True, which="both", alpha=0.3)
     if lines:
         ax_t.legend(fontsize=8)
@@ -46,6 +48,19 @@ def plot_results(results: dict, path: Path) -> None:
     ax_r.set_title("regulariser cost: T1 vs correlation alone")
     ax_r.grid(True, which="both", alpha=0.3)
     ax_r.legend(fontsize=8)
+    matmul = [r for r in reg if r.get("t1_vs_matmul") is not None]
+    for device, series in dict.fromkeys((r["device"], r.get("series", "t1")) for r in matmul):
+        pts = sorted((r["n"], r["t1_vs_matmul"]) for r in matmul
+                     if r["device"] == device and r.get("series", "t1") == series)
+        ax_m.plot(*zip(*pts), marker="o", label=f"{series} / matmul ({device})")
+    ax_m.set_xscale("log", base=2)
+    ax_m.set_yscale("log")
+    ax_m.set_xlabel("n (neurons)")
+    ax_m.set_ylabel("time ratio")
+    ax_m.set_title("regulariser cost: T1 forward+backward vs one matmul Z^T Z")
+    ax_m.grid(True, which="both", alpha=0.3)
+    if matmul:
+        ax_m.legend(fontsize=8)
     date = results["date"][:10]
     names = "; ".join(f"{k}: {v.get('name', '?')}" for k, v in results["devices"].items() if v["available"])
     fig.suptitle(f"toponeuro bench, {date}, torch {results['versions']['torch']}; {names}", fontsize=9)

@@ -10,16 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._validation import prepare_output_folder
+from .cases import check_case_kinds
 from .plots import plot_results
 from .results import check_output_folder, write_results
 from .runner import _check_backend_names, _check_devices, _check_options, run_benchmark
 
 
 def prepare_run(ns, m, repeats, dtype, max_seconds_per_case, threads, backends, devices, out,
-                force: bool = False) -> Path:
+                force: bool = False, cases: list[str] | None = None) -> Path:
     """Everything that can be refused, refused before a folder is made or anything timed.
 
-    A ValueError naming the option for a bad value, an unknown backend, a
+    A ValueError naming the option for a bad value, an unknown backend or case kind, a
     requested device that is not available, an ``out`` that is a file or
     unwritable, or one that holds results a run would overwrite (see
     :func:`~toponeuro.bench.results.check_output_folder`; ``force`` allows it).
@@ -27,6 +28,7 @@ def prepare_run(ns, m, repeats, dtype, max_seconds_per_case, threads, backends, 
     """
     _check_options(ns, m, repeats, dtype, max_seconds_per_case, threads)
     _check_backend_names(backends)
+    check_case_kinds(cases)
     missing = [(name, why) for name, device, why in _check_devices(devices) if device is None]
     if missing:
         raise ValueError("requested device(s) not available: "

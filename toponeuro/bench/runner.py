@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from .. import persistence
-from .cases import DTYPES, OP_COUNTED_SERIES, _backends_of, _cases_for, benchmark_matrix
+from .cases import DTYPES, OP_COUNTED_SERIES, _backends_of, _cases_for, benchmark_matrix, check_case_kinds
 from .environment import _device_info, _environment, _load_average
 from .exactness import _deaths_against_reference, _exact_deaths
 from .results import _summarise
@@ -106,31 +106,35 @@ def run_benchmark(
     progress: bool = True,
     threads: int | None = None,
     on_case: Callable[[dict], None] | None = None,
+    cases: list[str] | None = None,
 ) -> dict:
     """Run the benchmark; returns the results as a JSON-ready dict (see the module doc).
 
+    ``cases``: the kinds of case to time, from :data:`~toponeuro.bench.cases.CASE_KINDS`
+    (None: all).
     ``threads`` sets ``torch.set_num_threads`` for the run (restored after);
     None keeps torch's default. giotto-ph uses its own 2 threads either way.
     ``on_case(results)``, if given, is called after every finished (or
     skipped, or failed) case with the results so far: ``"complete"`` is False
     and ``"summary"`` covers the cases so far; it becomes True only in the
     returned dict. Raises ValueError before timing for a bad option, an
-    unknown backend name, or when none of ``devices`` is available (a CUDA
+    unknown backend name or case kind, or when none of ``devices`` is available (a CUDA
     device missing beside an available one is reported in the results).
     """
     _check_options(ns, m, repeats, dtype, max_seconds_per_case, threads)
+    kinds = check_case_kinds(cases)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         return _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_per_case, progress,
-                              on_case)
+                              on_case, kinds)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_per_case, progress,
-                   on_case) -> dict:
+                   on_case, kinds) -> dict:
     ns = sorted({int(n) for n in ns})
     if backends is None:
         backends = persistence.available_backends()
@@ -157,6 +161,7 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
         "config": {
             "n": ns, "m": m, "repeats": repeats, "dtype": dtype, "seed": seed,
             "max_seconds_per_case": max_seconds_per_case, "backends": backends, "devices": devices,
+            "cases": kinds,
             "dissimilarity": "abs_correlation (1 - |rho|) of standard normal activations",
             "giotto_threads": min(os.cpu_count() or 1, 2),
             "torch_threads": torch.get_num_threads(),
@@ -176,7 +181,7 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
     live = [(name, device) for name, device, why in device_list if device is not None]
     # the matrix is built on the first device (the CPU when it is benchmarked) and copied to the others
     results["config"]["matrix_built_on"] = live[0][0]
-    total = len(ns) * sum(len(_cases_for(device, usable, {})) for _, device in live)
+    total = len(ns) * sum(len(_cases_for(device, usable, {}, kinds)) for _, device in live)
     try:
         from tqdm.auto import tqdm
 
@@ -184,7 +189,7 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
     except ImportError:  # pragma: no cover
         bar = None
     try:
-        _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_seconds_per_case, bar,
+        _time_cases(results, ns, m, seed, torch_dtype, live, usable, kinds, repeats, max_seconds_per_case, bar,
                     case_done)
     finally:
         if bar is not None:
@@ -195,7 +200,7 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
     return results
 
 
-def _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_seconds_per_case, bar,
+def _time_cases(results, ns, m, seed, torch_dtype, live, usable, kinds, repeats, max_seconds_per_case, bar,
                 case_done) -> None:
     """Time every case at every n on every live device, appending the records to ``results["cases"]``."""
     total = bar.total if bar is not None else 0
@@ -216,7 +221,7 @@ def _time_cases(results, ns, m, seed, torch_dtype, live, usable, repeats, max_se
             inputs = {"A": A0.to(device), "D": D0.to(device)}
             itemsize = inputs["D"].element_size()
             spin_up(device)
-            for case in _cases_for(device, usable, inputs):
+            for case in _cases_for(device, usable, inputs, kinds):
                 if bar is not None:
                     bar.set_description(f"{dev_name} n={n} {'+'.join(m[1] for m in case.members)}")
                 load = _load_average()

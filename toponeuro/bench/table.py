@@ -44,7 +44,8 @@ def format_table(results: dict) -> str:
                     t = _median(cases, device, s, n)
                     row.append("-" if ref is None or t is None else f"{ref / t:.0f}x")
             rows.append(row)
-        lines += _grid(head, rows)
+        if series:  # none with --cases regulariser
+            lines += _grid(head, rows)
         held = [c for c in dev_cases if "graph_held_nxn" in c and c["kind"] == "mst"]
         if held:
             lines.append(f"{device}: memory the torch-graph backend's captured graph holds between calls, x D: "
@@ -55,11 +56,14 @@ def format_table(results: dict) -> str:
                          + ", ".join(f"{c['series']} n={c['n']}: {c['torch_ops']}" for c in counted))
         reg = [r for r in results["summary"]["regulariser"] if r["device"] == device]
         if reg:
-            lines.append(f"{device}: regulariser cost, T1 forward+backward from A vs abs_correlation "
-                         f"forward+backward (target <= {TARGET_REGULARISER_RATIO:g}x)")
-            lines += _grid(["series", "n", "T1 ms", "correlation ms", "ratio"],
+            lines.append(f"{device}: regulariser cost, T1 forward+backward from A (TopologicalRegulariser) vs "
+                         f"abs_correlation forward+backward (ratio, target <= {TARGET_REGULARISER_RATIO:g}x) "
+                         f"and vs one matmul Z^T Z of the same activations (T1/matmul)")
+            lines += _grid(["series", "n", "T1 ms", "correlation ms", "ratio", "matmul ms", "T1/matmul"],
                            [[r.get("series", "t1"), str(r["n"]), _fmt_ms(r["t1_forward_backward_s"]),
-                             _fmt_ms(r["correlation_forward_backward_s"]), f"{r['ratio']:.2f}"] for r in reg])
+                             _fmt_ms(r["correlation_forward_backward_s"]), f"{r['ratio']:.2f}",
+                             _fmt_ms(r.get("matmul_s")),
+                             "-" if r.get("t1_vs_matmul") is None else f"{r['t1_vs_matmul']:.1f}"] for r in reg])
         lines.append("")
     lines.append(f"load average (1, 5, 15 min): {results.get('load_average_start')} at the start, "
                  f"{results.get('load_average_end')} at the end, on {results['host']['cpu_count']} CPUs")
