@@ -164,6 +164,31 @@ def test_a_wrong_gradient_fails_at_a_differentiable_point():
     assert "FAIL" in report.row()
 
 
+@pytest.mark.parametrize("formula, diss", [("t1", "abs_correlation"), ("t1", "one_minus_rho"),
+                                           ("min_corr", "abs_correlation")])
+def test_a_gradient_that_is_zero_up_to_rounding_passes(formula, diss):
+    # m = 2: every rho is +-1 whatever the activations, so these formulas are constant and their
+    # gradient is 0; autograd returns ~1e-16 of rounding and finite differences 0, a relative error of 1
+    A = gc.random_activations(m=2, n=2, seed=0)
+    report = gc.check_activations_gradient(A, formula=formula, dissimilarity=diss)
+    assert report.diagnosis.differentiable and 0 < report.max_abs_err < 1e-12
+    assert report.max_rel_err > report.tolerance  # the relative rule alone calls this a FAIL
+    assert report.max_abs_err <= report.abs_floor and report.verdict == "ok" and report.passed
+    # the floor, by hand: 8 float64 epsilons of |R| in each of the two evaluations, over the
+    # smallest difference 2h of the central quotient
+    value = float(gc.regulariser_value(A, formula, diss))
+    assert report.abs_floor == pytest.approx(8 * np.finfo(np.float64).eps * abs(value) / report.min_step)
+    # it is rounding, far below any real error: a gradient wrong by 1e-6 still fails
+    wrong = gc.check_activations_gradient(A, formula=formula, dissimilarity=diss, perturb_gradient=1e-6)
+    assert wrong.verdict == "FAIL" and wrong.abs_floor < 1e-6
+
+
+def test_cli_two_neurons_two_samples_passes(capsys):
+    assert toponeuro.cli.main(["gradcheck", "--n", "2", "--m", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.rstrip().splitlines()[-1].startswith("OK")
+
+
 @pytest.mark.parametrize("scale", [1e3, 1e4])
 @pytest.mark.parametrize("formula", ["t1", "t2", "min_corr"])
 def test_one_neuron_on_a_much_larger_scale_still_passes(formula, scale):

@@ -1,14 +1,18 @@
 """Numerical gradient validation: autograd against central finite differences.
 
 The regulariser ``R`` is differentiable only where the combinatorial part of
-the pipeline is locally constant (SPEC §1.4): the minimum spanning tree must
-be unique, the gathered ``|rho|`` away from its kink at 0, the neurons
-non-constant, and so on. This module
+the pipeline is locally constant: the minimum spanning tree must be unique,
+the gathered ``|rho|`` away from its kink at 0, the neurons non-constant, and
+so on. This module
 
 * compares, in float64, the autograd gradient of ``R`` with central finite
   differences, with respect to the activations
   (:func:`check_activations_gradient`) or a model's parameters
-  (:func:`check_model_gradient`);
+  (:func:`check_model_gradient`): they agree when the largest error relative
+  to the gradient's size is within ``tolerance`` (1e-6), or when the largest
+  absolute error is within the rounding of the central differences,
+  ``8 * eps * |R| / h`` at the smallest step ``h`` (an absolute floor: a
+  gradient that is 0 up to rounding, 1e-16 against 0, is not a failure);
 * diagnoses the point (:func:`diagnose`): the MST margin (:func:`mst_margin`),
   the smallest ``|rho|`` on a tree edge, constant neurons, the spread of the
   deaths for T2, ``|rho| = 1`` tree edges for ``sqrt(1 - rho^2)``, and ReLU

@@ -9,7 +9,7 @@ import torch
 from .. import dissimilarity as _dissimilarity
 from .._validation import check_activations
 from .diagnosis import diagnose
-from .finite_differences import _choose_step_and_differentiate, _errors, _floor_fraction
+from .finite_differences import _abs_floor, _choose_step_and_differentiate, _errors, _floor_fraction
 from .pipeline import _ON_DEATHS, _check_backend, _check_formula, _name_of, _state_of, regulariser_value
 from .reports import GradcheckReport
 from .ties import check_subgradient
@@ -60,7 +60,8 @@ def check_activations_gradient(A, formula: str = "t1", dissimilarity="abs_correl
     m, n = A0.shape
 
     Ag = A0.clone().requires_grad_(True)
-    (g_auto,) = torch.autograd.grad(regulariser_value(Ag, formula, dissimilarity, backend, alpha), Ag)
+    value = regulariser_value(Ag, formula, dissimilarity, backend, alpha)
+    (g_auto,) = torch.autograd.grad(value, Ag)
     g_auto = g_auto.flatten() + perturb_gradient
 
     def evaluate(x):
@@ -86,4 +87,5 @@ def check_activations_gradient(A, formula: str = "t1", dissimilarity="abs_correl
         backend=backend if on_deaths else None, wrt="activations", size=A0.numel(),
         max_abs_err=abs_err, max_rel_err=rel_err, step=float(h.max()), min_step=float(h.min()), jumps=jumps,
         diagnosis=diag, tolerance=tolerance, subgradient=sub, seconds=time.perf_counter() - start,
+        abs_floor=_abs_floor(float(value.detach()), h),
     )

@@ -50,7 +50,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="duplicate a neuron so that the MST is not unique (activations mode): shows the "
                              "diagnosis and the subgradient check of T1")
     parser.add_argument("--tolerance", type=float, default=1e-6,
-                        help="largest acceptable relative error at a differentiable point (default 1e-6)")
+                        help="largest acceptable relative error at a differentiable point (default 1e-6); an "
+                             "absolute error within the rounding of the finite differences (8 float64 "
+                             "epsilons of |R| over the smallest step) passes too, so a gradient that is 0 up "
+                             "to rounding is not a FAIL")
     parser.add_argument("--eps", type=float, default=None,
                         help="finite-difference step for every entry (default: each entry's own, 1e-6 times "
                              "the scale of the entry and of its neuron or parameter tensor, shrunk as needed)")

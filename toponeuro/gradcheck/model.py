@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import dissimilarity as _dissimilarity
 from .diagnosis import diagnose
-from .finite_differences import _FLOOR, _choose_step_and_differentiate, _errors
+from .finite_differences import _FLOOR, _abs_floor, _choose_step_and_differentiate, _errors
 from .pipeline import _ON_DEATHS, _check_backend, _check_formula, _name_of, _state_of
 from .reports import GradcheckReport
 from .ties import _frozen_tree_check, check_subgradient
@@ -179,5 +179,5 @@ def check_model_gradient(model: nn.Module, x: torch.Tensor, formula: str = "t1",
         backend=backend if on_deaths else None, wrt="parameters", size=theta0.numel(),
         max_abs_err=abs_err, max_rel_err=rel_err, step=float(h.max()), min_step=float(h.min()), jumps=jumps,
         diagnosis=diag, tolerance=tolerance, subgradient=sub, seconds=time.perf_counter() - start,
-        frozen_tree=frozen,
+        frozen_tree=frozen, abs_floor=_abs_floor(float(value.detach()), h),
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .diagnosis import Diagnosis
@@ -36,12 +37,15 @@ class SubgradientReport:
                 f"{self.tolerance:.2g}; strict in {self.strict}); MST margin {self.mst_margin:.3g}")
 
 
-def _step_verdict(jumps: int, max_rel_err: float, tolerance: float) -> str:
+def _step_verdict(jumps: int, max_rel_err: float, tolerance: float, max_abs_err: float = math.inf,
+                  abs_floor: float = 0.0) -> str:
     """A finite-difference comparison's verdict: ``inconclusive`` if any step left the smooth
-    piece (a jump), else ``ok`` within ``tolerance``, else ``FAIL``."""
+    piece (a jump), else ``ok`` when the relative error is within ``tolerance`` or the absolute
+    error within ``abs_floor`` (the rounding central differences cannot resolve, see
+    :func:`~toponeuro.gradcheck.finite_differences._abs_floor`), else ``FAIL``."""
     if jumps:
         return "inconclusive"
-    return "ok" if max_rel_err <= tolerance else "FAIL"
+    return "ok" if max_rel_err <= tolerance or max_abs_err <= abs_floor else "FAIL"
 
 
 @dataclass
@@ -65,6 +69,8 @@ class FrozenTreeReport:
         edges, constant neurons) differed from the point's; the tree is fixed,
         so a change of MST is not a jump.
     tolerance : float
+    abs_floor : float
+        As in :class:`GradcheckReport`.
     """
 
     edges: list
@@ -74,11 +80,12 @@ class FrozenTreeReport:
     min_step: float
     jumps: int
     tolerance: float
+    abs_floor: float = 0.0
 
     @property
     def verdict(self) -> str:
         """``ok``, ``FAIL``, or ``inconclusive`` (every step tried left the piece's smooth part)."""
-        return _step_verdict(self.jumps, self.max_rel_err, self.tolerance)
+        return _step_verdict(self.jumps, self.max_rel_err, self.tolerance, self.max_abs_err, self.abs_floor)
 
     @property
     def passed(self) -> bool:
@@ -124,6 +131,12 @@ class GradcheckReport:
     diagnosis : :class:`Diagnosis`
     tolerance : float
         The largest acceptable ``max_rel_err`` at a differentiable point.
+    abs_floor : float
+        An absolute error up to this passes too, whatever ``max_rel_err``: the
+        rounding of the central differences, ``8 * eps * |R(x)| / min_step``
+        (float64 ``eps``; each evaluation of ``R`` is exact to a few epsilons
+        of its value). A gradient that is 0 up to rounding (1e-16
+        against 0) has a relative error of 1, yet nothing is wrong with it.
     subgradient : :class:`SubgradientReport` or None
         T1 at a tie: the check that replaces the finite-difference comparison.
     seconds : float
@@ -149,6 +162,7 @@ class GradcheckReport:
     seconds: float = 0.0
     min_step: float | None = None
     frozen_tree: FrozenTreeReport | None = None
+    abs_floor: float = 0.0
 
     @property
     def verdict(self) -> str:
@@ -168,7 +182,7 @@ class GradcheckReport:
             return " + ".join(parts)
         if not self.diagnosis.differentiable:
             return "kink"
-        return _step_verdict(self.jumps, self.max_rel_err, self.tolerance)
+        return _step_verdict(self.jumps, self.max_rel_err, self.tolerance, self.max_abs_err, self.abs_floor)
 
     @property
     def failed(self) -> bool:
@@ -243,7 +257,7 @@ class GradcheckReport:
             f"gradcheck {self.formula} / {self.dissimilarity or '-'} / {self.backend or '-'} "
             f"w.r.t. {self.size} {self.wrt}: {self.verdict}",
             f"  max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g} "
-            f"(tolerance {self.tolerance:.1g}), {self._steps_text()}, "
+            f"(tolerance {self.tolerance:.1g}, or abs err <= {self.abs_floor:.2g}: rounding), {self._steps_text()}, "
             f"{self.jumps} finite-difference evaluation(s) off the point's smooth piece",
             "  " + self.diagnosis.sentence(),
         ]

@@ -15,7 +15,7 @@ from .. import persistence, regularisers
 from .._validation import check_dissimilarity
 from ..persistence.tree import mst_margin
 from .diagnosis import _EPS, _KINK_ULPS
-from .finite_differences import _FLOOR, _choose_step_and_differentiate, _errors
+from .finite_differences import _FLOOR, _abs_floor, _choose_step_and_differentiate, _errors
 from .pipeline import _formula_on_deaths, _state_of
 from .reports import FrozenTreeReport, SubgradientReport
 
@@ -106,7 +106,7 @@ def _frozen_tree_check(net, x, params, reg, kinks, theta0, g_auto, formula, diss
         return value, _state_of(A, formula, dissimilarity, backend, frozen_edges=edges) + b"#" + kinks.pattern()
 
     try:
-        base_state = evaluate(theta0)[1]
+        base_value, base_state = evaluate(theta0)
         g_fd, jumps, h = _choose_step_and_differentiate(evaluate, theta0, base_state, eps, True,
                                                         group_scale=tensor_scale, floor=_FLOOR)
     finally:
@@ -114,4 +114,5 @@ def _frozen_tree_check(net, x, params, reg, kinks, theta0, g_auto, formula, diss
             torch.nn.utils.vector_to_parameters(theta0, params)
     abs_err, rel_err = _errors(g_auto, g_fd)
     return FrozenTreeReport(edges=[tuple(e) for e in edges.tolist()], max_abs_err=abs_err, max_rel_err=rel_err,
-                            step=float(h.max()), min_step=float(h.min()), jumps=jumps, tolerance=tolerance)
+                            step=float(h.max()), min_step=float(h.min()), jumps=jumps, tolerance=tolerance,
+                            abs_floor=_abs_floor(base_value, h))
