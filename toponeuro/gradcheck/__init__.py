@@ -59,7 +59,7 @@ from .model import check_model_gradient
 from .pipeline import CORRELATION_BASED, FORMULAS, regulariser_value
 from .points import random_activations, tiny_mlp
 from .reports import FrozenTreeReport, GradcheckReport, SubgradientReport
-from .suite import exit_status, format_table, run_checks, summary_line
+from .suite import exit_status, format_table, report_text, resolve_choices, run_checks, summary_line
 from .ties import check_subgradient
 
 __all__ = [
@@ -80,7 +80,9 @@ __all__ = [
     "random_activations",
     "tiny_mlp",
     "run_checks",
+    "resolve_choices",
     "format_table",
+    "report_text",
     "summary_line",
     "exit_status",
     "configure_parser",

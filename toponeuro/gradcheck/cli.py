@@ -7,20 +7,8 @@ import sys
 import time
 
 from .. import dissimilarity as _dissimilarity
-from .. import persistence
-from ..persistence import edge_backends
-from .pipeline import FORMULAS, _check_backend
-from .suite import exit_status, format_table, run_checks, summary_line
-
-
-def _choice_list(value: str, valid: list[str], what: str) -> list[str]:
-    if value == "all":
-        return list(valid)
-    chosen = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in chosen if v not in valid]
-    if bad or not chosen:
-        raise ValueError(f"unknown {what} {bad or value!r}; choose from {valid} or 'all'")
-    return chosen
+from .pipeline import FORMULAS
+from .suite import exit_status, report_text, resolve_choices, run_checks, summary_line
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -63,22 +51,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run every chosen check and print the table; bad options exit 2 with a one-line error."""
     try:
-        formulas = _choice_list(args.formula, list(FORMULAS), "formula")
-        dissimilarities = _choice_list(args.dissimilarity, list(_dissimilarity.DISSIMILARITIES), "dissimilarity")
-        available = edge_backends()
-        if args.backend == "all":
-            backends = available
-        else:
-            backends = _choice_list(args.backend, list(persistence.BACKENDS), "backend")
-            for b in backends:
-                _check_backend(b)
-        if args.mlp and args.tie:
-            raise ValueError("--tie applies to generated activations, not to --mlp")
-        if not args.tolerance > 0:
-            raise ValueError(f"--tolerance must be > 0, got {args.tolerance}")
-        if args.eps is not None and not args.eps > 0:
-            raise ValueError(f"--eps must be > 0, got {args.eps}")
+        formulas, dissimilarities, backends = resolve_choices(args.formula, args.dissimilarity, args.backend)
         start = time.perf_counter()
         reports = run_checks(formulas, dissimilarities, backends, n=args.n, m=args.m, seed=args.seed,
                              mlp=args.mlp, tie=args.tie, tolerance=args.tolerance, alpha=args.alpha,
@@ -89,20 +64,7 @@ def run(args: argparse.Namespace) -> int:
     wrt = "parameters of a tiny MLP" if args.mlp else "activations"
     print(f"gradcheck w.r.t. the {wrt}: n={args.n} neurons, m={args.m} samples, seed={args.seed}, float64, "
           f"tolerance {args.tolerance:g} (relative to max |gradient|)")
-    print(format_table(reports))
-    if args.verbose:
-        for r in reports:
-            print()
-            print(r)
-    else:
-        notes = [r for r in reports if r.verdict != "ok"]
-        if notes:
-            print()
-            print("Notes (a kink makes disagreement expected; autograd then returns the derivative "
-                  "of one adjacent smooth piece):")
-            for r in notes:
-                print("  " + r.note())
-    elapsed = time.perf_counter() - start
+    print(report_text(reports, verbose=args.verbose))
     print()
-    print(summary_line(reports, elapsed))
+    print(summary_line(reports, time.perf_counter() - start))
     return exit_status(reports)

@@ -1,17 +1,42 @@
 """Every combination checked at one generated point (:func:`run_checks`), and the results as a
-table, a summary line and an exit status."""
+table with notes, a summary line and an exit status."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import dissimilarity as _dissimilarity
+from .. import persistence
 from ..persistence import edge_backends
 from .activations import check_activations_gradient
 from .model import check_model_gradient
-from .pipeline import _ON_DEATHS, FORMULAS, _check_formula
+from .pipeline import _ON_DEATHS, FORMULAS, _check_backend, _check_formula
 from .points import random_activations, tiny_mlp
 from .reports import GradcheckReport
+
+
+def _choice_list(value: str, valid: list[str], what: str) -> list[str]:
+    if value == "all":
+        return list(valid)
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in valid]
+    if bad or not chosen:
+        raise ValueError(f"unknown {what} {bad or value!r}; choose from {valid} or 'all'")
+    return chosen
+
+
+def resolve_choices(formula: str = "all", dissimilarity: str = "all", backend: str = "all"
+                    ) -> tuple[list[str], list[str], list[str]]:
+    """``(formulas, dissimilarities, backends)`` from comma-separated names or ``"all"`` (the backends:
+    those installed that give edges); a ValueError naming the choices for an unknown or unusable one."""
+    formulas = _choice_list(formula, list(FORMULAS), "formula")
+    dissimilarities = _choice_list(dissimilarity, list(_dissimilarity.DISSIMILARITIES), "dissimilarity")
+    if backend == "all":
+        return formulas, dissimilarities, edge_backends()
+    backends = _choice_list(backend, list(persistence.BACKENDS), "backend")
+    for b in backends:
+        _check_backend(b)
+    return formulas, dissimilarities, backends
 
 
 def run_checks(formulas=FORMULAS, dissimilarities=None, backends=None, n: int = 8, m: int = 12, seed: int = 0,
@@ -20,8 +45,15 @@ def run_checks(formulas=FORMULAS, dissimilarities=None, backends=None, n: int = 
                ) -> list[GradcheckReport]:
     """Run the check for every combination; min_corr/decov once each (they use no dissimilarity or backend).
 
-    Returns one :class:`GradcheckReport` per combination.
+    Returns one :class:`GradcheckReport` per combination. A ValueError, before any check, for
+    ``tie`` with ``mlp``, ``tolerance <= 0`` or ``eps <= 0``.
     """
+    if mlp and tie:
+        raise ValueError("--tie applies to generated activations, not to --mlp")
+    if not tolerance > 0:
+        raise ValueError(f"--tolerance must be > 0, got {tolerance}")
+    if eps is not None and not eps > 0:
+        raise ValueError(f"--eps must be > 0, got {eps}")
     dissimilarities = list(_dissimilarity.DISSIMILARITIES) if dissimilarities is None else list(dissimilarities)
     backends = edge_backends() if backends is None else list(backends)
     combos = []
@@ -63,6 +95,21 @@ def format_table(reports: list[GradcheckReport]) -> str:
     widths = [max(len(row[k]) for row in rows) for k in range(len(_HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def report_text(reports: list[GradcheckReport], verbose: bool = False) -> str:
+    """The table, then each report in full (``verbose``) or a note on each row not ``ok``."""
+    lines = [format_table(reports)]
+    if verbose:
+        for r in reports:
+            lines += ["", str(r)]
+        return "\n".join(lines)
+    notes = [r for r in reports if r.verdict != "ok"]
+    if notes:
+        lines += ["", "Notes (a kink makes disagreement expected; autograd then returns the derivative "
+                      "of one adjacent smooth piece):"]
+        lines += ["  " + r.note() for r in notes]
     return "\n".join(lines)
 
 
