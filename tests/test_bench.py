@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -445,7 +446,9 @@ def test_complete_results_are_not_overwritten_without_force(tmp_path, capsys, mo
     assert json.loads((out / "results.json").read_text())["cases"][0]["series"] != "kept"
 
 
-def test_an_interrupted_run_is_overwritten_but_not_committed_results(tmp_path, capsys):
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_an_interrupted_run_is_overwritten_but_not_committed_results(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path counts
     out = tmp_path / "interrupted"
     _complete_results(out, complete=False)  # an interrupted scratch run: rerunning replaces it
     bench.check_output_folder(out)

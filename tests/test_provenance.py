@@ -47,3 +47,26 @@ def test_git_dirty_against_git_status(tmp_path, monkeypatch):
     assert provenance.git_dirty(repo) is False
     monkeypatch.setenv("TOPONEURO_COMMIT", "abc1234")  # a copied tree: its state is unknown
     assert provenance.git_dirty(repo) is None
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_tracked_against_git_ls_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path counts
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "results.json").write_text("{}\n")
+    assert provenance.git_tracked(repo / "data" / "results.json") is False  # not a repository
+
+    def git(*argv):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *argv], cwd=repo,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    assert provenance.git_tracked(repo / "data" / "results.json") is False  # untracked
+    git("add", "data/results.json")
+    assert provenance.git_tracked(repo / "data" / "results.json") is True  # staged counts: git knows it
+    git("commit", "-q", "-m", "results")
+    (repo / "data" / "other.json").write_text("{}\n")
+    assert provenance.git_tracked(repo / "data" / "results.json") is True
+    assert provenance.git_tracked(repo / "data" / "other.json") is False
+    assert provenance.git_tracked(repo / "data" / "missing.json") is False
