@@ -14,8 +14,8 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "train": ("toponeuro.training_cli", "train a paper network without and with the regulariser, side by side"),
-    "gradcheck": ("toponeuro.gradcheck", "compare autograd gradients with finite differences"),
-    "bench": ("toponeuro.bench", "time the persistence backends and the regulariser"),
+    "gradcheck": ("toponeuro.gradcheck.cli", "compare autograd gradients with finite differences"),
+    "bench": ("toponeuro.bench.cli", "time the persistence backends and the regulariser"),
     "experiment": ("toponeuro.experiments.cli", "run and report experiments from TOML configs"),
 }
 
