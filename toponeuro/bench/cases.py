@@ -11,6 +11,7 @@ from torch import nn
 from .. import persistence
 from .._validation import check_dissimilarity
 from ..dissimilarity import abs_correlation
+from ..nn import TopologicalRegulariser
 from ..persistence import torch_mst
 
 
@@ -59,7 +60,8 @@ def _single(kind: str, series: str, call: str, make: Callable[[], Callable[[], o
     return _Case([(kind, series, call)], lambda: [make()])
 
 
-def regulariser_on_activations(backend: str = "torch", formula: str = "t1"):
+def regulariser_on_activations(backend: str = "torch", formula: str = "t1"
+                               ) -> tuple[nn.Module, TopologicalRegulariser]:
     """``(model, reg)``: a model whose one recorded module passes its input through, and the
     :class:`~toponeuro.TopologicalRegulariser` on it.
 
@@ -68,14 +70,12 @@ def regulariser_on_activations(backend: str = "torch", formula: str = "t1"):
     (checks, dissimilarity, persistence, formula): a change to it shows in
     the timings without touching the benchmark.
     """
-    from ..nn import TopologicalRegulariser
-
     model = nn.Sequential(nn.Identity())
     return model, TopologicalRegulariser(model, formula=formula, backend=backend, modules=["0"],
                                          include_output=False)
 
 
-def _t1_forward_backward(A0: torch.Tensor, model: nn.Module, reg) -> torch.Tensor:
+def _t1_forward_backward(A0: torch.Tensor, model: nn.Module, reg: TopologicalRegulariser) -> torch.Tensor:
     """T1 forward and backward through ``reg`` (see :func:`regulariser_on_activations`) on a leaf copy of ``A0``."""
     A = A0.detach().requires_grad_()
     model(A)
