@@ -19,20 +19,7 @@ from toponeuro import cli, data, models, training
 from toponeuro.experiments import config as cfgmod
 from toponeuro.experiments import runner
 
-TINY = """
-[experiment]
-name = "tiny"
-dataset = "digits"
-
-[grid]
-networks = ["mlp"]
-methods = ["none", "l1"]
-weights = [0.1]
-seeds = [0]
-
-[training]
-max_epochs = 2
-"""
+from test_experiments import TINY  # one network (mlp), methods none and l2 at weight 0.1, seed 0, digits
 
 PAPER_OPTIONS = """
 [model]
@@ -105,7 +92,7 @@ def test_torch_init_is_left_as_pytorch_draws_it_and_bad_names_are_refused():
 def test_every_method_of_a_seed_starts_from_the_one_saved_initialisation(tmp_path, monkeypatch):
     fake = RecordingFit()
     monkeypatch.setattr(training, "fit", fake)
-    cfg = tiny(PAPER_OPTIONS, **{'methods = ["none", "l1"]': 'methods = ["none", "l1", "l2"]'})
+    cfg = tiny(PAPER_OPTIONS, **{'methods = ["none", "l2"]': 'methods = ["none", "l2", "l1"]'})
     runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
     saved = torch.load(tmp_path / "tiny" / "init" / "mlp_glorot_s0.pt", weights_only=True)
     assert len(fake.received) == 3
@@ -118,7 +105,7 @@ def test_every_method_of_a_seed_starts_from_the_one_saved_initialisation(tmp_pat
     # the saved file, not the generator, decides: a changed file is what the next run starts from
     saved = {k: v + 1.0 for k, v in saved.items()}
     torch.save(saved, tmp_path / "tiny" / "init" / "mlp_glorot_s0.pt")
-    spec = next(r for r in cfg.runs() if r.method == "l2")
+    spec = next(r for r in cfg.runs() if r.method == "l1")
     model = runner.initial_weights(cfg, spec, tmp_path / "tiny" / "init")
     assert torch.equal(model.fc1.bias.detach(), torch.ones_like(model.fc1.bias))
 
@@ -311,13 +298,13 @@ def test_old_rows_load_with_the_values_of_what_they_ran_and_resume(tmp_path, mon
     monkeypatch.setattr(training, "fit", fake)
     summary = runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False, commit="new5678")
     assert (summary.already_done, summary.finished) == (1, 1)
-    assert [c["method"] for c in fake.received] == ["l1"]  # the old run is not redone
+    assert [c["method"] for c in fake.received] == ["l2"]  # the old run is not redone
     with open(directory / "runs.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert tuple(header) == runner.COLUMNS  # rewritten with this version's columns
     rows = rows_of(directory)
     assert [(r["method"], r["commit"], r["init"]) for r in rows] == [("none", "old1234", "torch"),
-                                                                     ("l1", "new5678", "torch")]
+                                                                     ("l2", "new5678", "torch")]
     assert rows[0]["val_accuracy"] == "0.7" and rows[0]["finished_at"] == "2026-01-01T00:00:00+00:00"
 
 
