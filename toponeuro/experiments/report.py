@@ -1057,8 +1057,10 @@ def write_report(name_or_dir, out_root=DEFAULT_OUT, allow_mixed: bool = False) -
         L += ["Pixel scales in these runs: " + ", ".join(f"`{v}`" for v in sorted(scales)) + ". `1/255^2` "
               "copies the reference code's double division (inputs in [0, 1/255]).", ""]
     L += ["## Files", "",
-          "- `runs.csv`: one row per finished run; `curves/<run_id>.csv`: training curves per epoch; "
-          "`init/`: the saved initial weights per (network, seed), shared by every method.",
+          "- `runs.csv`: one row per finished run; `curves/<run_id>.csv`: training curves per epoch"
+          + ("; `init/`: the saved initial weights per (network, seed), shared by every method (not committed "
+             "with the results: a rerun draws the same ones from the seed)." if (directory / "init").is_dir()
+             else "."),
           "- `selected.csv`: the rows chosen per seed (our analysis); `selected_paper.csv`: the rows of the "
           "one weight per (network, method) (the paper's analysis).",
           "- `config.toml`: the config these runs came from. Re-run with "
