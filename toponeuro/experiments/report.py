@@ -804,10 +804,12 @@ def _paper_section(analysis: dict, effects: pd.DataFrame, name: str, directory: 
         L += ["![critical difference diagram, the paper's analysis](critical_difference_paper.png)", ""]
     else:
         L += [f"The Friedman test needs at least 3 methods and 2 complete blocks; here there are "
-              f"{fr['methods']} methods and {fr['blocks']} blocks, so no test is run.", ""]
+              f"{fr['methods']} methods and {fr['blocks']} block(s), so no test is run.", ""]
     if len(matrix):
         found = claims(matrix, ranks, pvalues, fr["pvalue"])
-        L += ["The paper's claims judged this way (blocks = networks):", ""] + _claims_lines(found)
+        L += ["The paper's claims judged this way (blocks = networks"
+              + ("; with a single block these are directions, not tests" if fr["blocks"] < 2 else "")
+              + "):", ""] + _claims_lines(found)
     L += ["### Effect sizes", "",
           "Rank tests say which method ranks better, not by how much. For each network, the difference of "
           "test accuracy (points) between two methods at their selected weights, **paired by seed**, with a "
