@@ -15,6 +15,9 @@ Layout of ``<out>/<experiment name>/``:
     (``os.replace``) to the final name when the run finishes: a killed run
     leaves no half curve under the final name, and two writers never share
     a file.
+``init/<network>_<init>_s<seed>.pt``
+    The initial weights of a (network, seed), saved by its first run and
+    loaded by every other method's run (:func:`initial_weights`).
 ``config.toml``
     A copy of the config of the last ``run``.
 ``errors.log``
@@ -28,8 +31,12 @@ Layout of ``<out>/<experiment name>/``:
 A rerun skips every run whose key (dataset, network, method, weight, seed)
 has a row; a run killed half-way (no row) is redone from scratch, and its
 curve replaces any earlier one. Rows of a different protocol (epoch cap,
-patience, batch size, learning rate, training images, sampler, ...) are
-refused rather than mixed: use another experiment name or ``--out``.
+patience, batch size, learning rate, training images, sampler,
+initialisation, L1/L2 over biases, pixel scale, ...) are refused rather than
+mixed: use another experiment name or ``--out``. A ``runs.csv`` written
+before the columns ``init``, ``include_bias`` and ``pixel_scale`` existed
+reads with :data:`LEGACY_DEFAULTS` (what those runs did) and is rewritten
+with this version's header when a ``run`` resumes it.
 
 ``jobs > 1`` trains that many runs at once in worker processes (``spawn``
 context, so CUDA works in them), each with ``max(1, cpus // jobs)`` torch
@@ -74,6 +81,7 @@ __all__ = [
     "row_key",
     "pending_runs",
     "append_row",
+    "initial_weights",
     "execute_run",
     "run_experiment",
 ]
