@@ -831,15 +831,26 @@ def _support_section(runs: pd.DataFrame, paper, dropped, inert, effects: pd.Data
                      our_claims, pooling) -> list[str]:
     """What the numbers do and do not support, generated from the same data as the sections below."""
     L = ["## What these numbers do and do not support", ""]
-    cut = (runs["max_epochs"].max() < paper.training.max_epochs or (runs["train_size"] < 48000).any()
-           or set(paper.weights) - set(runs.loc[runs["method"] != "none", "weight"]))
+    reasons = []
+    if runs["max_epochs"].max() < paper.training.max_epochs:
+        reasons.append(f"epoch cap {int(runs['max_epochs'].max())} instead of {paper.training.max_epochs}")
+    if (runs["train_size"] < 48000).any():
+        reasons.append(f"{int(runs['train_size'].min())} training images instead of 48000")
+    missing = set(paper.weights) - set(runs.loc[runs["method"] != "none", "weight"])
+    if missing:
+        reasons.append(f"{len(missing)} of the paper's {len(paper.weights)} weights not run")
+    for what, ours, theirs in (("networks", set(runs["network"]), set(paper.networks)),
+                               ("methods", set(runs["method"]), set(PAPER_METHODS))):
+        if theirs - ours:
+            reasons.append(f"{what} not run: " + ", ".join(sorted(theirs - ours)))
     best_last = int((runs["best_epoch"] >= runs["max_epochs"]).sum())
-    if cut:
-        L.append(f"- The protocol is **cut** relative to the paper's (see the protocol table and the next "
-                 f"section; {best_last} of {len(runs)} runs had their best epoch at the cap). Every verdict "
-                 "below is about this cut protocol; none tests the paper's claims under its own protocol.")
+    if reasons:
+        L.append(f"- The protocol is **cut** relative to the paper's: {'; '.join(reasons)} ({best_last} of "
+                 f"{len(runs)} runs had their best epoch at the cap; see the protocol table and the next "
+                 "section). Every verdict below is about this cut protocol; none tests the paper's claims under "
+                 "its own protocol.")
     else:
-        L.append("- The protocol matches the paper's epoch cap, data sizes and weight grid.")
+        L.append("- The protocol matches the paper's epoch cap, data sizes, networks, methods and weight grid.")
     if inert:
         by_net: dict = {}
         for d in inert:
