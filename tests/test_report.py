@@ -233,6 +233,8 @@ def test_the_report_gives_the_paper_s_analysis_and_ours_and_says_what_is_cut(tmp
     assert "| `mlp` | T1 - none | 3 | +3.00 |" in paper_part
     assert "decov is **our addition**" in text
     assert "- **Epochs.** Cap 8 against the paper's 1200" in text
+    assert ("The protocol is **cut** relative to the paper's: epoch cap 8 instead of 1200; 8 of the paper's 10 "
+            "weights not run (") in text
     assert "- **Weights.** 8 of the paper's 10 weights were not run: 1e-06, 1e-05, 0.0001, 0.001, 0.01, 5, 10, 100." \
         in text
     assert "it fired in 0 of" in text  # 8 epochs of 188 steps: the decay at 3520 steps never comes
