@@ -596,7 +596,7 @@ def _two_seed_experiment(tmp_path, monkeypatch, device):
     monkeypatch.setattr(training, "fit", FakeFit(device=device))
     runner.run_experiment(cfg, out_root=tmp_path, device="cpu", progress=False)
     directory = tmp_path / "tiny"
-    return directory, report.write_report(directory).read_text()
+    return directory, report.write_report(directory, allow_mixed=True).read_text()
 
 
 def test_report_names_the_blocks_whose_methods_ran_on_different_devices(tmp_path, monkeypatch):

@@ -26,8 +26,11 @@ the first ``floor(0.8 * 1797) = 1437`` images play the role of the official
 training set (``"train"``: its first ``floor(0.8 * 1437) = 1149``, ``"val"``:
 the other 288) and the last 360 images are ``"test"``.
 
-Pixels are divided by 255 exactly once. (The paper's reference code divides
-by 255 twice, which shrinks inputs to [0, 1/255]; we do not copy that bug.)
+Pixels are divided by 255 exactly once (``pixel_scale="1/255"``, the
+default). The paper's reference code divides by 255 twice, which shrinks
+inputs to [0, 1/255]; ``pixel_scale="1/255^2"`` reproduces that bug, to
+measure whether it matters (for digits it divides the [0, 1] values by 255
+once more).
 
 Data root
 ---------
@@ -60,10 +63,13 @@ __all__ = [
     "num_classes",
     "input_shape",
     "data_root",
+    "PIXEL_SCALES",
 ]
 
 DATASETS = ("mnist", "fashion-mnist", "digits")
 SPLITS = ("train", "val", "test")
+#: ``"1/255"``: inputs in [0, 1]; ``"1/255^2"``: the reference code's double division, inputs in [0, 1/255]
+PIXEL_SCALES = ("1/255", "1/255^2")
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -267,7 +273,7 @@ def _first_80(n: int) -> int:
     return (4 * n) // 5
 
 
-def load(name: str, split: str, root=None) -> tuple[torch.Tensor, torch.Tensor]:
+def load(name: str, split: str, root=None, pixel_scale: str = "1/255") -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split of a dataset.
 
     Parameters
@@ -278,10 +284,12 @@ def load(name: str, split: str, root=None) -> tuple[torch.Tensor, torch.Tensor]:
         ``test``: the official test set (see the module docstring for digits).
     root : path, optional
         Data folder; defaults to ``$TOPONEURO_DATA`` or the repository's ``data/``.
+    pixel_scale : {"1/255", "1/255^2"}
+        ``"1/255^2"`` divides by 255 once more (the reference code's bug).
 
     Returns
     -------
-    X : (N, 1, H, W) float32 tensor, values in [0, 1]
+    X : (N, 1, H, W) float32 tensor, values in [0, 1] (in [0, 1/255] with ``"1/255^2"``)
     y : (N,) int64 tensor, class labels 0..9
 
     Raises
@@ -292,6 +300,8 @@ def load(name: str, split: str, root=None) -> tuple[torch.Tensor, torch.Tensor]:
     """
     _check_name(name)
     _check_split(split)
+    if pixel_scale not in PIXEL_SCALES:
+        raise ValueError(f"unknown pixel_scale {pixel_scale!r}; choose from {', '.join(PIXEL_SCALES)}")
     if name == "digits":
         images, labels = _digits_arrays()
         n_pool = _first_80(len(images))  # 1437 images stand in for the official training set
@@ -309,6 +319,8 @@ def load(name: str, split: str, root=None) -> tuple[torch.Tensor, torch.Tensor]:
     X = images[rows].astype(np.float32)  # a fresh copy: the cache stays untouched
     if scale is not None:
         X /= scale
+    if pixel_scale == "1/255^2":
+        X /= np.float32(255.0)  # the second division of the reference code
     X = X[:, None, :, :]
     y = labels[rows].astype(np.int64)
     return torch.from_numpy(np.ascontiguousarray(X)), torch.from_numpy(y)

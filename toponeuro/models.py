@@ -20,6 +20,12 @@ as the paper did. Children are named ``fc1, relu1, dropout1, fc2, ...`` and
 the last ``Linear`` is ``out`` (for the CNN: ``conv1, relu1, pool1, conv2,
 relu2, pool2, flatten, fc1, relu3, out``).
 
+Initialisation (``init``): ``"torch"`` keeps PyTorch's default for each
+layer (Kaiming-uniform weights, uniform biases); ``"glorot"`` is the
+initialisation of the authors' Keras code: Glorot (Xavier) uniform weights,
+``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))`` (for a convolution the
+fans are multiplied by the kernel's area), and zero biases.
+
 Seeding is the caller's job: call ``torch.manual_seed`` before ``build``.
 """
 
@@ -28,11 +34,15 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
-__all__ = ["MODELS", "HIDDEN_WIDTHS", "build"]
+__all__ = ["MODELS", "INITS", "HIDDEN_WIDTHS", "build", "initialise"]
 
 MODELS = ("mlp", "mlp-dropout", "mlp-deep", "cnn")
+
+#: initialisations :func:`build` offers (see the module docstring)
+INITS = ("torch", "glorot")
 
 HIDDEN_WIDTHS = {
     "mlp": (450, 350, 200),
@@ -102,7 +112,27 @@ def _cnn(in_shape: tuple[int, int, int], num_classes: int):
     )
 
 
-def build(name: str, *, in_shape=(1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+def initialise(model: nn.Module, init: str) -> nn.Module:
+    """Re-initialise every ``Linear`` and ``Conv2d`` of ``model`` in place; return it.
+
+    ``init="glorot"``: Glorot-uniform weights and zero biases (the authors' Keras
+    default); ``init="torch"``: leave PyTorch's default initialisation as it is.
+    Draws from torch's global generator, in module order.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+    if init == "torch":
+        return model
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return model
+
+
+def build(name: str, *, in_shape=(1, 28, 28), num_classes: int = 10, init: str = "torch") -> nn.Sequential:
     """Build one of the networks in :data:`MODELS`.
 
     Parameters
@@ -114,6 +144,8 @@ def build(name: str, *, in_shape=(1, 28, 28), num_classes: int = 10) -> nn.Seque
         ``C * H * W`` input features.
     num_classes : int
         Number of output logits.
+    init : {"torch", "glorot"}
+        Initialisation (see the module docstring); ``"glorot"`` is the authors'.
 
     Returns
     -------
@@ -122,10 +154,14 @@ def build(name: str, *, in_shape=(1, 28, 28), num_classes: int = 10) -> nn.Seque
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names are {', '.join(MODELS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
     shape = _check_in_shape(in_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if name == "cnn":
-        return _cnn(shape, num_classes)
-    dropout = DROPOUT_P if name == "mlp-dropout" else None
-    return _mlp(math.prod(shape), HIDDEN_WIDTHS[name], num_classes, dropout)
+        model = _cnn(shape, num_classes)
+    else:
+        dropout = DROPOUT_P if name == "mlp-dropout" else None
+        model = _mlp(math.prod(shape), HIDDEN_WIDTHS[name], num_classes, dropout)
+    return initialise(model, init)

@@ -5,7 +5,7 @@ is one of the regularisers (evaluated on every training batch), and returns a
 :class:`FitResult`. It is a plain function: the experiment runner
 (:mod:`toponeuro.experiments`) and ``toponeuro train`` both call it.
 
-Protocol (SPEC §2, the defaults of :class:`TrainConfig`): SGD with learning
+Protocol (the paper's, the defaults of :class:`TrainConfig`): SGD with learning
 rate 0.01, momentum 0.9, Nesterov; the learning rate is multiplied by 0.95
 every 3520 optimiser steps (staircase: ``lr * 0.95 ** (step // 3520)``);
 batch 256; up to 1200 epochs; early stopping on the validation loss with
@@ -49,6 +49,7 @@ __all__ = [
     "WEIGHTED_METHODS",
     "TrainConfig",
     "FitResult",
+    "WeightPenalty",
     "seed_everything",
     "device_label",
     "resolve_device",
@@ -69,7 +70,7 @@ WEIGHTED_METHODS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule and stopping rule (defaults: SPEC §2, the paper's).
+    """Optimiser, schedule and stopping rule (defaults: the paper's).
 
     lr : initial learning rate of SGD.
     momentum, nesterov : SGD momentum and whether it is Nesterov's.
@@ -240,13 +241,43 @@ def evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, batch_siz
     return float(total_loss) / n, int(correct) / n
 
 
+class WeightPenalty:
+    """L1 or L2 of a model's trainable weights as a regulariser: ``penalty()`` is the value, ``remove()`` a no-op.
+
+    include_bias : whether biases count too (the authors' Keras code
+        regularised every trainable weight, biases included).
+    """
+
+    def __init__(self, model: torch.nn.Module, formula: str, include_bias: bool):
+        from . import regularisers
+
+        if formula not in ("l1", "l2"):
+            raise ValueError(f"a weight penalty is l1 or l2, got {formula!r}")
+        if not isinstance(include_bias, bool):
+            raise ValueError(f"include_bias must be true or false, got {include_bias!r}")
+        self.model, self.formula, self.include_bias = model, formula, include_bias
+        self._penalty = regularisers.l1 if formula == "l1" else regularisers.l2
+
+    def __call__(self) -> torch.Tensor:
+        return self._penalty(self.model, include_bias=self.include_bias)
+
+    def remove(self) -> None:
+        """Nothing to undo (no hooks); present so :func:`fit` treats every regulariser alike."""
+
+
 def make_regulariser(model, method: str, *, backend: str = "torch", dissimilarity="abs_correlation",
-                     sampler=None, alpha: float = 0.5):
-    """The :class:`toponeuro.TopologicalRegulariser` for ``method``, or ``None`` for ``none``/``dropout``."""
+                     sampler=None, alpha: float = 0.5, include_bias: bool = False):
+    """The regulariser of ``method``, or ``None`` for ``none``/``dropout``.
+
+    ``l1``/``l2``: a :class:`WeightPenalty` (``include_bias``: biases count too);
+    the others: a :class:`toponeuro.TopologicalRegulariser`.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method not in WEIGHTED_METHODS:
         return None
+    if method in ("l1", "l2"):
+        return WeightPenalty(model, method, include_bias)
     from .nn import TopologicalRegulariser
 
     return TopologicalRegulariser(model, formula=method, backend=backend, dissimilarity=dissimilarity,
@@ -259,8 +290,8 @@ def _state_copy(model: torch.nn.Module) -> dict:
 
 def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", weight: float = 0.0,
         config: TrainConfig | None = None, sampler=None, backend: str = "torch",
-        dissimilarity="abs_correlation", alpha: float = 0.5, device="cpu", seed: int = 0,
-        deterministic: bool = True, progress: bool = True, progress_desc: str | None = None,
+        dissimilarity="abs_correlation", alpha: float = 0.5, include_bias: bool = False, device="cpu",
+        seed: int = 0, deterministic: bool = True, progress: bool = True, progress_desc: str | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``model`` with ``cross_entropy + weight * R`` and early stopping; restore the best weights.
 
@@ -282,6 +313,8 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
         Optimiser, schedule, batch size, epoch cap, patience (paper defaults).
     sampler, backend, dissimilarity, alpha
         Passed to the regulariser (``sampler=None``: all neurons).
+    include_bias : bool
+        ``l1``/``l2`` only: penalise the biases too (the authors' choice); default weights only.
     device : str or torch.device
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or ``"auto"``.
     seed : int
@@ -336,7 +369,7 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
 
     weighted = method in WEIGHTED_METHODS and weight > 0
     reg = make_regulariser(model, method, backend=backend, dissimilarity=dissimilarity, sampler=sampler,
-                           alpha=alpha) if weighted else None
+                           alpha=alpha, include_bias=include_bias) if weighted else None
     optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov)
     generator = torch.Generator().manual_seed(seed)

@@ -4,7 +4,8 @@
 
     toponeuro experiment list
     toponeuro experiment run CONFIG [--jobs N] [--device cpu|cuda|auto] [--limit-runs K] [--out DIR]
-    toponeuro experiment report EXPERIMENT [--out DIR]
+                                    [--commit HASH] [--report [--allow-mixed]]
+    toponeuro experiment report EXPERIMENT [--out DIR] [--allow-mixed]
 
 ``CONFIG`` is a TOML path or the name of a shipped config (``mnist-quick``,
 ``mnist-paper``, ``fashion-mnist``). ``EXPERIMENT`` is an experiment folder
@@ -35,11 +36,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="only say how many runs are done and pending")
     p.add_argument("--report", action="store_true", help="write report.md when the runs are done")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--commit", default=None,
+                   help="the code's commit to record in every row (default: $TOPONEURO_COMMIT, else git)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="with --report: pool rows from different commits or devices in one report")
 
     r = sub.add_parser("report", help="write report.md for an experiment",
                        description="Select weights by validation accuracy and write report.md with statistics.")
     r.add_argument("experiment", help="an experiment folder, or an experiment name under --out")
     r.add_argument("--out", default=str(DEFAULT_OUT), help=f"results root (default {DEFAULT_OUT})")
+    r.add_argument("--allow-mixed", action="store_true",
+                   help="pool rows from different commits or devices (refused by default); the report says so")
 
     sub.add_parser("list", help="list the shipped configs")
 
@@ -56,7 +63,7 @@ def run(args) -> int:
         if args.action == "report":
             from .report import write_report
 
-            path = write_report(args.experiment, out_root=args.out)
+            path = write_report(args.experiment, out_root=args.out, allow_mixed=args.allow_mixed)
             print(f"wrote {path}")
             return 0
         from . import runner
@@ -70,7 +77,7 @@ def run(args) -> int:
             return 0
         summary = runner.run_experiment(cfg, out_root=args.out, device=args.device, jobs=args.jobs,
                                         limit_runs=args.limit_runs, threads=args.threads,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress, commit=args.commit)
         print(f"{cfg.name}: {summary.finished} runs finished now, {summary.already_done} were done before, "
               f"{len(summary.failed)} failed, {summary.pending} pending; rows in {summary.directory / 'runs.csv'}")
         if summary.failed:
@@ -79,7 +86,7 @@ def run(args) -> int:
         if args.report and summary.pending == 0:
             from .report import write_report
 
-            print(f"wrote {write_report(summary.directory)}")
+            print(f"wrote {write_report(summary.directory, allow_mixed=args.allow_mixed)}")
         return 1 if summary.failed else 0
     except ValueError as err:
         print(f"toponeuro experiment: error: {err}", file=sys.stderr)

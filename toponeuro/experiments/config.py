@@ -10,6 +10,7 @@ the training protocol and the regulariser settings::
     limit = 12000               # optional: use only the first N training images
     val_limit = 0               # optional: first N validation images (0: all)
     test_limit = 0              # optional: first N test images (0: all)
+    pixel_scale = "1/255"       # optional: "1/255" (inputs in [0, 1]) or "1/255^2" (the reference code's bug)
 
     [grid]
     networks = ["mlp", "mlp-dropout", "mlp-deep"]
@@ -17,7 +18,10 @@ the training protocol and the regulariser settings::
     weights = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 5, 10, 100]
     seeds = [0, 1, 2]
 
-    [training]                  # every key optional; defaults: SPEC §2
+    [model]                     # optional
+    init = "torch"              # "torch" (PyTorch's default) or "glorot" (Glorot uniform, zero bias)
+
+    [training]                  # every key optional; defaults: the paper's
     lr = 0.01
     momentum = 0.9
     nesterov = true
@@ -32,9 +36,20 @@ the training protocol and the regulariser settings::
     dissimilarity = "abs_correlation"
     alpha = 0.5
     sampler = { kind = "all" }  # or { kind = "importance", p = 0.01 } or { kind = "random", p = 0.1 }
+    include_bias = false        # L1/L2 over the biases too (true) or the weights only (false)
 
-    [regulariser.networks.cnn]  # per-network overrides of backend/dissimilarity/alpha/sampler
+    [regulariser.networks.cnn]  # per-network overrides of the [regulariser] keys
     sampler = { kind = "importance", p = 0.01 }
+
+    [report]                    # optional; how `experiment report` treats the runs
+    drop_unconverged = false    # drop a weight of a (network, method) where a run did not converge
+    max_weight = { l1 = 5, l2 = 10 }  # drop weights above these before selecting (default: none)
+
+A run "did not converge" when it diverged (its loss became NaN or inf) or
+its validation accuracy stayed below twice chance (``2 / classes``). The
+report names every dropped weight and the reason. The options of
+``[experiment]``, ``[model]`` and ``[regulariser]`` are recorded in every
+row of ``runs.csv``; ``[report]`` changes only the report.
 
 **Dropout** is the paper's fifth baseline. It is a network, not a loss term:
 the dropout baseline is the network ``mlp-dropout`` trained with method
@@ -57,7 +72,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .. import models
+from .. import data, models
 from ..training import TrainConfig, WEIGHTED_METHODS
 
 __all__ = [
@@ -66,6 +81,7 @@ __all__ = [
     "GRID_METHODS",
     "SAMPLER_KINDS",
     "RegulariserSettings",
+    "ReportSettings",
     "RunSpec",
     "ExperimentConfig",
     "shipped_configs",
@@ -79,10 +95,12 @@ NETWORKS = tuple(models.MODELS)
 GRID_METHODS = ("none", "t1", "t2", "l1", "l2", "min_corr", "decov")
 SAMPLER_KINDS = ("all", "importance", "random")
 
-_SECTIONS = ("experiment", "grid", "training", "regulariser")
-_EXPERIMENT_KEYS = ("name", "dataset", "description", "limit", "val_limit", "test_limit")
+_SECTIONS = ("experiment", "grid", "model", "training", "regulariser", "report")
+_EXPERIMENT_KEYS = ("name", "dataset", "description", "limit", "val_limit", "test_limit", "pixel_scale")
 _GRID_KEYS = ("networks", "methods", "weights", "seeds")
-_REGULARISER_KEYS = ("backend", "dissimilarity", "alpha", "sampler")
+_MODEL_KEYS = ("init",)
+_REGULARISER_KEYS = ("backend", "dissimilarity", "alpha", "sampler", "include_bias")
+_REPORT_KEYS = ("drop_unconverged", "max_weight")
 
 
 def _is_int(v) -> bool:
@@ -166,6 +184,7 @@ class RegulariserSettings:
     dissimilarity: str = "abs_correlation"
     alpha: float = 0.5
     sampler: tuple = (("kind", "all"),)
+    include_bias: bool = False  # L1/L2 over the biases too
 
     @property
     def sampler_dict(self) -> dict:
@@ -224,7 +243,45 @@ def _parse_regulariser(table: dict, where: str, base: RegulariserSettings) -> Re
     if not _is_number(alpha) or not 0 <= alpha <= 1:
         raise ValueError(f"{where}.alpha: must be a number in [0, 1], got {alpha!r}")
     sampler = _parse_sampler(table["sampler"], f"{where}.sampler") if "sampler" in table else base.sampler
-    return RegulariserSettings(backend=backend, dissimilarity=name, alpha=float(alpha), sampler=sampler)
+    include_bias = table.get("include_bias", base.include_bias)
+    if not isinstance(include_bias, bool):
+        raise ValueError(f"{where}.include_bias: must be true or false, got {include_bias!r}")
+    return RegulariserSettings(backend=backend, dissimilarity=name, alpha=float(alpha), sampler=sampler,
+                               include_bias=include_bias)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """How the report treats the runs (section ``[report]``); nothing here changes a run.
+
+    drop_unconverged : drop a weight of a (network, method) where one of its runs did not converge.
+    max_weight : ``((method, largest weight kept), ...)``; weights above it are dropped for that method.
+    """
+
+    drop_unconverged: bool = False
+    max_weight: tuple = ()
+
+    @property
+    def max_weight_dict(self) -> dict:
+        return dict(self.max_weight)
+
+
+def _parse_report(table: dict) -> ReportSettings:
+    _check_keys(table, _REPORT_KEYS, "report")
+    drop = table.get("drop_unconverged", False)
+    if not isinstance(drop, bool):
+        raise ValueError(f"report.drop_unconverged: must be true or false, got {drop!r}")
+    caps = table.get("max_weight", {})
+    if not isinstance(caps, dict):
+        raise ValueError(f"report.max_weight: must be a table like {{ l1 = 5, l2 = 10 }}, got {caps!r}")
+    for method, cap in caps.items():
+        if method not in GRID_METHODS or method == "none":
+            raise ValueError(f"report.max_weight.{method}: unknown weighted method; choose from "
+                             f"{', '.join(m for m in GRID_METHODS if m != 'none')}")
+        if not _is_number(cap) or not math.isfinite(cap) or cap < 0:
+            raise ValueError(f"report.max_weight.{method}: must be a finite number >= 0, got {cap!r}")
+    return ReportSettings(drop_unconverged=drop,
+                          max_weight=tuple((m, float(caps[m])) for m in GRID_METHODS if m in caps))
 
 
 @dataclass(frozen=True)
@@ -263,6 +320,9 @@ class ExperimentConfig:
     limit: int | None = None
     val_limit: int | None = None
     test_limit: int | None = None
+    pixel_scale: str = "1/255"  # "1/255^2": the reference code's double division
+    init: str = "torch"  # "glorot": the authors' Keras initialisation
+    report: ReportSettings = field(default_factory=ReportSettings)
     source: str = ""  # the file it came from
     text: str = ""  # its TOML text, saved beside the results
 
@@ -325,6 +385,16 @@ def parse_config(text: str, source: str = "<string>") -> ExperimentConfig:
     if not isinstance(description, str):
         raise ValueError(f"experiment.description: must be a string, got {_type_name(description)}")
 
+    pixel_scale = _string(exp, "pixel_scale", "experiment", "1/255")
+    if pixel_scale not in data.PIXEL_SCALES:
+        raise ValueError(f"experiment.pixel_scale: unknown scale {pixel_scale!r}; choose from "
+                         f"{', '.join(data.PIXEL_SCALES)}")
+    model_table = _table(raw, "model", "", required=False)
+    _check_keys(model_table, _MODEL_KEYS, "model")
+    init = _string(model_table, "init", "model", "torch")
+    if init not in models.INITS:
+        raise ValueError(f"model.init: unknown initialisation {init!r}; choose from {', '.join(models.INITS)}")
+
     grid = _table(raw, "grid", "", required=True)
     _check_keys(grid, _GRID_KEYS, "grid")
     networks = _choice_list(grid, "networks", "grid", NETWORKS, "network")
@@ -386,5 +456,6 @@ def parse_config(text: str, source: str = "<string>") -> ExperimentConfig:
         seeds=tuple(seeds), training=training, regulariser=regulariser, per_network=tuple(per_network),
         description=description, limit=_count(exp, "limit", "experiment"),
         val_limit=_count(exp, "val_limit", "experiment"), test_limit=_count(exp, "test_limit", "experiment"),
+        pixel_scale=pixel_scale, init=init, report=_parse_report(_table(raw, "report", "", required=False)),
         source=source, text=text,
     )

@@ -2,12 +2,27 @@
 
 The paper's analysis, step by step (each step a function, so each can be checked):
 
+0. :func:`check_pooling`: one results folder is one software stack; rows
+   from several commits or devices are refused unless ``allow_mixed``.
+   :func:`drop_weights`: the weights the config's ``[report]`` section drops
+   (runs that did not converge, weights above a cap), with the reason.
+
+The paper's analysis (:func:`paper_analysis`): its six methods (none, T1,
+T2, L1, L2, MinCorr; dropout is the network ``mlp-dropout``), one weight per
+(network, method) chosen by the mean validation accuracy over seeds
+(:func:`select_weights_pooled`), blocks = networks, each cell the mean test
+accuracy over seeds; Friedman, Nemenyi, critical difference. Beside the
+ranks, :func:`paired_differences` gives effect sizes: per network, the
+difference of test accuracy between two methods paired by seed, with a
+t-interval.
+
+Our analysis, with DeCov and seeds:
+
 1. :func:`select_weights`: for every (dataset, network, method, seed), the
    weight with the highest validation accuracy (ties: the smaller weight);
    its test accuracy is the result of that method there. This is per seed,
-   a choice of ours: a reading of SPEC §2 picks one weight per (network,
-   method); :func:`select_weights_pooled` does that, and the report gives
-   the difference.
+   a choice of ours; the paper picks one weight per (network, method)
+   (:func:`select_weights_pooled`), and the report gives the difference.
 2. :func:`accuracy_table`: test accuracy, mean and sample standard deviation
    over seeds, per network x method.
 3. :func:`block_matrix`: blocks = (network, seed) in which every method has
@@ -18,7 +33,9 @@ The paper's analysis, step by step (each step a function, so each can be checked
    independent data sets of Demšar (2006): the critical difference is
    optimistic, and the report says so. :func:`mixed_device_blocks` lists the
    blocks whose methods were trained on more than one device.
-4. :func:`claims`: the paper's claims, judged from those numbers.
+4. :func:`claims`: the paper's claims, judged from those numbers (both analyses).
+   :func:`inert_methods`: methods that change no test accuracy by more
+   than a threshold at any weight.
 5. :func:`write_report`: ``report.md``, ``critical_difference.png``,
    ``accuracy_vs_weight.png`` and ``selected.csv`` in the experiment folder.
 """
@@ -33,11 +50,19 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from .config import GRID_METHODS, load_config, parse_config
-from .runner import DEFAULT_OUT, read_rows
+from .config import GRID_METHODS, ReportSettings, load_config, parse_config
+from .runner import DEFAULT_OUT, LEGACY_DEFAULTS, read_rows
 
 __all__ = [
     "ALPHA",
+    "PAPER_METHODS",
+    "MixedRowsError",
+    "check_pooling",
+    "unconverged",
+    "drop_weights",
+    "paper_analysis",
+    "paired_differences",
+    "inert_methods",
     "load_runs",
     "select_weights",
     "select_weights_pooled",
@@ -59,6 +84,12 @@ CLAIM_1 = (("t1", "t2"), ("none", "l1", "l2", "min_corr"))
 CLAIM_2 = (("t1", "t2"), ("min_corr",))
 METHOD_LABELS = {"none": "none", "t1": "T1", "t2": "T2", "l1": "L1", "l2": "L2", "min_corr": "MinCorr",
                  "decov": "DeCov"}
+#: the methods the paper ranked (dropout is the network ``mlp-dropout`` with method ``none``)
+PAPER_METHODS = ("none", "t1", "t2", "l1", "l2", "min_corr")
+#: a method is inert on a network when no weight moves its mean test accuracy further than this from none's
+INERT_THRESHOLD = 0.001
+#: a run "did not converge" when its validation accuracy stays below this multiple of chance (1 / classes)
+CHANCE_MULTIPLE = 2.0
 
 _NUMERIC = ("weight", "seed", "val_accuracy", "test_accuracy", "val_loss", "test_loss", "best_epoch", "epochs",
             "seconds", "seconds_per_epoch", "train_size", "val_size", "test_size", "max_epochs", "patience",
@@ -111,8 +142,8 @@ def select_weights(runs: pd.DataFrame) -> pd.DataFrame:
 def select_weights_pooled(runs: pd.DataFrame) -> pd.DataFrame:
     """One weight per (dataset, network, method): the best mean validation accuracy over seeds.
 
-    The reading of SPEC §2 ("for each regulariser and each network, the
-    weight is chosen by validation accuracy") with one weight for all seeds;
+    The paper's rule ("for each regulariser and each network, the weight is
+    chosen by validation accuracy") with one weight for all seeds;
     ties go to the smaller weight. Returns the rows of ``runs`` of that weight
     (one per seed that ran it), sorted by dataset, network, method, seed.
     """
@@ -153,6 +184,164 @@ def mixed_device_blocks(runs: pd.DataFrame, selected: pd.DataFrame | None = None
                     "selected": chosen, "split": split})
     order = {net: i for i, net in enumerate(dict.fromkeys(runs["network"]))}
     return sorted(out, key=lambda b: (order[b["network"]], b["seed"]))
+
+
+class MixedRowsError(ValueError):
+    """A results folder holds rows from more than one commit or device (see :func:`check_pooling`)."""
+
+
+def check_pooling(runs: pd.DataFrame, allow_mixed: bool = False) -> dict:
+    """The commits and devices of ``runs``; refuse to pool several unless ``allow_mixed``.
+
+    One results folder should be one software stack: the same seed gives
+    other numbers with other code or kernels. Returns ``{"commits": {commit:
+    rows}, "devices": {device: rows}, "mixed": bool}``.
+
+    Raises
+    ------
+    MixedRowsError : (a ValueError) several commits or devices and not ``allow_mixed``.
+    """
+    commits = runs["commit"].fillna("unknown").astype(str).value_counts().to_dict()
+    devices = runs["device"].fillna("unknown").astype(str).value_counts().to_dict()
+    mixed = len(commits) > 1 or len(devices) > 1
+    if mixed and not allow_mixed:
+        parts = []
+        if len(commits) > 1:
+            parts.append("commits " + ", ".join(f"{c} ({n} rows)" for c, n in commits.items()))
+        if len(devices) > 1:
+            parts.append("devices " + ", ".join(f"{d} ({n} rows)" for d, n in devices.items()))
+        raise MixedRowsError(
+            "the rows of this folder come from " + " and ".join(parts) + "; one results folder should be one "
+            "software stack (the same seed gives other numbers with other code or kernels). Run the missing "
+            "runs on one stack into another --out folder, or pass --allow-mixed (allow_mixed=True) to pool "
+            "them anyway: the report then says that it does")
+    return {"commits": commits, "devices": devices, "mixed": mixed}
+
+
+def unconverged(runs: pd.DataFrame, num_classes: int) -> pd.Series:
+    """Boolean per run: it diverged, or its validation accuracy stayed below twice chance (``2 / classes``)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    diverged = runs["diverged"].astype(bool) if "diverged" in runs else False
+    val = runs["val_accuracy"]
+    return diverged | val.isna() | (val < CHANCE_MULTIPLE / num_classes)
+
+
+def drop_weights(runs: pd.DataFrame, settings, num_classes: int) -> tuple[pd.DataFrame, list[dict]]:
+    """Drop the weights the ``[report]`` settings exclude, as the authors pruned their grid.
+
+    settings : :class:`~toponeuro.experiments.config.ReportSettings` (``drop_unconverged``, ``max_weight``).
+
+    A weight of a (network, method) is dropped, for every seed, when it lies
+    above ``max_weight[method]``, or (with ``drop_unconverged``) when one of
+    its runs did not converge (:func:`unconverged`). Method ``none`` is never
+    dropped. Returns ``(kept runs, dropped)``, ``dropped`` one dict per
+    (network, method, weight): ``network, method, weight, reason``.
+    """
+    caps = settings.max_weight_dict
+    bad = unconverged(runs, num_classes) if settings.drop_unconverged else pd.Series(False, index=runs.index)
+    dropped, drop_mask = [], pd.Series(False, index=runs.index)
+    for (network, method, weight), group in runs.groupby(["network", "method", "weight"], sort=False):
+        if method == "none":
+            continue
+        reasons = []
+        if method in caps and weight > caps[method]:
+            reasons.append(f"above the cap {_fmt_weight(caps[method])} for {METHOD_LABELS.get(method, method)}")
+        n_bad = int(bad[group.index].sum())
+        if n_bad:
+            n_div = int(group["diverged"].astype(bool).sum()) if "diverged" in group else 0
+            reasons.append(f"{n_bad} of {len(group)} runs did not converge ({n_div} diverged, "
+                           f"{n_bad - n_div} ended near chance)")
+        if reasons:
+            dropped.append({"network": network, "method": method, "weight": float(weight),
+                            "reason": "; ".join(reasons)})
+            drop_mask[group.index] = True
+    order = {net: i for i, net in enumerate(dict.fromkeys(runs["network"]))}
+    dropped.sort(key=lambda d: (order[d["network"]], GRID_METHODS.index(d["method"])
+                                if d["method"] in GRID_METHODS else 99, d["weight"]))
+    return runs[~drop_mask], dropped
+
+
+def paired_differences(selected: pd.DataFrame, pairs, level: float = 0.95,
+                       value: str = "test_accuracy") -> pd.DataFrame:
+    """Effect sizes: per network, ``a - b`` of ``value`` paired by seed, with a t-interval.
+
+    selected : one row per (network, method, seed), e.g. :func:`select_weights_pooled`.
+    pairs : iterable of (a, b) methods.
+
+    Returns one row per (network, a, b) with both present: ``n`` (seeds with
+    both), ``mean``, ``std`` (ddof 1), ``low``, ``high`` (the ``level``
+    t-interval ``mean -+ t_{(1+level)/2, n-1} std / sqrt n``; NaN for n < 2).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    out = []
+    for network in dict.fromkeys(selected["network"]):
+        net = selected[selected["network"] == network]
+        for a, b in pairs:
+            left = net[net["method"] == a].set_index("seed")[value]
+            right = net[net["method"] == b].set_index("seed")[value]
+            d = (left - right).dropna().to_numpy(dtype=float)
+            if len(d) == 0:
+                continue
+            mean = float(d.mean())
+            std = float(d.std(ddof=1)) if len(d) > 1 else math.nan
+            half = (float(scipy.stats.t.ppf((1 + level) / 2, len(d) - 1)) * std / math.sqrt(len(d))
+                    if len(d) > 1 else math.nan)
+            out.append({"network": network, "a": a, "b": b, "n": len(d), "mean": mean, "std": std,
+                        "low": mean - half, "high": mean + half})
+    return pd.DataFrame(out, columns=["network", "a", "b", "n", "mean", "std", "low", "high"])
+
+
+def paper_analysis(runs: pd.DataFrame) -> dict:
+    """The paper's statistics on ``runs``: six methods, one weight per (network, method), blocks = networks.
+
+    The weight of each (dataset, network, method) is the one with the best mean
+    validation accuracy over seeds (:func:`select_weights_pooled`); a block is a
+    (dataset, network) and its cell the mean test accuracy over seeds of that
+    weight. Returns ``selected`` (the pooled rows of the paper's methods),
+    ``matrix`` (blocks x methods, complete blocks only), ``friedman``,
+    ``ranks``, ``pvalues`` (Nemenyi; None when Friedman is undefined) and ``cd``.
+    """
+    paper_runs = runs[runs["method"].isin(PAPER_METHODS)]
+    selected = select_weights_pooled(paper_runs)
+    methods = [m for m in PAPER_METHODS if m in set(selected["method"])]
+    wide = selected.pivot_table(index=["dataset", "network"], columns="method", values="test_accuracy",
+                                aggfunc="mean")
+    order = {net: i for i, net in enumerate(dict.fromkeys(runs["network"]))}
+    if len(wide):
+        wide = wide.sort_index(key=lambda idx: idx.map(order) if idx.name == "network" else idx)
+    matrix = wide[methods].dropna(axis=0, how="any") if methods else pd.DataFrame()
+    fr = friedman(matrix)
+    ranks = average_ranks(matrix) if len(matrix) else None
+    pvalues = nemenyi(matrix) if not math.isnan(fr["statistic"]) else None
+    cd = critical_difference(fr["methods"], fr["blocks"]) if fr["blocks"] >= 1 and fr["methods"] >= 2 else math.nan
+    return {"selected": selected, "matrix": matrix, "friedman": fr, "ranks": ranks, "pvalues": pvalues,
+            "cd": cd}
+
+
+def inert_methods(runs: pd.DataFrame, threshold: float = INERT_THRESHOLD) -> list[dict]:
+    """(network, method) pairs where no weight moves the mean test accuracy more than ``threshold`` from none's.
+
+    Means are over seeds, per weight; ``threshold`` is a fraction (0.001 =
+    0.1 points). Returns one dict per inert pair: ``network, method,
+    max_change`` (the largest absolute change over the weights) and ``weights``.
+    """
+    out = []
+    for network in dict.fromkeys(runs["network"]):
+        net = runs[runs["network"] == network]
+        base = net.loc[net["method"] == "none", "test_accuracy"].mean()
+        if math.isnan(base):
+            continue
+        for method in _method_order(net["method"].unique()):
+            if method == "none":
+                continue
+            per_weight = net[net["method"] == method].groupby("weight")["test_accuracy"].mean()
+            change = (per_weight - base).abs()
+            if len(change) and float(change.max()) <= threshold:
+                out.append({"network": network, "method": method, "max_change": float(change.max()),
+                            "weights": [float(w) for w in per_weight.index]})
+    return out
 
 
 def accuracy_table(selected: pd.DataFrame, value: str = "test_accuracy") -> pd.DataFrame:
@@ -358,11 +547,20 @@ def _values(series) -> str:
     return ", ".join(_fmt_weight(v) if isinstance(v, float) else str(v) for v in vals)
 
 
+def _drop_rule(settings) -> str:
+    caps = settings.max_weight_dict
+    parts = [f"{METHOD_LABELS.get(m, m)} above {_fmt_weight(w)}" for m, w in caps.items()]
+    if settings.drop_unconverged:
+        parts.append("weights with a run that did not converge")
+    return "; ".join(parts) if parts else "none"
+
+
 def _protocol_section(runs: pd.DataFrame, config, paper) -> list[str]:
     """What differs from the paper's protocol (mnist-paper.toml), from the rows themselves."""
     lines = ["## Protocol, and what was cut relative to the paper", ""]
-    lines.append("Compared with the shipped `mnist-paper.toml` (SPEC §2). Values are read from the rows of "
-                 "`runs.csv`, so they describe what was actually run.")
+    lines.append("Compared with the shipped `mnist-paper.toml` (the paper's protocol, from its text and the "
+                 "authors' code). Values are read from the rows of `runs.csv`, so they describe what was "
+                 "actually run.")
     lines.append("")
     t = paper.training
     rows = []
@@ -376,7 +574,9 @@ def _protocol_section(runs: pd.DataFrame, config, paper) -> list[str]:
     add("validation images", _values(runs["val_size"].astype(int)), 12000)
     add("test images", _values(runs["test_size"].astype(int)), 10000)
     add("networks", ", ".join(dict.fromkeys(runs["network"])), ", ".join(paper.networks))
-    add("methods", ", ".join(_method_order(runs["method"].unique())), ", ".join(paper.methods))
+    ours = _method_order(runs["method"].unique())
+    add("methods", ", ".join(ours), ", ".join(PAPER_METHODS) + " (dropout: the network mlp-dropout); "
+        "decov is **our addition**, not in the paper", differs=set(ours) - {"decov"} != set(PAPER_METHODS))
     weighted = runs[runs["method"] != "none"]
     add("weights", _values(weighted["weight"]) if len(weighted) else "-",
         ", ".join(_fmt_weight(w) for w in paper.weights))
@@ -397,16 +597,22 @@ def _protocol_section(runs: pd.DataFrame, config, paper) -> list[str]:
         differs=bool((runs["dissimilarity"] != "abs_correlation").any()))
     add("T2 alpha", _values(runs["alpha"]), 0.5, differs=bool((runs["alpha"] != 0.5).any()))
     add("persistence backend", _values(runs["backend"]), "(same deaths with every backend)", differs=False)
+    add("initialisation", _values(runs["init"]), f"{paper.init} (Glorot uniform, zero bias, one saved "
+        "initialisation per seed shared by every method: the authors' code)",
+        differs=bool((runs["init"] != paper.init).any()))
+    bias = runs["include_bias"].astype(str).str.lower() == "true"
+    paper_bias = paper.regulariser.include_bias
+    add("L1/L2 over", ", ".join(sorted({"weights and biases" if b else "weights only" for b in bias})),
+        ("weights and biases" if paper_bias else "weights only") + " (the authors' code)",
+        differs=bool((bias != paper_bias).any()))
+    add("pixel scale", _values(runs["pixel_scale"]), "1/255 (the text; the authors' code divides by 255^2, "
+        "a bug)", differs=bool((runs["pixel_scale"] != "1/255").any()))
+    drop = getattr(config, "report", None)
+    add("weights dropped before selection", _drop_rule(drop) if drop is not None else "(no config)",
+        _drop_rule(paper.report) + " (the authors dropped weights whose runs did not converge)",
+        differs=drop is None or drop != paper.report)
     lines.append(_md_table(["", "this experiment", "paper protocol", ""], rows))
     lines.append("")
-    cap = runs[(runs["epochs"] >= runs["max_epochs"]) & ~runs["stopped_early"]]
-    lines.append(f"- Early stopping: {int(runs['stopped_early'].sum())} of {len(runs)} runs stopped early "
-                 f"(patience); {len(cap)} reached the epoch cap first"
-                 + (" and are therefore under-trained relative to the paper's protocol." if len(cap) else "."))
-    if runs["diverged"].any():
-        div = runs[runs["diverged"]]
-        lines.append(f"- {len(div)} runs diverged (loss became NaN/inf; the best weights before that were "
-                     f"restored): " + ", ".join(div["run_id"].head(20)) + (" ..." if len(div) > 20 else ""))
     if config is not None:
         expected = {r.key for r in config.runs()}
         have = {(r.dataset, r.network, r.method, float(r.weight), int(r.seed)) for r in runs.itertuples()}
@@ -426,8 +632,8 @@ def _selection_note(runs: pd.DataFrame, selected: pd.DataFrame) -> list[str]:
     ours = selected.groupby(["network", "method"])["test_accuracy"].mean()
     theirs = pooled.groupby(["network", "method"])["test_accuracy"].mean()
     diff = (ours - theirs).dropna().abs()
-    text = ("> **A choice that differs from the paper's protocol.** SPEC §2 reads as one weight per "
-            "(network, method), chosen once by validation accuracy; here each seed picks its own weight. "
+    text = ("> **A choice that differs from the paper's protocol.** The paper chooses one weight per "
+            "(network, method) by validation accuracy (its analysis, above); here each seed picks its own weight. "
             "Each choice then rests on one seed's validation accuracy (noisier than the mean over seeds), the "
             "spread over seeds includes the spread of the choice, and the table is not the paper's "
             "\"one weight per network\" result.")
@@ -476,52 +682,283 @@ def _device_note(runs: pd.DataFrame, selected: pd.DataFrame) -> list[str]:
     return lines
 
 
-def write_report(name_or_dir, out_root=DEFAULT_OUT) -> Path:
-    """Write ``report.md`` (and its figures and ``selected.csv``) into the experiment folder; return its path."""
+def _pooling_lines(pooling: dict) -> list[str]:
+    """Say which commits and devices the rows come from, and that a mixed folder was pooled on request."""
+    commits, devices = pooling["commits"], pooling["devices"]
+    lines = ["- Device(s): " + "; ".join(f"`{d}` ({c} runs)" for d, c in devices.items())
+             + (" — **CPU results**." if set(devices) == {"cpu"} else ""),
+             "- Commits: " + ", ".join(f"`{c}` ({n} runs)" for c, n in commits.items())
+             + (" (`unknown`: the rows were written by a copy of the code without git history and no "
+                "commit was passed)" if "unknown" in commits else "")]
+    if pooling["mixed"]:
+        what = " and ".join(w for w, d in (("commits", commits), ("devices", devices)) if len(d) > 1)
+        lines.append(f"- **Mixed software stack, pooled on request (`--allow-mixed`).** The rows come from "
+                     f"several {what}. The same seed gives other numbers with other code or kernels, so a "
+                     "difference between methods trained on different stacks includes the difference between "
+                     "the stacks (see the mixed-device table below).")
+    return lines
+
+
+def _cut_section(runs: pd.DataFrame, kept: pd.DataFrame, dropped: list[dict], inert: list[dict],
+                 paper) -> list[str]:
+    """What was cut relative to the paper, what diverged, which weights were dropped, what is inert."""
+    L = ["## What was cut, what diverged, what is inert", ""]
+    cap = int(runs["max_epochs"].max())
+    at_cap = runs[(runs["epochs"] >= runs["max_epochs"]) & ~runs["stopped_early"]]
+    best_last = runs[runs["best_epoch"] >= runs["max_epochs"]]
+    L.append(f"- **Epochs.** Cap {_values(runs['max_epochs'].astype(int))} against the paper's "
+             f"{paper.training.max_epochs} with patience {paper.training.patience}: "
+             f"{int(runs['stopped_early'].sum())} of {len(runs)} runs stopped early, {len(at_cap)} were stopped "
+             f"by the cap, and {len(best_last)} had their best validation loss at the cap (still improving)."
+             if cap < paper.training.max_epochs else
+             f"- **Epochs.** Cap {cap}, as the paper: {int(runs['stopped_early'].sum())} of {len(runs)} runs "
+             f"stopped early, {len(at_cap)} reached the cap.")
+    steps = runs["epochs"] * np.ceil(runs["train_size"] / runs["batch_size"])
+    fired = int((steps > runs["lr_decay_steps"]).sum())
+    L.append(f"- **Learning-rate decay** (x{paper.training.lr_decay:g} every {paper.training.lr_decay_steps} "
+             f"steps): it fired in {fired} of {len(runs)} runs"
+             + (" — never, so every run trained at the initial rate." if fired == 0 else "."))
+    weighted = runs[runs["method"] != "none"]
+    missing = sorted(set(paper.weights) - set(weighted["weight"]))
+    if missing:
+        L.append(f"- **Weights.** {len(missing)} of the paper's {len(paper.weights)} weights were not run: "
+                 + ", ".join(_fmt_weight(w) for w in missing) + ".")
+    div = runs[runs["diverged"]]
+    L.append(f"- **Diverged**: {len(div)} of {len(runs)} runs (loss NaN or inf; the best weights before that "
+             "were restored)" + (": " + ", ".join(div["run_id"].head(20)) + (" ..." if len(div) > 20 else "")
+                                 if len(div) else "") + ".")
+    if dropped:
+        L += [f"- **Dropped before selection** ({len(runs) - len(kept)} runs; the config's `[report]` rule): "
+              f"{len(dropped)} (network, method, weight) cells.", "",
+              _md_table(["network", "method", "weight", "why"],
+                        [[f"`{d['network']}`", METHOD_LABELS.get(d["method"], d["method"]),
+                          _fmt_weight(d["weight"]), d["reason"]] for d in dropped])]
+    else:
+        L.append("- **Dropped before selection**: no weight.")
+    L.append("")
+    if inert:
+        L += [f"**Inert methods.** A method is inert on a network when, at every weight run, its mean test "
+              f"accuracy over seeds is within {100 * INERT_THRESHOLD:.1f} points of no regularisation's: its "
+              "selected weight cannot change the result, and comparisons with it measure noise, not an effect.",
+              "", _md_table(["network", "inert method", "largest change over the weights (points)", "weights"],
+                            [[f"`{d['network']}`", METHOD_LABELS.get(d["method"], d["method"]),
+                              f"{100 * d['max_change']:.2f}", ", ".join(_fmt_weight(w) for w in d["weights"])]
+                             for d in inert]), ""]
+    else:
+        L += [f"**Inert methods**: none (every method moves the mean test accuracy by more than "
+              f"{100 * INERT_THRESHOLD:.1f} points from no regularisation's at some weight).", ""]
+    return L
+
+
+def _claims_lines(found: list[dict]) -> list[str]:
+    L = []
+    for c in found:
+        L += [f"**Claim: {c['claim']}** — {c['conclusion']}.", ""]
+        if c["pairs"]:
+            L.append(_md_table(
+                ["comparison", "mean difference (points)", "wins/ties/losses over blocks", "average ranks",
+                 "Nemenyi p", "verdict"],
+                [[f"{METHOD_LABELS[p['a']]} > {METHOD_LABELS[p['b']]}", f"{100 * p['mean_diff']:+.2f}",
+                  f"{p['wins']}/{p['ties']}/{p['losses']}", f"{p['rank_a']:.2f} vs {p['rank_b']:.2f}",
+                  "n/a" if math.isnan(p["p"]) else f"{p['p']:.3g}", p["verdict"]] for p in c["pairs"]]))
+            L.append("")
+    return L
+
+
+def _claim_pairs() -> list[tuple[str, str]]:
+    return list(dict.fromkeys((a, b) for winners, losers in (CLAIM_1, CLAIM_2) for a in winners for b in losers))
+
+
+def _paper_section(analysis: dict, effects: pd.DataFrame, name: str, directory: Path) -> tuple[list[str], list]:
+    """The paper's analysis: six methods, one weight per (network, method), blocks = networks; effect sizes."""
+    sel, matrix, fr = analysis["selected"], analysis["matrix"], analysis["friedman"]
+    ranks, pvalues, cd = analysis["ranks"], analysis["pvalues"], analysis["cd"]
+    methods = list(matrix.columns)
+    L = ["## The paper's analysis", "",
+         "As the paper did it: its six methods (" + ", ".join(METHOD_LABELS[m] for m in PAPER_METHODS)
+         + "; dropout is the network `mlp-dropout` with method none), **one weight per (network, method)**, "
+         "the one with the best mean validation accuracy over seeds (ties: the smaller weight), and blocks = "
+         "networks; each cell is the mean test accuracy over seeds of that weight.", ""]
+    if sel.empty:
+        return L + ["No run of the paper's methods.", ""], []
+    rows = []
+    for (dataset, network), values in matrix.iterrows():
+        best = values.max()
+        cells = []
+        for m in methods:
+            w = sel[(sel["network"] == network) & (sel["method"] == m)]["weight"]
+            cell = f"{_pct(values[m])} (w={_fmt_weight(w.iloc[0]) if len(w) else '-'})"
+            cells.append(f"**{cell}**" if values[m] == best else cell)
+        rows.append([f"`{network}`"] + cells)
+    L += [_md_table(["network"] + [METHOD_LABELS[m] for m in methods], rows), ""]
+    found = []
+    if ranks is not None:
+        L += [_md_table(["method", "average rank over networks (1 = best)"],
+                        [[METHOD_LABELS[m], f"{ranks[m]:.2f}"] for m in ranks.sort_values().index]), ""]
+    if not math.isnan(fr["statistic"]):
+        L += [f"**Friedman test** over {fr['blocks']} networks and {fr['methods']} methods: chi² = "
+              f"{fr['statistic']:.4f}, p = {fr['pvalue']:.4g}; Nemenyi critical difference CD = {cd:.2f} "
+              f"(the largest possible difference is {fr['methods'] - 1}).", ""]
+        plot_critical_difference(ranks, pvalues, cd, directory / "critical_difference_paper.png",
+                                 f"{name}: the paper's analysis, {fr['blocks']} blocks (networks)")
+        L += ["![critical difference diagram, the paper's analysis](critical_difference_paper.png)", ""]
+    else:
+        L += [f"The Friedman test needs at least 3 methods and 2 complete blocks; here there are "
+              f"{fr['methods']} methods and {fr['blocks']} block(s), so no test is run.", ""]
+    if len(matrix):
+        found = claims(matrix, ranks, pvalues, fr["pvalue"])
+        L += ["The paper's claims judged this way (blocks = networks"
+              + ("; with a single block these are directions, not tests" if fr["blocks"] < 2 else "")
+              + "):", ""] + _claims_lines(found)
+    L += ["### Effect sizes", "",
+          "Rank tests say which method ranks better, not by how much. For each network, the difference of "
+          "test accuracy (points) between two methods at their selected weights, **paired by seed**, with a "
+          "95% t-interval over seeds (`mean ± t(0.975, n-1) · sd / √n`). An interval that excludes 0 is "
+          "evidence of a difference on that network under this protocol; n is the number of seeds.", ""]
+    if effects.empty:
+        L += ["No pair of methods has results for the same seeds.", ""]
+    else:
+        L += [_md_table(["network", "difference", "n", "mean (points)", "95% interval (points)", "excludes 0"],
+                        [[f"`{e.network}`", f"{METHOD_LABELS[e.a]} - {METHOD_LABELS[e.b]}", str(e.n),
+                          f"{100 * e.mean:+.2f}",
+                          "n/a" if math.isnan(e.low) else f"[{100 * e.low:+.2f}, {100 * e.high:+.2f}]",
+                          "n/a" if math.isnan(e.low) else ("yes" if e.low > 0 or e.high < 0 else "no")]
+                         for e in effects.itertuples()]), ""]
+    return L, found
+
+
+def _support_section(runs: pd.DataFrame, paper, dropped, inert, effects: pd.DataFrame, paper_claims,
+                     our_claims, pooling) -> list[str]:
+    """What the numbers do and do not support, generated from the same data as the sections below."""
+    L = ["## What these numbers do and do not support", ""]
+    reasons = []
+    if runs["max_epochs"].max() < paper.training.max_epochs:
+        reasons.append(f"epoch cap {int(runs['max_epochs'].max())} instead of {paper.training.max_epochs}")
+    if (runs["train_size"] < 48000).any():
+        reasons.append(f"{int(runs['train_size'].min())} training images instead of 48000")
+    missing = set(paper.weights) - set(runs.loc[runs["method"] != "none", "weight"])
+    if missing:
+        reasons.append(f"{len(missing)} of the paper's {len(paper.weights)} weights not run")
+    for what, ours, theirs in (("networks", set(runs["network"]), set(paper.networks)),
+                               ("methods", set(runs["method"]), set(PAPER_METHODS))):
+        if theirs - ours:
+            reasons.append(f"{what} not run: " + ", ".join(sorted(theirs - ours)))
+    best_last = int((runs["best_epoch"] >= runs["max_epochs"]).sum())
+    if reasons:
+        L.append(f"- The protocol is **cut** relative to the paper's: {'; '.join(reasons)} ({best_last} of "
+                 f"{len(runs)} runs had their best epoch at the cap; see the protocol table and the next "
+                 "section). Every verdict below is about this cut protocol; none tests the paper's claims under "
+                 "its own protocol.")
+    else:
+        L.append("- The protocol matches the paper's epoch cap, data sizes, networks, methods and weight grid.")
+    if inert:
+        by_net: dict = {}
+        for d in inert:
+            by_net.setdefault(d["network"], []).append(METHOD_LABELS.get(d["method"], d["method"]))
+        L.append("- **Inert here**: " + "; ".join(f"`{n}`: " + ", ".join(ms) for n, ms in by_net.items())
+                 + f". At no weight do they move test accuracy by more than {100 * INERT_THRESHOLD:.1f} points, "
+                 "so comparisons with them say nothing about the method; they say that at these weights and "
+                 "this training length the regulariser did not act.")
+    if not effects.empty:
+        ci = effects[effects["low"].notna()]
+        pos = ci[ci["low"] > 0]
+        neg = ci[ci["high"] < 0]
+        L.append(f"- **Effect sizes** (the paper's selection, paired by seed): of {len(ci)} network-level "
+                 f"comparisons from the claims with an interval, {len(pos)} exclude 0 in favour of the first "
+                 f"method and {len(neg)} in favour of the second"
+                 + (": " + ", ".join(f"{METHOD_LABELS[e.a]} - {METHOD_LABELS[e.b]} on `{e.network}` "
+                                     f"{100 * e.mean:+.2f}" for e in pd.concat([pos, neg]).itertuples())
+                    if len(pos) + len(neg) else "") + ".")
+    for label, found in (("the paper's analysis", paper_claims), ("our analysis", our_claims)):
+        for c in found:
+            L.append(f"- {c['claim']} — {label}: {c['conclusion']}.")
+    if "decov" in set(runs["method"]):
+        L.append("- DeCov is our addition: the paper made no claim about it, and it is left out of the paper's "
+                 "analysis.")
+    if dropped:
+        L.append(f"- {len(dropped)} (network, method, weight) cells were dropped before selection (the table "
+                 "in the next section says why).")
+    if pooling["mixed"]:
+        L.append("- The rows mix software stacks (commits or devices): differences within a block can include "
+                 "the difference between stacks.")
+    scales = set(runs["pixel_scale"])
+    if scales == {"1/255^2"}:
+        L.append("- Inputs were divided by 255 twice (the reference code's bug), as a variant.")
+    L.append("")
+    return L
+
+
+def write_report(name_or_dir, out_root=DEFAULT_OUT, allow_mixed: bool = False) -> Path:
+    """Write ``report.md`` (and its figures and ``selected.csv``) into the experiment folder; return its path.
+
+    Raises :class:`MixedRowsError` (a ValueError) when the rows come from
+    several commits or devices, unless ``allow_mixed`` (see :func:`check_pooling`).
+    """
+    from .. import data
+
     directory = resolve_experiment(name_or_dir, out_root)
     runs = load_runs(directory)
+    for column, value in LEGACY_DEFAULTS.items():  # rows written before these columns existed
+        if column not in runs:
+            runs[column] = value
+    pooling = check_pooling(runs, allow_mixed)
     config = None
     if (directory / "config.toml").is_file():
         config = parse_config((directory / "config.toml").read_text(encoding="utf-8"),
                               source=str(directory / "config.toml"))
     paper = load_config("mnist-paper")
     name = config.name if config is not None else directory.name
+    settings = config.report if config is not None else ReportSettings()
+    num_classes = data.num_classes(str(runs["dataset"].iloc[0])) if runs["dataset"].nunique() == 1 else 10
+    kept, dropped = drop_weights(runs, settings, num_classes)
+    inert = inert_methods(kept)
 
-    selected = select_weights(runs)
+    analysis = paper_analysis(kept)
+    effects = paired_differences(analysis["selected"], _claim_pairs())
+    net_order = {net: i for i, net in enumerate(dict.fromkeys(runs["network"]))}
+    effects = effects.sort_values("network", key=lambda col: col.map(net_order), kind="mergesort")
+
+    selected = select_weights(kept)
     selected.to_csv(directory / "selected.csv", index=False)
+    analysis["selected"].to_csv(directory / "selected_paper.csv", index=False)
     table = accuracy_table(selected)
-    methods = _method_order(runs["method"].unique())
-    networks = list(dict.fromkeys(runs["network"]))
+    methods = _method_order(kept["method"].unique())
+    networks = list(dict.fromkeys(kept["network"]))
     matrix = block_matrix(selected, methods)
     fr = friedman(matrix)
     ranks = average_ranks(matrix) if len(matrix) else None
     pvalues = nemenyi(matrix) if not math.isnan(fr["statistic"]) else None
     cd = critical_difference(fr["methods"], fr["blocks"]) if fr["blocks"] >= 1 and fr["methods"] >= 2 else math.nan
+    our_claims = claims(matrix, ranks, pvalues, fr["pvalue"])
+    paper_lines, paper_claims = _paper_section(analysis, effects, name, directory)
 
     L: list[str] = [f"# Experiment `{name}`", ""]
     if config is not None and config.description:
         L += [config.description, ""]
-    devices = runs["device"].value_counts()
     L += [
         f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')} by "
         f"`toponeuro experiment report` from `runs.csv` ({len(runs)} finished runs).",
         "",
-        "- Device(s): " + "; ".join(f"`{d}` ({c} runs)" for d, c in devices.items())
-        + (" — **CPU results**." if set(devices.index) == {"cpu"} else ""),
-        "- torch: " + ", ".join(f"`{v}`" for v in sorted(runs["torch_version"].unique()))
-        + "; commits: " + ", ".join(f"`{v}`" for v in sorted(runs["commit"].unique())),
+        *_pooling_lines(pooling),
+        "- torch: " + ", ".join(f"`{v}`" for v in sorted(runs["torch_version"].unique())),
         f"- Training time: {runs['seconds'].sum() / 3600:.2f} h in total, "
         f"median {runs['seconds_per_epoch'].median():.2f} s per epoch.",
         "",
     ]
+    L += _support_section(runs, paper, dropped, inert, effects, paper_claims, our_claims, pooling)
     L += _protocol_section(runs, config, paper)
+    L += _cut_section(runs, kept, dropped, inert, paper)
+    L += paper_lines
 
-    L += ["## Test accuracy (%), weight selected by validation accuracy", "",
+    L += ["## Our analysis: every method and seed (our additions)", "",
+          "Beyond the paper: DeCov is included, the weight is chosen per seed, and the blocks of the rank tests "
+          "are (network, seed) pairs. These are our choices, not the paper's.", ""]
+    L += ["### Test accuracy (%), weight selected by validation accuracy per seed", "",
           "For every network, method **and seed** the weight with the highest validation accuracy is chosen "
           "(ties: the smaller weight); the cell is the mean ± sample standard deviation "
           "over seeds of the test accuracy of that choice (n = number of seeds). Bold: best mean in the row. "
           "The dropout baseline of the paper is the row `mlp-dropout`, method `none`.", ""]
-    L += _selection_note(runs, selected)
+    L += _selection_note(kept, selected)
     rows = []
     for net in networks:
         means = {m: table.loc[(net, m), "mean"] for m in methods if (net, m) in table.index}
@@ -559,13 +996,13 @@ def write_report(name_or_dir, out_root=DEFAULT_OUT) -> Path:
         L += ["Dropout baseline against the regularisers on the same architecture (mean test accuracy, %): "
               + "; ".join(p for p in parts if p) + ".", ""]
 
-    L += ["## Statistics over methods", ""]
+    L += ["### Statistics over methods, blocks = (network, seed)", ""]
     n_blocks = fr["blocks"]
     L.append(f"Blocks are (network, seed) pairs in which every method has a result: {n_blocks} blocks, "
              f"{fr['methods']} methods ({', '.join(METHOD_LABELS.get(m, m) for m in methods)}).")
     L.append("")
     L += _blocks_note(matrix, networks)
-    L += _device_note(runs, selected)
+    L += _device_note(kept, selected)
     if ranks is not None:
         L += [_md_table(["method", "average rank (1 = best)"],
                         [[METHOD_LABELS.get(m, m), f"{ranks[m]:.2f}"] for m in ranks.sort_values().index]), ""]
@@ -593,13 +1030,7 @@ def write_report(name_or_dir, out_root=DEFAULT_OUT) -> Path:
         L += [f"The Friedman test needs at least 3 methods and 2 complete blocks; here there are "
               f"{fr['methods']} methods and {n_blocks} blocks, so no test is run.", ""]
 
-    plot_accuracy_vs_weight(runs, directory / "accuracy_vs_weight.png",
-                            f"{name}: test accuracy against the weight (mean ± std over seeds)")
-    L += ["## Test accuracy against the weight", "",
-          "Every finished run, before selection (mean ± std over seeds; dashed: no regulariser).", "",
-          "![test accuracy against weight](accuracy_vs_weight.png)", ""]
-
-    L += ["## The paper's claims on our data", ""]
+    L += ["### The paper's claims, judged our way", ""]
     caveat = None
     if n_blocks < 2:
         caveat = ("Too few blocks for any test: the statements below are directions only, read from "
@@ -619,29 +1050,36 @@ def write_report(name_or_dir, out_root=DEFAULT_OUT) -> Path:
     L += ["Each comparison \"A > B\" is judged by average ranks over the blocks (the basis of the Friedman "
           "and Nemenyi tests): *holds (significant)* needs A to rank better, the Friedman test to reject and "
           f"the Nemenyi p-value below {ALPHA}. The mean difference of test accuracy is shown alongside.", ""]
-    for c in claims(matrix, ranks, pvalues, fr["pvalue"]):
-        L += [f"**Claim: {c['claim']}** — {c['conclusion']}.", ""]
-        if c["pairs"]:
-            L.append(_md_table(
-                ["comparison", "mean difference (points)", "wins/ties/losses over blocks", "average ranks",
-                 "Nemenyi p", "verdict"],
-                [[f"{METHOD_LABELS[p['a']]} > {METHOD_LABELS[p['b']]}", f"{100 * p['mean_diff']:+.2f}",
-                  f"{p['wins']}/{p['ties']}/{p['losses']}", f"{p['rank_a']:.2f} vs {p['rank_b']:.2f}",
-                  "n/a" if math.isnan(p["p"]) else f"{p['p']:.3g}", p["verdict"]] for p in c["pairs"]]))
-            L.append("")
+    L += _claims_lines(our_claims)
 
-    L += ["## Comparing with the paper's numbers", "",
-          "The paper's reference code divides the pixels by 255 twice (inputs in [0, 1/255]); we scale them "
-          "once, to [0, 1] (`toponeuro.data`), as the paper's text describes. Absolute accuracies are therefore "
-          "not directly comparable with the paper's tables, and we do not know how the bug affected the paper's "
-          "ranking of methods (inputs 255 times smaller change the scale of every activation). The claims above "
-          "are tested on correctly scaled inputs, with every method trained on the same data and seeds.", ""]
+    plot_accuracy_vs_weight(runs, directory / "accuracy_vs_weight.png",
+                            f"{name}: test accuracy against the weight (mean ± std over seeds)")
+    L += ["## Test accuracy against the weight", "",
+          "Every finished run, before selection and before any weight is dropped (mean ± std over seeds; "
+          "dashed: no regulariser).", "",
+          "![test accuracy against weight](accuracy_vs_weight.png)", ""]
+
+    scales = set(runs["pixel_scale"])
+    L += ["## Comparing with the paper's numbers", ""]
+    if scales == {"1/255"}:
+        L += ["The paper's reference code divides the pixels by 255 twice (inputs in [0, 1/255]); these runs "
+              "scale them once, to [0, 1], as the paper's text describes. Absolute accuracies are therefore not "
+              "directly comparable with the paper's tables; a variant with `pixel_scale = \"1/255^2\"` measures "
+              "whether the bug matters.", ""]
+    else:
+        L += ["Pixel scales in these runs: " + ", ".join(f"`{v}`" for v in sorted(scales)) + ". `1/255^2` "
+              "copies the reference code's double division (inputs in [0, 1/255]).", ""]
     L += ["## Files", "",
-          "- `runs.csv`: one row per finished run; `curves/<run_id>.csv`: training curves per epoch.",
-          "- `selected.csv`: the rows chosen by the selection rule.",
+          "- `runs.csv`: one row per finished run; `curves/<run_id>.csv`: training curves per epoch"
+          + ("; `init/`: the saved initial weights per (network, seed), shared by every method (not committed "
+             "with the results: a rerun draws the same ones from the seed)." if (directory / "init").is_dir()
+             else "."),
+          "- `selected.csv`: the rows chosen per seed (our analysis); `selected_paper.csv`: the rows of the "
+          "one weight per (network, method) (the paper's analysis).",
           "- `config.toml`: the config these runs came from. Re-run with "
           f"`toponeuro experiment run {directory / 'config.toml'}` (finished runs are skipped) and "
-          f"`toponeuro experiment report {directory}`.", ""]
+          f"`toponeuro experiment report {directory}" + (" --allow-mixed" if pooling["mixed"] else "") + "`.",
+          ""]
     path = directory / "report.md"
     path.write_text("\n".join(L), encoding="utf-8")
     return path

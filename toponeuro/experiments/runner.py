@@ -15,6 +15,9 @@ Layout of ``<out>/<experiment name>/``:
     (``os.replace``) to the final name when the run finishes: a killed run
     leaves no half curve under the final name, and two writers never share
     a file.
+``init/<network>_<init>_s<seed>.pt``
+    The initial weights of a (network, seed), saved by its first run and
+    loaded by every other method's run (:func:`initial_weights`).
 ``config.toml``
     A copy of the config of the last ``run``.
 ``errors.log``
@@ -28,8 +31,12 @@ Layout of ``<out>/<experiment name>/``:
 A rerun skips every run whose key (dataset, network, method, weight, seed)
 has a row; a run killed half-way (no row) is redone from scratch, and its
 curve replaces any earlier one. Rows of a different protocol (epoch cap,
-patience, batch size, learning rate, training images, sampler, ...) are
-refused rather than mixed: use another experiment name or ``--out``.
+patience, batch size, learning rate, training images, sampler,
+initialisation, L1/L2 over biases, pixel scale, ...) are refused rather than
+mixed: use another experiment name or ``--out``. A ``runs.csv`` written
+before the columns ``init``, ``include_bias`` and ``pixel_scale`` existed
+reads with :data:`LEGACY_DEFAULTS` (what those runs did) and is rewritten
+with this version's header when a ``run`` resumes it.
 
 ``jobs > 1`` trains that many runs at once in worker processes (``spawn``
 context, so CUDA works in them), each with ``max(1, cpus // jobs)`` torch
@@ -63,6 +70,7 @@ __all__ = [
     "COLUMNS",
     "CURVE_COLUMNS",
     "PROTOCOL_COLUMNS",
+    "LEGACY_DEFAULTS",
     "DEFAULT_OUT",
     "LOCK_NAME",
     "RunSummary",
@@ -73,6 +81,7 @@ __all__ = [
     "row_key",
     "pending_runs",
     "append_row",
+    "initial_weights",
     "execute_run",
     "run_experiment",
 ]
@@ -85,13 +94,18 @@ COLUMNS = (
     "best_epoch", "epochs", "stopped_early", "diverged", "seconds", "seconds_per_epoch",
     "train_size", "val_size", "test_size", "max_epochs", "patience", "batch_size", "lr", "momentum",
     "nesterov", "lr_decay", "lr_decay_steps", "backend", "dissimilarity", "alpha", "sampler",
+    "init", "include_bias", "pixel_scale",
     "device", "torch_version", "commit", "finished_at",
 )
 
 #: columns that must agree between the rows already there and the config being run
 PROTOCOL_COLUMNS = ("train_size", "val_size", "test_size", "max_epochs", "patience", "batch_size", "lr",
                     "momentum", "nesterov", "lr_decay", "lr_decay_steps", "backend", "dissimilarity", "alpha",
-                    "sampler")
+                    "sampler", "init", "include_bias", "pixel_scale")
+
+#: columns added after the first version of ``runs.csv``, with the value that describes what the runs
+#: without them did: PyTorch's default initialisation, L1/L2 over the weights only, pixels divided by 255 once
+LEGACY_DEFAULTS = {"init": "torch", "include_bias": "false", "pixel_scale": "1/255"}
 
 CURVE_COLUMNS = ("epoch", "train_loss", "train_reg", "val_loss", "val_accuracy", "lr", "seconds")
 
@@ -204,6 +218,8 @@ def read_rows(path) -> list[dict]:
     for row in csv.DictReader(io.StringIO(text)):
         if None in row or any(v is None for v in row.values()):
             continue
+        for column, value in LEGACY_DEFAULTS.items():
+            row.setdefault(column, value)  # a row of a runs.csv written before the column existed
         try:
             key = row_key(row)
         except (KeyError, ValueError):
@@ -244,14 +260,49 @@ def append_row(path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
+def _legacy_columns() -> tuple:
+    return tuple(c for c in COLUMNS if c not in LEGACY_DEFAULTS)
+
+
 def _check_header(path: Path) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         return
     with open(path, newline="", encoding="utf-8") as fh:
         header = next(csv.reader(fh), [])
-    if tuple(header) != COLUMNS:
+    if tuple(header) not in (COLUMNS, _legacy_columns()):
         raise ValueError(f"{path} has columns {header}, not this version's {list(COLUMNS)}; "
                          "use another --out folder (or experiment name) for new runs")
+
+
+def _upgrade_header(path: Path) -> bool:
+    """Rewrite a ``runs.csv`` of the first version with this version's columns; True if it did.
+
+    The new columns get :data:`LEGACY_DEFAULTS` (what those runs did). The
+    rewrite goes to a temporary file that replaces the old one at once, so a
+    kill leaves either the old file or the new one. Call it under the folder lock.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    if tuple(header) != _legacy_columns():
+        return False
+    rows = read_rows(path)
+    fd, tmp = tempfile.mkstemp(prefix=".runs.csv.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return True
 
 
 def _protocol(config: ExperimentConfig, spec: RunSpec, sizes: tuple[int, int, int]) -> dict:
@@ -263,6 +314,7 @@ def _protocol(config: ExperimentConfig, spec: RunSpec, sizes: tuple[int, int, in
         "momentum": float(t.momentum), "nesterov": t.nesterov, "lr_decay": float(t.lr_decay),
         "lr_decay_steps": t.lr_decay_steps, "backend": reg.backend, "dissimilarity": reg.dissimilarity,
         "alpha": float(reg.alpha), "sampler": reg.sampler_label(),
+        "init": config.init, "include_bias": reg.include_bias, "pixel_scale": config.pixel_scale,
     }
 
 
@@ -310,12 +362,12 @@ def _data(config: ExperimentConfig, device: torch.device):
     """(train, val, test) of the config, limited, on ``device``; cached per process."""
     from .. import data
 
-    key = (config.dataset, config.limit, config.val_limit, config.test_limit, str(device))
+    key = (config.dataset, config.limit, config.val_limit, config.test_limit, config.pixel_scale, str(device))
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()  # one dataset per process at a time
         out = []
         for split, limit in (("train", config.limit), ("val", config.val_limit), ("test", config.test_limit)):
-            X, y = data.load(config.dataset, split)
+            X, y = data.load(config.dataset, split, pixel_scale=config.pixel_scale)
             if limit is not None:
                 X, y = X[:limit], y[:limit]
             out.append((X.to(device), y.to(device)))
@@ -323,23 +375,58 @@ def _data(config: ExperimentConfig, device: torch.device):
     return _DATA_CACHE[key]
 
 
+def initial_weights(config: ExperimentConfig, spec: RunSpec, init_dir=None) -> torch.nn.Module:
+    """The network of ``spec``, initialised as the config says, with torch's generator seeded by ``spec.seed``.
+
+    With ``init_dir``, the first run of a (network, seed) saves its initial
+    weights to ``init_dir/<network>_s<seed>.pt`` and every later run of that
+    (network, seed), whatever its method or weight, loads them (as the
+    authors' code shared one saved initialisation between methods). The
+    network is always built first, so the generator is left in the same
+    state whether the weights were loaded or drawn.
+    """
+    from .. import data, models
+
+    training.seed_everything(spec.seed)
+    model = models.build(spec.network, in_shape=data.input_shape(config.dataset),
+                         num_classes=data.num_classes(config.dataset), init=config.init)
+    if init_dir is None:
+        return model
+    init_dir = Path(init_dir)
+    path = init_dir / f"{spec.network}_{config.init}_s{spec.seed}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
+    init_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=init_dir)
+    os.close(fd)
+    try:
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)  # two runs of one (network, seed) at once write the same weights
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return model
+
+
 def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves_dir=None,
-                progress: bool = False, commit: str = "unknown") -> dict:
+                progress: bool = False, commit: str = "unknown", init_dir=None) -> dict:
     """Train one run of the grid and return its ``runs.csv`` row.
 
-    Seeds with ``spec.seed`` before building the network (initialisation) and
-    passes it to :func:`toponeuro.training.fit` (data order) and to a random
+    Builds the network with :func:`initial_weights` (seeded with ``spec.seed``;
+    ``init_dir``, by default ``init/`` beside ``curves_dir``: the saved
+    initialisation shared by every method; none without either) and
+    passes the seed to :func:`toponeuro.training.fit` (data order) and to a random
     sampler. The curve is written epoch by epoch to a temporary file of this
     process in ``curves_dir`` and renamed to ``curves_dir/<run_id>.csv``
     when the run finishes (a run that raises removes it).
     """
-    from .. import data, models
-
     dev = training.resolve_device(device)
     train, val, test = _data(config, dev)
-    training.seed_everything(spec.seed)
-    model = models.build(spec.network, in_shape=data.input_shape(config.dataset),
-                         num_classes=data.num_classes(config.dataset))
+    if init_dir is None and curves_dir is not None:
+        init_dir = Path(curves_dir).parent / "init"
+    model = initial_weights(config, spec, init_dir)
     reg = config.regulariser_for(spec.network)
 
     curve_fh = None
@@ -365,7 +452,7 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
         result = training.fit(
             model, train, val, test, method=spec.method, weight=spec.weight, config=config.training,
             sampler=reg.build_sampler(spec.seed), backend=reg.backend, dissimilarity=reg.dissimilarity,
-            alpha=reg.alpha, device=dev, seed=spec.seed, progress=progress,
+            alpha=reg.alpha, include_bias=reg.include_bias, device=dev, seed=spec.seed, progress=progress,
             progress_desc=f"{spec.network} {spec.method} w={spec.weight:g} s={spec.seed}", on_epoch=on_epoch,
         )
         if curve_fh is not None:
@@ -457,7 +544,7 @@ def _cpus() -> int:
 
 def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=None, jobs: int = 1,
                    limit_runs: int | None = None, threads: int | None = None,
-                   progress: bool = True) -> RunSummary:
+                   progress: bool = True, commit: str | None = None) -> RunSummary:
     """Run every pending run of ``config``; append one row per finished run to ``runs.csv``.
 
     Parameters
@@ -468,6 +555,8 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
     limit_runs : run at most this many of the pending runs (in grid order: seed-major).
     threads : torch threads per run; default ``max(1, cpus // jobs)``.
     progress : tqdm bars over runs (and over epochs when ``jobs == 1``).
+    commit : the code's commit recorded in every new row; default
+        :func:`toponeuro.provenance.git_commit` (``TOPONEURO_COMMIT``, else git, else ``"unknown"``).
 
     The writer process (rank 0 under torchrun) holds the folder's lock
     (:func:`experiment_lock`) from before it reads ``runs.csv`` until it
@@ -486,6 +575,9 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
         raise ValueError(f"limit_runs must be a non-negative integer, got {limit_runs!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if commit is not None and (not isinstance(commit, str) or not commit.strip() or "," in commit
+                               or any(c.isspace() for c in commit.strip())):
+        raise ValueError(f"commit must be a non-empty word (a git hash), got {commit!r}")
     dev = training.resolve_device(device)
     # under torchrun every rank trains each run together (DDP); rank 0 alone writes
     dev = distributed.setup(dev)
@@ -505,17 +597,20 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
             raise refusal if refusal is not None else ExperimentLockedError(
                 f"rank 0 could not lock the folder: {_locked_message(directory)}")
         return _run_locked(config, directory, dev, writer=writer, jobs=jobs, limit_runs=limit_runs,
-                           threads=threads, progress=progress and writer)
+                           threads=threads, progress=progress and writer,
+                           commit=commit.strip() if commit is not None else None)
 
 
 def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *, writer: bool, jobs: int,
-                limit_runs: int | None, threads: int | None, progress: bool) -> RunSummary:
+                limit_runs: int | None, threads: int | None, progress: bool,
+                commit: str | None = None) -> RunSummary:
     """The body of :func:`run_experiment`, with the folder locked by the writer."""
     runs_csv = directory / "runs.csv"
     curves_dir = directory / "curves" if writer else None
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
         _repair_torn_line(runs_csv)
+        _upgrade_header(runs_csv)
         _remove_orphaned_curves(curves_dir)
     _check_header(runs_csv)
     _check_protocol(read_rows(runs_csv), config, directory)
@@ -528,7 +623,7 @@ def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *,
                          finished=0, pending=len(pending))
     if not todo:
         return summary
-    commit = git_commit()
+    commit = commit or git_commit()
     threads = threads or max(1, _cpus() // jobs)
     jobs = min(jobs, len(todo))
 
