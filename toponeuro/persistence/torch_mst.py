@@ -40,7 +40,7 @@ try:  # numba is optional: without it the torch Boruvka serves CPU tensors too
 except Exception:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["death_edges", "prim_edges", "boruvka_edges", "HAVE_NUMBA"]
+__all__ = ["death_edges", "death_edges_stack", "prim_edges", "boruvka_edges", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -176,17 +176,38 @@ def prim_edges(D: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def _triton_edges(D: torch.Tensor) -> torch.Tensor | None:
+    """The Triton Boruvka's edges of ``D`` (n, n) or (B, n, n), or None where it does not run
+    (or failed to compile or launch on this device before, or now)."""
+    if not (D.is_cuda and boruvka_triton.runs_on(D) and D.device not in _TRITON_FAILED):
+        return None
+    try:
+        return boruvka_triton.triton_boruvka_edges(D)
+    except ValueError:  # bad input, as the torch Boruvka would say
+        raise
+    except Exception as e:  # the kernels did not compile or launch on this device
+        _TRITON_FAILED.add(D.device)
+        warnings.warn(f"the Triton Boruvka failed on {D.device} ({type(e).__name__}: {e}); the torch "
+                      f"backend uses its torch Boruvka there from now on", RuntimeWarning, stacklevel=3)
+    return None
+
+
 def death_edges(D: torch.Tensor) -> torch.Tensor:
     """(n, n) dissimilarity -> (n - 1, 2) death edges on D's device."""
     if D.device.type == "cpu" and HAVE_NUMBA:
         return prim_edges(D)
-    if D.is_cuda and boruvka_triton.runs_on(D) and D.device not in _TRITON_FAILED:
-        try:
-            return boruvka_triton.triton_boruvka_edges(D)
-        except ValueError:  # bad input, as the torch Boruvka would say
-            raise
-        except Exception as e:  # the kernels did not compile or launch on this device
-            _TRITON_FAILED.add(D.device)
-            warnings.warn(f"the Triton Boruvka failed on {D.device} ({type(e).__name__}: {e}); the torch "
-                          f"backend uses its torch Boruvka there from now on", RuntimeWarning, stacklevel=2)
-    return boruvka_edges(D)
+    edges = _triton_edges(D)
+    return boruvka_edges(D) if edges is None else edges
+
+
+def death_edges_stack(D: torch.Tensor) -> torch.Tensor:
+    """(B, n, n) dissimilarities -> (B, n - 1, 2) death edges on D's device, member ``b`` equal to
+    ``death_edges(D[b])``: on CPU the compiled Prim over the members in parallel
+    (:func:`.numba_host.prim_edges_stack`), on CUDA float32 one Triton Boruvka over the whole
+    stack; otherwise (float64 on CUDA, CPU without numba) the torch Boruvka member by member."""
+    if D.device.type == "cpu" and HAVE_NUMBA:
+        from .numba_host import prim_edges_stack  # it imports this module
+
+        return prim_edges_stack(D)
+    edges = _triton_edges(D)
+    return torch.stack([boruvka_edges(M) for M in D]) if edges is None else edges
