@@ -340,7 +340,9 @@ def check_activations(A, name: str = "activations", stack: bool = False) -> torc
     if A.ndim == 3:
         _refuse_inside_capture(A, name)
         _check_finite_members(A, name)
-        return check_activations(A[0], name) if A.shape[0] else A  # the shape checks, once: members share m, n
+        if A.shape[0]:
+            check_activations(A[0], name)  # the shape checks, once: the members share m and n
+        return A
     m, n = A.shape
     if m < 2:
         raise ValueError(
