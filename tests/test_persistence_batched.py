@@ -294,6 +294,7 @@ def test_stack_shapes_refused_and_empty(call):
             assert ph.deaths(D, backend="ripser").shape == (0, 4)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr"])
 def test_sparse_input_refused_with_to_dense(layout, rng):
     D = make_D("random", 6, torch.float32, rng)
@@ -362,7 +363,7 @@ def test_dissimilarity_stack_checks_name_the_member(rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS + ["line", "mixed"])
-@pytest.mark.parametrize("n", [2, 3, 17, 300, pytest.param(3000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [2, 3, 17, 300])
 def test_cuda_stack_equals_member_calls_and_prim(dtype, kind, n, rng):
     """float32: one Triton grid over the stack; float64: the torch Boruvka per member. The same
     edges as the single calls (and, in float32, as the CPU's Prim), SciPy's deaths."""
@@ -373,6 +374,18 @@ def test_cuda_stack_equals_member_calls_and_prim(dtype, kind, n, rng):
     assert_members_equal(E, ph.death_edges, D)
     assert_members_equal(ph.deaths(D), ph.deaths, D)
     if dtype == torch.float32 and torch_mst.HAVE_NUMBA:
+        assert torch.equal(E.cpu(), ph.death_edges(D.cpu()))
+    assert_scipy_deaths(ph.deaths(D), D, "torch")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_stack_of_n3000_equals_member_calls_and_prim(rng):
+    """Four members of 3000 neurons, one of each kind, in one Triton grid."""
+    D = make_stack(KINDS, 3000, torch.float32, rng).cuda()
+    E = ph.death_edges(D)
+    assert_members_equal(E, ph.death_edges, D)
+    if torch_mst.HAVE_NUMBA:
         assert torch.equal(E.cpu(), ph.death_edges(D.cpu()))
     assert_scipy_deaths(ph.deaths(D), D, "torch")
 
