@@ -5,7 +5,7 @@ Times, on B seeded standard normal activations (m, n) in float32:
   pipeline  ph.deaths(abs_correlation(A)) of A (B, m, n)  vs  the same per member
 and checks that both give the same numbers bit for bit. Prints the median of --repeats runs, in ms.
 
-    PYTHONPATH=$PWD python .ci/stack_timing.py --B 16 --n 1024 --m 128 --repeats 7
+    PYTHONPATH=$PWD python .ci/stack_timing.py --B 16 --n 1024 --m 128 --repeats 7 [--threads 2]
 """
 import argparse
 import statistics
@@ -37,7 +37,10 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="torch")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (also the numba threads of a stack)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     A = torch.randn(a.B, a.m, a.n, generator=torch.Generator().manual_seed(0)).to(dev)

@@ -116,7 +116,8 @@ def test_prim_edges_stack_is_prim_per_member(dtype, rng):
 
 @needs_numba
 def test_prim_edges_stack_respects_the_torch_thread_budget(monkeypatch, rng):
-    """One torch thread: one numba thread for the stack, and the same edges."""
+    """One torch thread: one numba thread for the stack, the same edges, and torch's thread count
+    as it was (numba's OpenMP layer shares libgomp with torch and resets it on its first launch)."""
     import numba
 
     seen = []
@@ -127,9 +128,10 @@ def test_prim_edges_stack_respects_the_torch_thread_budget(monkeypatch, rng):
     try:
         torch.set_num_threads(1)
         E = numba_host.prim_edges_stack(D)
+        after = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    assert seen == [1]
+    assert seen == [1] and after == 1
     assert_members_equal(E, torch_mst.prim_edges, D)
 
 
@@ -334,12 +336,15 @@ def activation_stack(B: int, m: int, n: int, dtype, rng) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2, 2), (3, 5, 4), (4, 32, 17), (2, 64, 130)])
 def test_dissimilarity_stack_equals_member_calls(name, dtype, shape, rng):
+    """On CPU a stack goes member by member; ``__wrapped__`` is the whole-stack computation (a
+    GPU's), checked here on CPU as well."""
     f = ds.correlation if name == "correlation" else ds.DISSIMILARITIES[name]
     A = activation_stack(*shape, dtype, rng)
     M = f(A)
     B, _, n = shape
     assert M.shape == (B, n, n) and M.dtype == dtype
     assert_members_equal(M, f, A)
+    assert torch.equal(f.__wrapped__(A), M)
     if name != "correlation":  # the stack passes the persistence check as a whole, and goes through
         assert_members_equal(ph.deaths(M.float()), ph.deaths, M.float())
 
@@ -347,8 +352,9 @@ def test_dissimilarity_stack_equals_member_calls(name, dtype, shape, rng):
 def test_dissimilarity_stack_checks_name_the_member(rng):
     A = activation_stack(3, 8, 5, torch.float32, rng)
     A[1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match=r"activations \[1\] \(member 1 of the stack\) contains NaN"):
-        ds.abs_correlation(A)
+    for f in (ds.abs_correlation, ds.abs_correlation.__wrapped__, ds.euclidean, ds.euclidean.__wrapped__):
+        with pytest.raises(ValueError, match=r"activations \[1\] \(member 1 of the stack\) contains NaN"):
+            f(A)
     with pytest.raises(ValueError, match=r"or a stack \(B, m, n\).*got shape \(2, 3, 8, 5\)"):
         ds.abs_correlation(torch.zeros(2, 3, 8, 5))
     with pytest.raises(ValueError, match="1 sample"):

@@ -13,6 +13,7 @@ defined correlation; we treat it as uncorrelated with every other neuron
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
@@ -54,12 +55,31 @@ def _zero_diagonal(M: torch.Tensor) -> torch.Tensor:
     return torch.diagonal_scatter(M, torch.zeros_like(M.diagonal(dim1=-2, dim2=-1)), dim1=-2, dim2=-1)
 
 
+def _members_on_cpu(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A stack (B, m, n) on CPU goes through ``fn`` one member at a time (checked once, as a stack).
+
+    Each member's (n, n) intermediates then stay in cache through the elementwise passes, where the
+    whole stack's would stream from memory in each (twice the time of a loop at B = 16, n = 1024);
+    on a GPU the stack goes through ``fn`` whole, in fewer, larger kernels.
+    """
+    @functools.wraps(fn)
+    def per_member(A, check: bool = True) -> torch.Tensor:
+        if not (isinstance(A, torch.Tensor) and A.ndim == 3 and A.device.type == "cpu" and len(A)):
+            return fn(A, check=check)
+        if check:
+            A = check_activations(A, stack=True)
+        return torch.stack([fn(a, check=False) for a in A])
+
+    return per_member
+
+
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt with gradient 0 (instead of inf -> NaN) at x <= 0."""
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
+@_members_on_cpu
 def correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Pearson correlation between the columns of ``A``.
 
@@ -110,6 +130,7 @@ def _correlation(A: torch.Tensor) -> torch.Tensor:
     return torch.diagonal_scatter(C, torch.ones_like(C.diagonal(dim1=-2, dim2=-1)), dim1=-2, dim2=-1)
 
 
+@_members_on_cpu
 def abs_correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     """``d_kl = 1 - |rho_kl|``, the paper's (and our default) dissimilarity.
 
@@ -119,6 +140,7 @@ def abs_correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     return 1.0 - correlation(A, check=check).abs()
 
 
+@_members_on_cpu
 def sqrt_one_minus_rho2(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     """``d_kl = sqrt(1 - rho_kl^2)``, in [0, 1].
 
@@ -129,11 +151,13 @@ def sqrt_one_minus_rho2(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     return _safe_sqrt(1.0 - C * C)
 
 
+@_members_on_cpu
 def one_minus_rho(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     """``d_kl = 1 - rho_kl``, in [0, 2]: anti-correlated neurons are far apart."""
     return 1.0 - correlation(A, check=check)
 
 
+@_members_on_cpu
 def euclidean(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Euclidean distance between activation columns, ``||A[:, k] - A[:, l]||``.
 

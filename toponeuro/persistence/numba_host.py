@@ -58,10 +58,17 @@ def prim_edges_stack(D: torch.Tensor) -> torch.Tensor:
     if B == 0:
         return torch.from_numpy(out)
     kernel = _prim_packed_stack if X.dtype == np.float32 and n <= _PACKED_MAX_N else _prim_stack
+    threads = torch.get_num_threads()
     with _PARALLEL:
         # per calling thread in numba: the caller's torch thread budget holds for this call
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        kernel(X, out)
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            kernel(X, out)
+        finally:
+            # under numba's OpenMP layer (libgomp, shared with torch) its first launch resets the
+            # calling thread's OpenMP thread count, which torch.get_num_threads reads: put it back
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
     return torch.from_numpy(out)
 
 
