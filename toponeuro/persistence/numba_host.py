@@ -18,8 +18,7 @@ import threading
 import numpy as np
 import torch
 
-from .boruvka import _PACKED_MAX_N
-from .torch_mst import HAVE_NUMBA, _prim_compiled, _prim_packed_compiled, prim_edges
+from .torch_mst import HAVE_NUMBA, _prim_compiled, _prim_input, _prim_packed_compiled, prim_edges
 
 if HAVE_NUMBA:
     import numba
@@ -47,17 +46,12 @@ def prim_edges_stack(D: torch.Tensor) -> torch.Tensor:
     D : (B, n, n) CPU tensor -> (B, n - 1, 2) LongTensor, member ``b`` equal to
     ``prim_edges(D[b])``. Runs on at most ``torch.get_num_threads()`` threads.
     """
-    if not HAVE_NUMBA:
-        raise RuntimeError("prim_edges_stack needs numba; use boruvka_edges on each member instead")
-    X = D.detach()
-    if X.dtype not in (torch.float32, torch.float64):
-        X = X.float()  # half and bfloat16 widen to float32 exactly
-    X = X.contiguous().numpy()
+    X, packed = _prim_input(D, "prim_edges_stack")
     B, n = X.shape[0], X.shape[-1]
     out = np.empty((B, n - 1, 2), dtype=np.int64)
     if B == 0:
         return torch.from_numpy(out)
-    kernel = _prim_packed_stack if X.dtype == np.float32 and n <= _PACKED_MAX_N else _prim_stack
+    kernel = _prim_packed_stack if packed else _prim_stack
     threads = torch.get_num_threads()
     with _PARALLEL:
         # per calling thread in numba: the caller's torch thread budget holds for this call

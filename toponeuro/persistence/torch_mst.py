@@ -159,17 +159,24 @@ else:  # pragma: no cover
     _prim_compiled = _prim_packed_compiled = None
 
 
-def prim_edges(D: torch.Tensor) -> torch.Tensor:
-    """Exact MST by compiled Prim. D: (n, n) CPU tensor -> (n - 1, 2) LongTensor."""
+def _prim_input(D: torch.Tensor, name: str) -> tuple[np.ndarray, bool]:
+    """A CPU matrix (or stack) as the C-contiguous float32/float64 array Prim reads, and whether
+    the packed kernel takes it (float32, n <= 65536)."""
     if not HAVE_NUMBA:
-        raise RuntimeError("prim_edges needs numba; use boruvka_edges instead")
+        raise RuntimeError(f"{name} needs numba; use boruvka_edges instead")
     X = D.detach()
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()  # half and bfloat16 widen to float32 exactly
     X = X.contiguous().numpy()
+    return X, X.dtype == np.float32 and X.shape[-1] <= _PACKED_MAX_N
+
+
+def prim_edges(D: torch.Tensor) -> torch.Tensor:
+    """Exact MST by compiled Prim. D: (n, n) CPU tensor -> (n - 1, 2) LongTensor."""
+    X, packed = _prim_input(D, "prim_edges")
     n = X.shape[0]
     out = np.empty((n - 1, 2), dtype=np.int64)
-    if X.dtype == np.float32 and n <= _PACKED_MAX_N:
+    if packed:
         _prim_packed_compiled(X, out)
     else:
         _prim_compiled(X, out)
