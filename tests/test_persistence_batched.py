@@ -168,6 +168,33 @@ def test_interpreted_triton_stack_members_finish_in_different_rounds(rng):
 
 
 @interpreted
+def test_interpreted_triton_finished_members_idle(monkeypatch, rng):
+    """Once a member's tree is complete its programs are switched off (``active`` 0) for the
+    rounds that the others still need; the first round runs every member."""
+    real = bt._kernels(True)
+    launches = []  # per launch of the row kernel: the active flags it was given
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(args[3].tolist())  # (D, comp, keys, active, ...)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(bt, "_kernels", lambda interpret: (Recorded(real[0]), *real[1:]))
+    n = 64
+    D = torch.stack([torch.zeros(n, n), make_D("random", n, torch.float32, rng)])  # one round; several
+    E = bt.triton_boruvka_edges(D)
+    assert len(launches) >= 3 and launches[0] == [1, 1]
+    assert all(flags == [0, 1] for flags in launches[1:])
+    monkeypatch.undo()
+    assert_members_equal(E, bt.triton_boruvka_edges, D)
+
+
+@interpreted
 @pytest.mark.parametrize("bad", ["nan row", "asymmetric", "no finite edge"])
 def test_interpreted_triton_stack_bad_member_is_named(bad, rng):
     D = make_stack(["random"] * 4, 24, torch.float32, rng)
