@@ -4,10 +4,11 @@
 # writes logs and the bench's results to $OUT (results.json and timings.png under $OUT/cuda, to be
 # copied into data/bench/cuda). On a machine with network access, `pip install -e .` replaces the
 # first line. Run it as `TOPONEURO_COMMIT=<hash> bash .ci/gpu-session.sh` (the copied tree has no .git)
-# so that results record their commit, with timeout_s=400, naming the card (kind) the README's table is for.
-# Order: what matters most first, each step under its own timeout (at most 6.5 minutes in all): the Triton
+# so that results record their commit, with timeout_s=430, naming the card (kind) the README's table is for.
+# Order: what matters most first, each step under its own timeout (at most 7 minutes in all): the Triton
 # tile sweep with its check against Prim (about 25 s), the bench (about 70 s), the CUDA tests (about
-# 25 s), then the n = 3000 CUDA tests (about 80 s).
+# 25 s; tests/test_persistence_batched.py's stacks among them), then the n = 3000 CUDA tests (about
+# 80 s), then the timing of a stack against a loop (.ci/stack_timing.py, about 15 s).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/device.txt; python3 -c "import torch, triton;print(torch.__version__, 'triton', triton.__version__)" >> $OUT/device.txt
@@ -21,6 +22,9 @@ echo "bench done at $(( $(date +%s) - t0 ))s"
 timeout -k 5 90 python3 -m pytest -v -k cuda tests/ -p no:cacheprovider > $OUT/cuda_tests.log 2>&1; tail -6 $OUT/cuda_tests.log
 echo "tests done at $(( $(date +%s) - t0 ))s"
 # the n = 3000 agreement of the CUDA kernels with SciPy and Prim (marked slow, so not in the run above)
-timeout -k 5 90 python3 -m pytest -v -m slow -k "cuda and 3000" tests/test_persistence.py tests/test_persistence_triton.py -p no:cacheprovider > $OUT/cuda_tests_n3000.log 2>&1; tail -3 $OUT/cuda_tests_n3000.log
+timeout -k 5 90 python3 -m pytest -v -m slow -k "cuda and 3000" tests/test_persistence.py tests/test_persistence_triton.py tests/test_persistence_batched.py -p no:cacheprovider > $OUT/cuda_tests_n3000.log 2>&1; tail -3 $OUT/cuda_tests_n3000.log
 echo "n = 3000 tests done at $(( $(date +%s) - t0 ))s"
+# a stack of 16 matrices (n = 1024) in one call against a loop of single calls (about 15 s)
+timeout -k 5 30 python3 .ci/stack_timing.py --device cuda --B 16 --n 1024 --m 128 --repeats 9 > $OUT/stack_timing.log 2>&1; cat $OUT/stack_timing.log
+echo "stack timing done at $(( $(date +%s) - t0 ))s"
 ls -la $OUT $OUT/cuda

@@ -1217,12 +1217,12 @@ def test_a_plugin_whose_edges_do_not_span_is_refused(monkeypatch, edges, what):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("D, what", [
-    (torch.zeros(2, 4, 4), "square"),
+    (torch.zeros(2, 2, 4, 4), "square"),  # a stack (B, n, n) is accepted: tests/test_persistence_batched.py
     (torch.zeros(3, 4), "square"),
     (torch.zeros(1, 1), "1 x 1"),
     (torch.zeros(0, 0), "0 x 0"),
     (torch.zeros(4, 4, dtype=torch.int64), "floating-point"),
-], ids=["batched", "rectangular", "1x1", "0x0", "int64"])
+], ids=["4-d", "rectangular", "1x1", "0x0", "int64"])
 def test_check_false_still_refuses_a_wrong_shape_or_dtype(backend, D, what):
     """check=False skips the pass over the values, not the O(1) form check: without it
     a 1 x 1 matrix gave an empty result and a batched one a numba typing error."""

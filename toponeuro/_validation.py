@@ -194,13 +194,16 @@ def _fused_summary(X: np.ndarray) -> tuple[float, float, float] | None:
 
 
 def _max_asymmetry(D: torch.Tensor) -> torch.Tensor:
-    """max |D - D.T| over the upper triangle, in row blocks: no n x n temporary."""
-    n = D.shape[0]
-    block = max(128, (1 << 26) // n)
-    worst = D.new_zeros(())
+    """max |D - D.T| over the upper triangle, in row blocks: no n x n temporary.
+
+    D : (n, n), or (B, n, n) -> (B,) one maximum per member."""
+    n = D.shape[-1]
+    members = math.prod(D.shape[:-2])
+    block = max(128, (1 << 26) // max(1, n * members))
+    worst = D.new_zeros(D.shape[:-2])
     for i in range(0, n, block):
         j = min(i + block, n)
-        worst = torch.maximum(worst, (D[i:j, i:] - D[i:, i:j].mT).abs().amax())
+        worst = torch.maximum(worst, (D[..., i:j, i:] - D[..., i:, i:j].mT).abs().amax(dim=(-2, -1)))
     return worst
 
 
@@ -225,6 +228,9 @@ def _matrix_summary(D: torch.Tensor) -> tuple[float, float, float, bool]:
 
 def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided:  # sparse and other layouts: torch's own error would not say what to do
+            raise ValueError(f"{name} is a {x.layout} tensor; toponeuro works on dense (strided) tensors: "
+                             "pass it as x.to_dense()")
         return x
     try:
         t = torch.as_tensor(x)
@@ -307,13 +313,15 @@ def _refuse_inside_capture(t: torch.Tensor, name: str) -> None:
         )
 
 
-def check_activations(A, name: str = "activations") -> torch.Tensor:
-    """Validate an activation matrix.
+def check_activations(A, name: str = "activations", stack: bool = False) -> torch.Tensor:
+    """Validate an activation matrix (or, with ``stack``, a stack of them).
 
     Parameters
     ----------
     A : (m, n) tensor
-        Activations, batch first: ``m`` samples of ``n`` neurons.
+        Activations, batch first: ``m`` samples of ``n`` neurons. With
+        ``stack=True`` also (B, m, n): B such matrices, each checked; an
+        error names the member at fault.
 
     Returns
     -------
@@ -321,13 +329,20 @@ def check_activations(A, name: str = "activations") -> torch.Tensor:
         ``A`` itself (as a floating tensor), unchanged.
     """
     A = _as_tensor(A, name)
-    if A.ndim != 2:
+    if A.ndim != 2 and not (stack and A.ndim == 3):
+        accepted = "a 2-d (m samples, n neurons) matrix" + (" or a stack (B, m, n) of them" if stack else "")
         raise ValueError(
-            f"{name} must be a 2-d (m samples, n neurons) matrix, batch first; got shape "
-            f"{tuple(A.shape)}. Flatten the neuron dimensions with A.flatten(1)."
+            f"{name} must be {accepted}, batch first; got shape "
+            f"{tuple(A.shape)}. Flatten the neuron dimensions with A.flatten({2 if stack else 1})."
         )
     if not A.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {A.dtype}")
+    if A.ndim == 3:
+        _refuse_inside_capture(A, name)
+        _check_finite_members(A, name)
+        if A.shape[0]:
+            check_activations(A[0], name)  # the shape checks, once: the members share m and n
+        return A
     m, n = A.shape
     if m < 2:
         raise ValueError(
@@ -338,6 +353,21 @@ def check_activations(A, name: str = "activations") -> torch.Tensor:
     _refuse_inside_capture(A, name)
     _check_finite(A, name)
     return A
+
+
+def _member_name(name: str, b: int) -> str:
+    return f"{name} [{b}] (member {b} of the stack)"
+
+
+def _check_finite_members(A: torch.Tensor, name: str) -> None:
+    """:func:`_check_finite` for each member of a stack (B, ...), in one reduction and one sync;
+    the error names the first member with a NaN or inf."""
+    if A.shape[0] == 0:
+        return
+    totals = A.detach().flatten(1).sum(dim=1, dtype=torch.float64)
+    if not bool(torch.isfinite(totals).all()):
+        b = int((~torch.isfinite(totals)).nonzero()[0])
+        _check_finite(A[b], _member_name(name, b))
 
 
 def check_dissimilarity(D, name: str = "dissimilarity matrix", symmetry_tol: float | None = None) -> torch.Tensor:
@@ -370,18 +400,20 @@ def _default_symmetry_tol(dtype: torch.dtype) -> float:
     return (4 if dtype.itemsize < 4 else 100) * torch.finfo(dtype).eps
 
 
-def _check_dissimilarity_form(D, name: str = "dissimilarity matrix") -> torch.Tensor:
-    """The O(1) part of :func:`check_dissimilarity`: a floating square (n, n) tensor, n >= 2.
+def _check_dissimilarity_form(D, name: str = "dissimilarity matrix", stack: bool = False) -> torch.Tensor:
+    """The O(1) part of :func:`check_dissimilarity`: a floating square (n, n) tensor, n >= 2
+    (with ``stack``, also a stack (B, n, n) of them, B >= 0).
 
     Whatever passes is safe to hand to an MST kernel (which may read any
     ``D[i, j]``, i, j < n) while :func:`_check_dissimilarity_values` runs.
     """
     D = _as_tensor(D, name)
-    if D.ndim != 2 or D.shape[0] != D.shape[1]:
-        raise ValueError(f"{name} must be square (n, n); got shape {tuple(D.shape)}")
+    if D.ndim not in ((2, 3) if stack else (2,)) or D.shape[-1] != D.shape[-2]:
+        accepted = "(n, n), or a stack (B, n, n) of such matrices" if stack else "(n, n)"
+        raise ValueError(f"{name} must be square {accepted}; got shape {tuple(D.shape)}")
     if not D.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {D.dtype}")
-    n = D.shape[0]
+    n = D.shape[-1]
     if n < 2:
         raise ValueError(f"{name} is {n} x {n}; persistence needs at least 2 points")
     return D
@@ -391,10 +423,16 @@ def _check_dissimilarity_values(D: torch.Tensor, name: str = "dissimilarity matr
                                 symmetry_tol: float | None = None) -> float:
     """The O(n^2) part of :func:`check_dissimilarity`, for a ``D`` that passed
     :func:`_check_dissimilarity_form`: finite, >= 0, zero diagonal, symmetric.
-    Returns ``max |D - D.T|`` (within the tolerance; 0 for an exactly symmetric D)."""
+    Returns ``max |D - D.T|`` (within the tolerance; 0 for an exactly symmetric D).
+
+    A stack (B, n, n) is checked in one pass (:func:`_stack_summary`); the
+    error names the first member at fault, and the largest asymmetry over
+    the members is returned."""
     _refuse_inside_capture(D, name)
     if D.is_meta:
         raise ValueError(f"{name} is on the 'meta' device and has no values to check: pass check=False")
+    if D.ndim == 3:
+        return _check_stack_values(D, name, symmetry_tol)
     lo, hi, asym, finite = _matrix_summary(D.detach())
     if not finite:
         _check_finite(D, name)  # locates the NaN or inf and raises
@@ -417,3 +455,33 @@ def _check_dissimilarity_values(D: torch.Tensor, name: str = "dissimilarity matr
             "symmetrise it, e.g. D = (D + D.T) / 2"
         )
     return asym
+
+
+def _stack_summary(D: torch.Tensor) -> list[tuple[float, float, float, bool, bool]]:
+    """Per member of a stack (B, n, n): (min, max, max |D - D.T|, all finite, zero diagonal),
+    with one host sync (none more on CPU, where each member takes the fused pass)."""
+    zero_diag = (D.diagonal(dim1=-2, dim2=-1) == 0).all(dim=-1)
+    if D.device.type == "cpu" and numba is not None and D.dtype in (torch.float32, torch.float64):
+        X = D.contiguous().numpy()
+        out = []
+        for b, diag_ok in enumerate(zero_diag.tolist()):
+            summary = _fused_summary(X[b])
+            out.append((*summary, True, diag_ok) if summary is not None else (*_matrix_summary(D[b]), diag_ok))
+        return out
+    stats = torch.stack([D.amin(dim=(-2, -1)), D.amax(dim=(-2, -1)), _max_asymmetry(D)], dim=1).double()
+    rows = stats.tolist()
+    return [(lo, hi, asym, all(math.isfinite(v) for v in (lo, hi, asym)), diag_ok)
+            for (lo, hi, asym), diag_ok in zip(rows, zero_diag.tolist())]
+
+
+def _check_stack_values(D: torch.Tensor, name: str, symmetry_tol: float | None) -> float:
+    """:func:`_check_dissimilarity_values` for a stack (B, n, n): one pass over all members; the
+    first member at fault is checked again alone, which raises its error under its index."""
+    tol = _default_symmetry_tol(D.dtype) if symmetry_tol is None else symmetry_tol
+    worst = 0.0
+    for b, (lo, hi, asym, finite, diag_ok) in enumerate(_stack_summary(D.detach())):
+        if not finite or lo < 0 or not diag_ok or asym > tol * max(1.0, hi):
+            _check_dissimilarity_values(D[b], _member_name(name, b), symmetry_tol)
+            raise AssertionError(f"member {b} failed the stack's check but passed alone")  # pragma: no cover
+        worst = max(worst, asym)
+    return worst

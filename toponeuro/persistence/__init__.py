@@ -14,6 +14,13 @@ a swappable backend, without gradient. The deaths are then *gathered* from
 A backend is a module with ``death_edges(D) -> LongTensor (n - 1, 2)`` (or,
 for value-only backends such as ripser.py, ``death_values(D) -> Tensor``),
 registered in :data:`BACKENDS` below: adding one touches one file and one line.
+
+Both functions also take a stack ``D: (B, n, n)`` of matrices and return
+``(B, n - 1, 2)`` edges and ``(B, n - 1)`` deaths, each member equal (bit for
+bit) to the call on that member alone. A backend module that has
+``death_edges_stack(D) -> (B, n - 1, 2)`` does the stack in one call (the
+torch backend: numba threads over the members on CPU, one Triton grid on
+CUDA); the others are called once per member.
 """
 
 from __future__ import annotations
@@ -107,12 +114,13 @@ def canonical_order(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 
     Parameters
     ----------
-    D : (n, n) tensor
-    edges : (k, 2) integer tensor of vertex pairs
+    D : (n, n) tensor, or a stack (B, n, n)
+    edges : (k, 2) integer tensor of vertex pairs, or (B, k, 2): member ``b``'s edges of ``D[b]``
 
     Returns
     -------
-    (k, 2) LongTensor on ``D``'s device, ascending by weight, ties by ``(i, j)``.
+    (k, 2) (or (B, k, 2)) LongTensor on ``D``'s device, ascending by weight,
+    ties by ``(i, j)``; each member ordered as it would be alone.
     """
     edges = edges.to(device=D.device, dtype=torch.long)
     if D.device.type == "cpu" and D.dtype in (torch.float32, torch.float64):
@@ -124,22 +132,30 @@ def _canonical_order_numpy(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor
     # On CPU the torch dispatches cost more than the two small sorts
     # themselves (0.5 ms against 0.1 ms at n = 2048): the same order in NumPy.
     e = edges.numpy()
-    lo, hi = np.minimum(e[:, 0], e[:, 1]), np.maximum(e[:, 0], e[:, 1])
-    by_pair = np.argsort(lo * D.shape[0] + hi)  # equal keys are equal rows: stability is moot
-    lo, hi = lo[by_pair], hi[by_pair]
-    by_weight = np.argsort(D.detach().numpy()[lo, hi], kind="stable")
-    return torch.from_numpy(np.stack([lo[by_weight], hi[by_weight]], axis=1))
+    lo, hi = np.minimum(e[..., 0], e[..., 1]), np.maximum(e[..., 0], e[..., 1])
+    by_pair = np.argsort(lo * D.shape[-1] + hi, axis=-1)  # equal keys are equal rows: stability is moot
+    lo, hi = np.take_along_axis(lo, by_pair, -1), np.take_along_axis(hi, by_pair, -1)
+    members = tuple(np.indices(lo.shape)[:-1])  # () for one matrix, (b,) for a stack
+    by_weight = np.argsort(D.detach().numpy()[(*members, lo, hi)], axis=-1, kind="stable")
+    lo, hi = np.take_along_axis(lo, by_weight, -1), np.take_along_axis(hi, by_weight, -1)
+    return torch.from_numpy(np.stack([lo, hi], axis=-1))
 
 
 def _canonical_order_torch(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    lo = torch.minimum(edges[:, 0], edges[:, 1])
-    hi = torch.maximum(edges[:, 0], edges[:, 1])
-    n = D.shape[0]
-    by_pair = torch.argsort(lo * n + hi)
-    lo, hi = lo[by_pair], hi[by_pair]
-    w = D.detach()[lo, hi]
-    by_weight = torch.argsort(w, stable=True)
-    return torch.stack([lo[by_weight], hi[by_weight]], dim=1)
+    lo = torch.minimum(edges[..., 0], edges[..., 1])
+    hi = torch.maximum(edges[..., 0], edges[..., 1])
+    n = D.shape[-1]
+    by_pair = torch.argsort(lo * n + hi, dim=-1)
+    lo, hi = lo.gather(-1, by_pair), hi.gather(-1, by_pair)
+    w = D.detach()[(*_members(D), lo, hi)]
+    by_weight = torch.argsort(w, dim=-1, stable=True)
+    return torch.stack([lo.gather(-1, by_weight), hi.gather(-1, by_weight)], dim=-1)
+
+
+def _members(D: torch.Tensor) -> tuple:
+    """The index of the leading (member) dimension of a stack (B, n, n), to index ``D`` beside a
+    (B, k) pair of vertex indices; () for one matrix."""
+    return () if D.ndim == 2 else (torch.arange(D.shape[0], device=D.device)[:, None],)
 
 
 # Backends whose CPU kernel is safe on any values of a square floating matrix
@@ -169,7 +185,8 @@ def _mst_worker() -> ThreadPoolExecutor:
 
 
 def _can_overlap(D: torch.Tensor, b: Backend) -> bool:
-    if b.name not in _OVERLAP_SAFE or D.device.type != "cpu" or D.shape[0] < _OVERLAP_MIN_N:
+    # the work goes with the entries: a stack (B, n, n) overlaps from that of one matrix of _OVERLAP_MIN_N
+    if b.name not in _OVERLAP_SAFE or D.device.type != "cpu" or D.numel() < _OVERLAP_MIN_N ** 2:
         return False
     if torch.get_num_threads() < 2:  # the user's thread budget: one core, run in turn
         return False
@@ -179,14 +196,37 @@ def _can_overlap(D: torch.Tensor, b: Backend) -> bool:
 
 
 def _backend_edges(D: torch.Tensor, b: Backend) -> torch.Tensor:
-    """The backend's MST of ``D`` (unchecked), in canonical order, without grad."""
+    """The backend's MST of ``D`` (unchecked), in canonical order, without grad.
+
+    D : (n, n) -> (n - 1, 2), or a stack (B, n, n) -> (B, n - 1, 2)."""
     with torch.no_grad():
         X = D.detach()
         if X.dtype not in (torch.float32, torch.float64):
             X = X.float()  # half and bfloat16 widen exactly; plug-ins see float32/float64 only
-        edges = b.load().death_edges(X)
-        _check_spanning_tree(edges, X.shape[0], b.name)
+        n = X.shape[-1]
+        if X.ndim == 2:
+            edges = b.load().death_edges(X)
+            _check_spanning_tree(edges, n, b.name)
+        else:
+            edges = _stack_edges(X, b)
+            if tuple(edges.shape) != (X.shape[0], n - 1, 2):
+                raise RuntimeError(f"backend {b.name!r} returned edges of shape {tuple(edges.shape)} for a "
+                                   f"stack of shape {tuple(X.shape)}; please report this, and use "
+                                   f"backend='torch' meanwhile")
+            for k in range(edges.shape[0]):
+                _check_spanning_tree(edges[k], n, b.name, member=k)
         return canonical_order(D, edges)
+
+
+def _stack_edges(X: torch.Tensor, b: Backend) -> torch.Tensor:
+    """(B, n, n) -> (B, n - 1, 2): the backend's ``death_edges_stack`` where it has one, else its
+    ``death_edges`` member by member."""
+    if X.shape[0] == 0:
+        return torch.empty((0, X.shape[-1] - 1, 2), dtype=torch.long, device=X.device)
+    module = b.load()
+    if hasattr(module, "death_edges_stack"):
+        return module.death_edges_stack(X)
+    return torch.stack([module.death_edges(M) for M in X])
 
 
 # Kernels that build their tree by union-find or component contraction, tested against SciPy:
@@ -194,15 +234,17 @@ def _backend_edges(D: torch.Tensor, b: Backend) -> torch.Tensor:
 _TREE_BY_CONSTRUCTION = ("torch", "torch-graph", "numba")
 
 
-def _check_spanning_tree(edges: torch.Tensor, n: int, name: str) -> None:
+def _check_spanning_tree(edges: torch.Tensor, n: int, name: str, member: int | None = None) -> None:
     """Refuse a backend's answer that is not n - 1 edges spanning all n vertices.
 
     The deaths are gathered at these edges, so anything else would give
     silently wrong values. The count is checked for every backend; that the
     edges span (connected components on the host), for the others.
+    ``member``: the index of the matrix in a stack, for the message.
     """
     def refuse(what: str):
-        raise RuntimeError(f"backend {name!r} returned {what} for n = {n}, not a spanning tree; "
+        of = "" if member is None else f" (member {member} of the stack)"
+        raise RuntimeError(f"backend {name!r} returned {what} for n = {n}{of}, not a spanning tree; "
                            f"please report this, and use backend='torch' meanwhile")
 
     if tuple(edges.shape) != (n - 1, 2):
@@ -229,8 +271,8 @@ def _upper_mirrored(D: torch.Tensor) -> torch.Tensor:
     are gathered from the upper triangle, so that is the one they are given.
     """
     X = D.detach()
-    k = torch.arange(X.shape[0], device=X.device)
-    return torch.where(k[:, None] <= k[None, :], X, X.mT)
+    k = torch.arange(X.shape[-1], device=X.device)
+    return torch.where(k[:, None] <= k[None, :], X, X.mT)  # a stack (B, n, n): each member
 
 
 # backends whose kernels have no data-dependent shapes or host reads, hence run on
@@ -239,9 +281,9 @@ _META_BACKENDS = ("torch-graph",)
 
 
 def _formed(D, b: Backend) -> torch.Tensor:
-    """``D`` as a floating square (n, n) tensor, n >= 2, on a device ``b`` runs on: the O(1) checks
-    (no sync), made even when ``check=False``."""
-    D = _check_dissimilarity_form(D)
+    """``D`` as a floating square (n, n) tensor, or a stack (B, n, n) of them, n >= 2, on a device
+    ``b`` runs on: the O(1) checks (no sync), made even when ``check=False``."""
+    D = _check_dissimilarity_form(D, stack=True)
     if D.is_meta and b.name not in _META_BACKENDS:
         raise ValueError(
             f"dissimilarity matrix is on the 'meta' device, which backend {b.name!r} cannot run on "
@@ -288,7 +330,7 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
 
     Parameters
     ----------
-    D : (n, n) tensor
+    D : (n, n) tensor, or a stack (B, n, n)
         Symmetric, non-negative, finite dissimilarity matrix. A ``D`` whose
         triangles differ by rounding only (the check allows 100 machine
         epsilons, 4 in 16 bits) is read through its upper triangle, from which the deaths
@@ -311,6 +353,9 @@ def death_edges(D: torch.Tensor, backend: str = "torch", check: bool = True) -> 
     (n - 1, 2) LongTensor on ``D``'s device, without grad: rows ``(i, j)`` with
     ``i < j``, ascending by ``D[i, j]``, ties by ``(i, j)``. For a given backend
     the same matrix always gives the same edges, ties included.
+    For a stack, (B, n - 1, 2): member ``b`` equals ``death_edges(D[b])``
+    (B = 0 gives (0, n - 1, 2)). The stack is checked in one pass, and an
+    error names the member at fault.
     """
     b = get_backend(backend)
     if not b.gives_edges:
@@ -326,7 +371,7 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
 
     Parameters
     ----------
-    D : (n, n) tensor
+    D : (n, n) tensor, or a stack (B, n, n)
     backend : str
     check : bool
         As in :func:`death_edges` (the same overlap of check and MST).
@@ -335,7 +380,8 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     -------
     (n - 1,) tensor, ascending. For edge-giving backends it is ``D`` gathered at
     the death edges, hence differentiable with respect to ``D``; a value-only
-    backend (``"ripser"``) returns values without gradient.
+    backend (``"ripser"``) returns values without gradient. For a stack,
+    (B, n - 1): row ``b`` equals ``deaths(D[b])``, gathered from ``D[b]``.
 
     Notes
     -----
@@ -349,10 +395,15 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     b = get_backend(backend)
     if b.gives_edges:
         D, e = _checked_edges(D, b, check)
-        return D[e[:, 0], e[:, 1]]
+        return D[(*_members(D), e[..., 0], e[..., 1])]
     D = X = _formed(D, b)
     if check:
         X = _upper_mirrored(D) if _check_dissimilarity_values(D) > 0 else D
     with torch.no_grad():
-        values = b.load().death_values(X.detach())
-    return torch.sort(values.to(device=D.device, dtype=D.dtype)).values
+        if X.ndim == 2:
+            values = b.load().death_values(X.detach())
+        elif X.shape[0]:
+            values = torch.stack([b.load().death_values(M) for M in X.detach()])
+        else:
+            values = torch.empty((0, X.shape[-1] - 1))
+    return torch.sort(values.to(device=D.device, dtype=D.dtype), dim=-1).values

@@ -33,6 +33,12 @@ its (grown) component keeps it: ``lightest`` reads only the rows whose edge
 became internal, and its programs for the other rows return at once. The
 first two rounds read every row; later ones a fraction.
 
+A stack. A stack (B, n, n) runs in the same kernels, with a second grid axis
+over the members (each program offsets its pointers to its member's matrix
+and state): a round is still four launches and one sync, which reads every
+member's counts. A member whose tree is complete is marked inactive, and its
+programs do nothing in the later rounds.
+
 Nothing of size (n, n) is allocated, nothing but the counts goes to the host,
 and n is at most 65536 (16-bit endpoints in the keys). Triton compiles the
 kernels on their first call in a process (seconds); its interpreter
@@ -64,17 +70,25 @@ COLS = 512  # columns per step of a program's loop
 WARPS = 4
 _VERTICES = 1024  # vertices per program of the per-vertex kernels
 _NO_EDGE = (1 << 63) - 1  # the key of a vertex with no outgoing edge: above every real one
+_MAX_MEMBERS = 65535  # members of a stack: CUDA's limit on the grid's second axis
 
 
 if HAVE_TRITON:  # the kernels' annotations name triton (its interpreter wants them spelled tl.constexpr)
-    def _lightest_edges_source(D, comp, keys, n, stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _lightest_edges_source(D, comp, keys, active, n, member_stride, stride,
+                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """keys[i] = the lightest edge from vertex i out of its component, for every i whose key is
         not one any more (none yet, or an edge now inside its component).
 
-        D : (n, n) float32, rows ``stride`` apart; comp : (n,) int32 labels; keys : (n,) int64.
+        Member ``b = program_id(1)`` of the stack: D : (B, n, n) float32, members
+        ``member_stride`` and rows ``stride`` apart; comp : (B, n) int32 labels; keys : (B, n)
+        int64; active : (B,) int32, 0 for a member whose tree is complete (nothing to do).
         """
+        member = tl.program_id(1)
+        D += member.to(tl.int64) * member_stride
+        comp += member * n
+        keys += member * n
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        in_range = rows < n
+        in_range = rows < n * tl.load(active + member)  # active is 0 or 1: nothing in range when done
         key = tl.load(keys + rows, mask=in_range, other=0x7FFFFFFFFFFFFFFF)
         lo = tl.minimum((key >> 16) & 0xFFFF, n - 1)  # a key without an edge decodes in range
         hi = tl.minimum(key & 0xFFFF, n - 1)
@@ -103,21 +117,34 @@ if HAVE_TRITON:  # the kernels' annotations name triton (its interpreter wants t
             bits = (w.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
             tl.store(keys + rows, tl.where(found, (bits << 32) | (lo << 16) | hi, 0x7FFFFFFFFFFFFFFF), mask=todo)
 
-    def _component_minima_source(comp, keys, best, n, BLOCK: tl.constexpr):
-        """best[comp[i]] = min(best[comp[i]], keys[i]): each component's lightest outgoing edge."""
+    def _component_minima_source(comp, keys, best, active, n, BLOCK: tl.constexpr):
+        """best[comp[i]] = min(best[comp[i]], keys[i]): each component's lightest outgoing edge
+        (member ``program_id(1)``; comp, keys, best : (B, n))."""
+        member = tl.program_id(1)
+        comp += member * n
+        keys += member * n
+        best += member * n
         v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = v < n
+        m = v < n * tl.load(active + member)
         tl.atomic_min(best + tl.load(comp + v, mask=m, other=0), tl.load(keys + v, mask=m, other=0), mask=m)
 
-    def _link_source(comp, best, parent, picked, counts, n, BLOCK: tl.constexpr):
+    def _link_source(comp, best, parent, picked, counts, active, n, BLOCK: tl.constexpr):
         """Every component (label r, a vertex with comp[r] == r) links to the one across its pick;
         a pair that picked the same edge roots at its smaller label, which keeps the edge once.
 
-        picked : (n,) int64, the kept picks' keys at their labels; counts : (3,) int32, adds the
-        roots, the components without a finite pick, and the kept picks.
+        Member ``program_id(1)``: comp, best, parent : (B, n); picked : (B, n) int64, the kept
+        picks' keys at their labels; counts : (B, 3) int32, adds the roots, the components without
+        a finite pick, and the kept picks.
         """
+        member = tl.program_id(1)
+        comp += member * n
+        best += member * n
+        parent += member * n
+        picked += member * n
+        counts += member * 3
         r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        is_label = (r < n) & (tl.load(comp + r, mask=r < n, other=-1) == r)
+        in_range = r < n * tl.load(active + member)
+        is_label = in_range & (tl.load(comp + r, mask=in_range, other=-1) == r)
         b = tl.load(best + r, mask=is_label, other=0x7FFFFFFFFFFFFFFF)
         finite = b < 0x7F80000000000000
         lo = tl.minimum((b >> 16) & 0xFFFF, n - 1).to(tl.int32)
@@ -134,14 +161,20 @@ if HAVE_TRITON:  # the kernels' annotations name triton (its interpreter wants t
         tl.atomic_add(counts + 1, tl.sum((is_label & (finite == 0)).to(tl.int32), axis=0))
         tl.atomic_add(counts + 2, tl.sum(keep.to(tl.int32), axis=0))
 
-    def _relabel_source(comp, parent, best, counts, n, BLOCK: tl.constexpr):
+    def _relabel_source(comp, parent, best, counts, active, n, BLOCK: tl.constexpr):
         """comp[i] = the root its label's links lead to; best[i] = no edge (for the next round).
 
-        counts : (3,) int32; its second entry adds the vertices whose links did not reach a root
-        in n steps (a cycle: the picks were not a forest).
+        Member ``program_id(1)``: comp, parent, best : (B, n); counts : (B, 3) int32; its second
+        entry adds the vertices whose links did not reach a root in n steps (a cycle: the picks
+        were not a forest).
         """
+        member = tl.program_id(1)
+        comp += member * n
+        parent += member * n
+        best += member * n
+        counts += member * 3
         v = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = v < n
+        m = v < n * tl.load(active + member)
         x = tl.load(comp + v, mask=m, other=0)
         p = tl.load(parent + x, mask=m, other=0)
         # the loop carries scalars only (its condition holds no reduction), and steps is a
@@ -172,9 +205,11 @@ def _kernels(interpret: bool) -> tuple:
 
 
 def runs_on(X: torch.Tensor) -> bool:
-    """Whether :func:`triton_boruvka_edges` takes ``X``: a CUDA float32 (n, n), 2 <= n <= 65536,
-    with Triton installed (or its interpreter on, for CPU tensors)."""
-    return (HAVE_TRITON and X.dtype == torch.float32 and X.dim() == 2 and 2 <= X.shape[0] <= _PACKED_MAX_N
+    """Whether :func:`triton_boruvka_edges` takes ``X``: a CUDA float32 (n, n) or stack
+    (B, n, n), 2 <= n <= 65536, B <= 65535, with Triton installed (or its interpreter on, for CPU
+    tensors)."""
+    return (HAVE_TRITON and X.dtype == torch.float32 and X.dim() in (2, 3) and X.shape[-1] == X.shape[-2]
+            and 2 <= X.shape[-1] <= _PACKED_MAX_N and (X.dim() == 2 or X.shape[0] <= _MAX_MEMBERS)
             and (X.is_cuda or (X.device.type == "cpu" and _interpreting())))
 
 
@@ -184,7 +219,7 @@ def triton_boruvka_edges(D: torch.Tensor, rows: int = ROWS, cols: int = COLS,
 
     Parameters
     ----------
-    D : (n, n) float32 CUDA tensor, 2 <= n <= 65536
+    D : (n, n) float32 CUDA tensor, 2 <= n <= 65536, or a stack (B, n, n) of them
         Symmetric, non-negative, finite (see :func:`runs_on`).
     rows, cols, warps : the row kernel's tile (rows per program, columns per
         step) and warps per program.
@@ -193,47 +228,73 @@ def triton_boruvka_edges(D: torch.Tensor, rows: int = ROWS, cols: int = COLS,
     -------
     (n - 1, 2) LongTensor of vertex pairs ``(i, j)``, ``i < j``, on ``D``'s
     device, ascending by ``(D[i, j], i, j)``: the MST under that order, the
-    same edges as :func:`.torch_mst.prim_edges`.
+    same edges as :func:`.torch_mst.prim_edges`. For a stack, (B, n - 1, 2),
+    member ``b`` the same as ``triton_boruvka_edges(D[b])``.
 
     Raises
     ------
     ValueError
         When a component has no finite outgoing edge or the picks of a round
-        are not a forest: ``D`` was not symmetric, finite and non-negative.
+        are not a forest: ``D`` (the member named, in a stack) was not
+        symmetric, finite and non-negative.
     """
     if not runs_on(D):
-        raise ValueError(f"triton_boruvka_edges needs a CUDA float32 (n, n) tensor with 2 <= n <= "
+        raise ValueError(f"triton_boruvka_edges needs a CUDA float32 (n, n) or (B, n, n) tensor with 2 <= n <= "
                          f"{_PACKED_MAX_N} and Triton installed, got {D.dtype} of shape {tuple(D.shape)} "
                          f"on {D.device}; use boruvka.boruvka_edges otherwise")
     X = D.detach()
-    if X.stride(1) != 1:
+    if X.stride(-1) != 1:
         X = X.contiguous()  # the kernel reads rows: the one working copy
-    n = X.shape[0]
+    stack = X.dim() == 3
+    if not stack:
+        X = X[None]
+    B, n = X.shape[0], X.shape[-1]
     dev = X.device
+    if B == 0:
+        return torch.empty((0, n - 1, 2), dtype=torch.long, device=dev)
     lightest, minima, link, relabel = _kernels(_interpreting())
-    comp = torch.arange(n, dtype=torch.int32, device=dev)  # labels: the vertex that names the component
-    keys = torch.full((n,), _NO_EDGE, dtype=torch.int64, device=dev)
-    best = torch.full((n,), _NO_EDGE, dtype=torch.int64, device=dev)
-    parent = torch.empty(n, dtype=torch.int32, device=dev)
+    # labels: the vertex that names the component, per member
+    comp = torch.arange(n, dtype=torch.int32, device=dev).repeat(B, 1)
+    keys = torch.full((B, n), _NO_EDGE, dtype=torch.int64, device=dev)
+    best = torch.full((B, n), _NO_EDGE, dtype=torch.int64, device=dev)
+    parent = torch.empty((B, n), dtype=torch.int32, device=dev)
+    active = torch.ones(B, dtype=torch.int32, device=dev)
     # components at least halve each round: at most ceil(log2 n) rounds for a valid matrix
     rounds = max(1, math.ceil(math.log2(n)))
-    picked = torch.full((rounds, n), _NO_EDGE, dtype=torch.int64, device=dev)
-    counts = torch.zeros((rounds, 3), dtype=torch.int32, device=dev)
-    by_rows, by_vertices = (triton.cdiv(n, rows),), (triton.cdiv(n, _VERTICES),)
-    kept = 0
+    picked = torch.full((rounds, B, n), _NO_EDGE, dtype=torch.int64, device=dev)
+    counts = torch.zeros((rounds, B, 3), dtype=torch.int32, device=dev)
+    by_rows, by_vertices = (triton.cdiv(n, rows), B), (triton.cdiv(n, _VERTICES), B)
+    kept = [0] * B
+    done = [False] * B
+
+    def refuse(b: int):
+        raise ValueError(_INCONSISTENT if not stack else f"member {b} of the stack: {_INCONSISTENT}")
+
     # Triton launches on the current CUDA device, which need not be D's (a second GPU)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for t in range(rounds):
-            lightest[by_rows](X, comp, keys, n, X.stride(0), BLOCK_R=rows, BLOCK_C=cols, num_warps=warps)
-            minima[by_vertices](comp, keys, best, n, BLOCK=_VERTICES)
-            link[by_vertices](comp, best, parent, picked[t], counts[t], n, BLOCK=_VERTICES)
-            relabel[by_vertices](comp, parent, best, counts[t], n, BLOCK=_VERTICES)
-            roots, refused, k = counts[t].tolist()  # the round's one host sync
-            kept += k
-            if refused or roots == 1:
+            lightest[by_rows](X, comp, keys, active, n, X.stride(0), X.stride(1), BLOCK_R=rows, BLOCK_C=cols,
+                              num_warps=warps)
+            minima[by_vertices](comp, keys, best, active, n, BLOCK=_VERTICES)
+            link[by_vertices](comp, best, parent, picked[t], counts[t], active, n, BLOCK=_VERTICES)
+            relabel[by_vertices](comp, parent, best, counts[t], active, n, BLOCK=_VERTICES)
+            finished = 0
+            for b, (roots, refused, k) in enumerate(counts[t].tolist()):  # the round's one host sync
+                if done[b]:
+                    continue
+                kept[b] += k
+                if refused:
+                    refuse(b)
+                done[b] = roots == 1
+                finished += done[b]
+            if all(done):
                 break
-    if refused or roots != 1 or kept != n - 1:
-        raise ValueError(_INCONSISTENT)
-    # the keys order the edges by (weight, i, j): the n - 1 kept ones come first
-    k = picked[:t + 1].reshape(-1).sort().values[:n - 1]
-    return torch.stack([(k >> 16) & 0xFFFF, k & 0xFFFF], dim=1)
+            if finished:  # members finished this round idle from the next (one matrix never gets here)
+                active.copy_(torch.tensor(done, device=dev).logical_not())
+    for b in range(B):
+        if not done[b] or kept[b] != n - 1:
+            refuse(b)
+    # the keys order the edges by (weight, i, j): each member's n - 1 kept ones come first
+    k = picked[:t + 1].transpose(0, 1).reshape(B, -1).sort(dim=-1).values[:, :n - 1]
+    edges = torch.stack([(k >> 16) & 0xFFFF, k & 0xFFFF], dim=-1)
+    return edges if stack else edges[0]

@@ -40,7 +40,7 @@ try:  # numba is optional: without it the torch Boruvka serves CPU tensors too
 except Exception:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ["death_edges", "prim_edges", "boruvka_edges", "HAVE_NUMBA"]
+__all__ = ["death_edges", "death_edges_stack", "prim_edges", "boruvka_edges", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -159,34 +159,62 @@ else:  # pragma: no cover
     _prim_compiled = _prim_packed_compiled = None
 
 
-def prim_edges(D: torch.Tensor) -> torch.Tensor:
-    """Exact MST by compiled Prim. D: (n, n) CPU tensor -> (n - 1, 2) LongTensor."""
+def _prim_input(D: torch.Tensor, name: str) -> tuple[np.ndarray, bool]:
+    """A CPU matrix (or stack) as the C-contiguous float32/float64 array Prim reads, and whether
+    the packed kernel takes it (float32, n <= 65536)."""
     if not HAVE_NUMBA:
-        raise RuntimeError("prim_edges needs numba; use boruvka_edges instead")
+        raise RuntimeError(f"{name} needs numba; use boruvka_edges instead")
     X = D.detach()
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()  # half and bfloat16 widen to float32 exactly
     X = X.contiguous().numpy()
+    return X, X.dtype == np.float32 and X.shape[-1] <= _PACKED_MAX_N
+
+
+def prim_edges(D: torch.Tensor) -> torch.Tensor:
+    """Exact MST by compiled Prim. D: (n, n) CPU tensor -> (n - 1, 2) LongTensor."""
+    X, packed = _prim_input(D, "prim_edges")
     n = X.shape[0]
     out = np.empty((n - 1, 2), dtype=np.int64)
-    if X.dtype == np.float32 and n <= _PACKED_MAX_N:
+    if packed:
         _prim_packed_compiled(X, out)
     else:
         _prim_compiled(X, out)
     return torch.from_numpy(out)
 
 
+def _triton_edges(D: torch.Tensor) -> torch.Tensor | None:
+    """The Triton Boruvka's edges of ``D`` (n, n) or (B, n, n), or None where it does not run
+    (or failed to compile or launch on this device before, or now)."""
+    if not (D.is_cuda and boruvka_triton.runs_on(D) and D.device not in _TRITON_FAILED):
+        return None
+    try:
+        return boruvka_triton.triton_boruvka_edges(D)
+    except ValueError:  # bad input, as the torch Boruvka would say
+        raise
+    except Exception as e:  # the kernels did not compile or launch on this device
+        _TRITON_FAILED.add(D.device)
+        warnings.warn(f"the Triton Boruvka failed on {D.device} ({type(e).__name__}: {e}); the torch "
+                      f"backend uses its torch Boruvka there from now on", RuntimeWarning, stacklevel=3)
+    return None
+
+
 def death_edges(D: torch.Tensor) -> torch.Tensor:
     """(n, n) dissimilarity -> (n - 1, 2) death edges on D's device."""
     if D.device.type == "cpu" and HAVE_NUMBA:
         return prim_edges(D)
-    if D.is_cuda and boruvka_triton.runs_on(D) and D.device not in _TRITON_FAILED:
-        try:
-            return boruvka_triton.triton_boruvka_edges(D)
-        except ValueError:  # bad input, as the torch Boruvka would say
-            raise
-        except Exception as e:  # the kernels did not compile or launch on this device
-            _TRITON_FAILED.add(D.device)
-            warnings.warn(f"the Triton Boruvka failed on {D.device} ({type(e).__name__}: {e}); the torch "
-                          f"backend uses its torch Boruvka there from now on", RuntimeWarning, stacklevel=2)
-    return boruvka_edges(D)
+    edges = _triton_edges(D)
+    return boruvka_edges(D) if edges is None else edges
+
+
+def death_edges_stack(D: torch.Tensor) -> torch.Tensor:
+    """(B, n, n) dissimilarities -> (B, n - 1, 2) death edges on D's device, member ``b`` equal to
+    ``death_edges(D[b])``: on CPU the compiled Prim over the members in parallel
+    (:func:`.numba_host.prim_edges_stack`), on CUDA float32 one Triton Boruvka over the whole
+    stack; otherwise (float64 on CUDA, CPU without numba) the torch Boruvka member by member."""
+    if D.device.type == "cpu" and HAVE_NUMBA:
+        from .numba_host import prim_edges_stack  # it imports this module
+
+        return prim_edges_stack(D)
+    edges = _triton_edges(D)
+    return torch.stack([boruvka_edges(M) for M in D]) if edges is None else edges
