@@ -1,0 +1,216 @@
+"""Deaths from activations, with a gradient through the n - 1 tree edges only.
+
+The deaths of the 0-dimensional persistence are the dissimilarities of the
+minimum spanning tree's n - 1 edges. Their gradient needs those n - 1 values
+only, so :func:`tree_deaths` finds the tree on a dissimilarity computed
+*without* autograd, then recomputes the dissimilarity of the tree's pairs from
+the activations *with* autograd (for the correlation-based ones, one dot
+product of standardised columns per edge): the backward pass costs O(m n)
+instead of the dense pipeline's O(m n^2), and no (n, n) matrix is kept for it.
+
+The values are those of the dense pipeline, ``deaths(dissimilarity(A))``: each
+recomputed pair takes the value the matrix gave it (a straight-through
+correction, ``x + (x_matrix - x).detach()``, that changes the value by rounding
+only and the gradient not at all), so the deaths come out ascending exactly
+as :func:`toponeuro.persistence.deaths` returns them, and every branch
+(clamp, ``|.|``, square root) is taken on the same value as there.
+
+On CPU, for a float32 correlation-based dissimilarity with the ``"torch"`` or
+``"numba"`` backend (and numba installed), the matrix is ``C = Z^T Z`` in a
+reusable buffer, symmetrised in place tile by tile, and the MST is read from
+``C`` with the dissimilarity computed on the fly
+(:func:`toponeuro.persistence.numba_host.prim_edges_of_correlation`): one
+matrix product and two passes over ``C``. Elsewhere (CUDA, float64, other
+backends, ``euclidean``, a dissimilarity of your own with a pairwise form) the
+dense dissimilarity is built without autograd and handed to
+:func:`toponeuro.persistence.death_edges`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import dissimilarity as _dissimilarity
+from . import persistence
+from ._validation import check_activations
+from .dissimilarity import _autocast_off, _full_precision
+from .persistence import numba_host
+
+__all__ = ["tree_deaths", "Workspace"]
+
+
+class Workspace:
+    """Reusable scratch memory for :func:`tree_deaths`' (n, n) matrices.
+
+    One flat buffer per (dtype, device), grown to the largest size asked for;
+    ``matrix(shape, ...)`` returns a view of it, overwritten by the next call.
+    Copies (``copy.deepcopy``, ``pickle``) start empty: scratch is not state.
+    """
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def matrix(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of ``shape`` (contents undefined) in the buffer of ``(dtype, device)``."""
+        size = int(np.prod(shape))
+        key = (dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < size:
+            self._buffers.pop(key, None)  # free the old one first: the new one may be all the memory there is
+            buf = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:size].view(shape)
+
+    def clear(self) -> None:
+        """Release the buffers."""
+        self._buffers.clear()
+
+    def __getstate__(self):
+        return {"_buffers": {}}
+
+    def __deepcopy__(self, memo):
+        return Workspace()
+
+    def __repr__(self) -> str:
+        held = sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return f"Workspace({held / 2**20:.1f} MiB)"
+
+
+def _reads_correlation_in_place(C: torch.Tensor, backend: str) -> bool:
+    """The CPU fast path: Prim straight from the correlation matrix (same edges as these backends)."""
+    return backend in ("torch", "numba") and numba_host.runs_rho_prim(C)
+
+
+def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    """(..., n, n) ``Z^T Z``, exactly symmetric, unclamped, no grad (diagonal as the product gives it)."""
+    n = Zd.shape[-1]
+    shape = (*Zd.shape[:-2], n, n)
+    C = torch.empty(shape, dtype=Zd.dtype, device=Zd.device) if workspace is None else \
+        workspace.matrix(shape, Zd.dtype, Zd.device)
+    torch.matmul(Zd.mT, Zd, out=C)
+    # bitwise as the dense path's 0.5 * (C + C^T): in place tile by tile on CPU, no transposed pass
+    if numba_host.HAVE_NUMBA and C.device.type == "cpu" and C.dtype in (torch.float32, torch.float64):
+        for member in C.reshape(-1, n, n):
+            numba_host.symmetrise_mean_(member)
+        return C
+    return 0.5 * (C + C.mT)
+
+
+def _edges_of_correlation(C: torch.Tensor, name: str, of_rho, backend: str) -> torch.Tensor:
+    """(n, n) symmetric correlation matrix -> (n - 1, 2) death edges of ``of_rho(clamp(C))``, canonical order."""
+    if _reads_correlation_in_place(C, backend):
+        edges = numba_host.prim_edges_of_correlation(C, name)
+        # canonical order (as persistence.death_edges gives): by (d, i, j); d from the same rho
+        rho = C[edges[:, 0], edges[:, 1]].clamp(-1.0, 1.0)
+        return _canonical(of_rho(rho), edges)
+    D = of_rho(C.clamp(-1.0, 1.0))
+    D.diagonal().zero_()  # as the dense matrix (the product's diagonal is only nearly 1, or 0 for a dead neuron)
+    return persistence.death_edges(D, backend=backend, check=False)
+
+
+def _canonical(weights: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Edges ``(i < j)`` sorted by ``(weight, i, j)``: weights (k,) of edges (k, 2), both on the CPU."""
+    e = edges.numpy()
+    n = int(e.max()) + 1
+    by_pair = np.argsort(e[:, 0] * n + e[:, 1])
+    by_weight = by_pair[np.argsort(weights.numpy()[by_pair], kind="stable")]
+    return torch.from_numpy(e[by_weight])
+
+
+def _straight_through(recomputed: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The value of ``reference`` with the gradient of ``recomputed`` (they differ by rounding)."""
+    return recomputed + (reference.to(recomputed.dtype) - recomputed).detach()
+
+
+def _gather_pairs(M: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """M: (B, n, n), edges: (B, k, 2) -> (B, k), ``M[b, i, j]``."""
+    b = torch.arange(M.shape[0], device=M.device)[:, None]
+    return M[b, edges[..., 0], edges[..., 1]]
+
+
+def _tree_deaths_of_correlation(A: torch.Tensor, fn, backend: str, workspace) -> torch.Tensor:
+    """A: (B, m, n) float -> (B, n - 1) deaths of a correlation-based built-in."""
+    of_rho = _dissimilarity.OF_CORRELATION[fn]
+    Z = _dissimilarity.standardised_columns(A)  # the one standardisation: the matrix's and the pairs'
+    with torch.no_grad():
+        C = _correlation_matrix(Z.detach(), workspace)
+        # one member at a time for now: a batched death_edges makes this loop one call
+        edges = torch.stack([_edges_of_correlation(C[b], fn.__name__, of_rho, backend) for b in range(C.shape[0])])
+        edges = edges.to(A.device)
+        rho_matrix = _gather_pairs(C, edges).clamp(-1.0, 1.0)  # read before the buffer is reused
+    rho = _dissimilarity.correlation_of_standardised_pairs(Z, edges[..., 0], edges[..., 1])
+    return of_rho(_straight_through(rho, rho_matrix))
+
+
+def _tree_deaths_of_dense(A: torch.Tensor, fn, pairwise, backend: str, builtin: bool) -> torch.Tensor:
+    """A: (B, m, n) -> (B, n - 1): the tree of ``fn(A)`` (no grad), the pairs' values by ``pairwise``."""
+    with torch.no_grad():
+        # built-ins take check=False (A is validated); a user's matrix is checked by death_edges
+        D = torch.stack([fn(A[b].detach(), check=False) if builtin else fn(A[b].detach()) for b in range(A.shape[0])])
+        # one member at a time for now: a batched death_edges makes this loop one call
+        edges = torch.stack([persistence.death_edges(D[b], backend=backend, check=not builtin)
+                             for b in range(D.shape[0])])
+        values_matrix = _gather_pairs(D, edges)
+    if builtin:
+        values = pairwise(A, edges[..., 0], edges[..., 1], check=False)
+    else:  # a user's pairwise form takes (m, n) activations: one member at a time
+        values = torch.stack([pairwise(A[b], edges[b, :, 0], edges[b, :, 1]) for b in range(A.shape[0])])
+    return _straight_through(values, values_matrix)
+
+
+def tree_deaths(A: torch.Tensor, dissimilarity="abs_correlation", backend: str = "torch", *,
+                check: bool = True, workspace: Workspace | None = None) -> torch.Tensor:
+    """Deaths of the 0-dimensional persistence of the neurons, differentiable through the tree edges.
+
+    Parameters
+    ----------
+    A : (m, n) or (B, m, n) tensor
+        Activations, batch first; a stack of B independent sets of activations.
+    dissimilarity : str or callable
+        A built-in name (:data:`toponeuro.dissimilarity.DISSIMILARITIES`) or a
+        function ``(m, n) -> (n, n)`` that has a pairwise form
+        (:func:`toponeuro.dissimilarity.get_pairwise`).
+    backend : str
+        Persistence backend that gives death edges.
+    check : bool
+        Validate ``A`` (shape, finiteness); a user's matrix is checked too.
+    workspace : Workspace, optional
+        Scratch memory reused across calls for the (n, n) matrix (one is kept
+        by :class:`~toponeuro.TopologicalRegulariser`); without it, a fresh one.
+
+    Returns
+    -------
+    (n - 1,) or (B, n - 1) tensor
+        Ascending, equal (up to rounding) to ``persistence.deaths(dissimilarity(A))``
+        and, at every point where that is differentiable, with the same gradient
+        with respect to ``A``. Float16/bfloat16 activations are computed, and
+        returned, in float32, with autocast disabled inside.
+    """
+    fn = _dissimilarity.get(dissimilarity)
+    pairwise = _dissimilarity.get_pairwise(fn)
+    if pairwise is None:
+        raise ValueError(
+            f"dissimilarity {getattr(fn, '__name__', fn)!r} has no pairwise form; give it one "
+            "(fn.pairwise = pairs, see toponeuro.dissimilarity.get_pairwise) or use "
+            "persistence.deaths(fn(A)) on the dense matrix"
+        )
+    spec = persistence.get_backend(backend)  # unknown or not installed: ValueError naming the others
+    if not spec.gives_edges:
+        raise ValueError(f"backend {backend!r} gives death values only; the tree path needs death edges: "
+                         f"use one of {persistence.edge_backends()}")
+    stacked = torch.is_tensor(A) and A.ndim == 3
+    if check:
+        if stacked:
+            for member in A:
+                check_activations(member)
+        else:
+            A = check_activations(A)
+    A = _full_precision(A)
+    A = A if stacked else A[None]
+    with _autocast_off(A.device.type, "cpu"):
+        if fn in _dissimilarity.OF_CORRELATION:
+            deaths = _tree_deaths_of_correlation(A, fn, backend, workspace)
+        else:
+            builtin = fn in _dissimilarity.DISSIMILARITIES.values()
+            deaths = _tree_deaths_of_dense(A, fn, pairwise, backend, builtin)
+    return deaths if stacked else deaths[0]
