@@ -33,7 +33,6 @@ import torch
 
 from . import dissimilarity as _dissimilarity
 from . import persistence
-from ._validation import check_activations
 from .dissimilarity import _autocast_off, _full_precision
 from .persistence import numba_host
 
@@ -87,7 +86,8 @@ def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.
     shape = (*Zd.shape[:-2], n, n)
     C = torch.empty(shape, dtype=Zd.dtype, device=Zd.device) if workspace is None else \
         workspace.matrix(shape, Zd.dtype, Zd.device)
-    torch.matmul(Zd.mT, Zd, out=C)
+    for Zb, Cb in zip(Zd.reshape(-1, *Zd.shape[-2:]), C.view(-1, n, n)):
+        torch.mm(Zb.mT, Zb, out=Cb)  # a member at a time: mm, not bmm, and no temporary
     # bitwise as the dense path's 0.5 * (C + C^T): in place tile by tile on CPU, no transposed pass
     if numba_host.HAVE_NUMBA and C.device.type == "cpu" and C.dtype in (torch.float32, torch.float64):
         for member in C.reshape(-1, n, n):
@@ -200,11 +200,7 @@ def tree_deaths(A: torch.Tensor, dissimilarity="abs_correlation", backend: str =
                          f"use one of {persistence.edge_backends()}")
     stacked = torch.is_tensor(A) and A.ndim == 3
     if check:
-        if stacked:
-            for member in A:
-                check_activations(member)
-        else:
-            A = check_activations(A)
+        A = _dissimilarity.check_activations_or_stack(A)
     A = _full_precision(A)
     A = A if stacked else A[None]
     with _autocast_off(A.device.type, "cpu"):

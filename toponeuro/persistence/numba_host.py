@@ -38,17 +38,40 @@ def _symmetrise_mean_kernel(C):
     """In place: ``C[i, j] = C[j, i] = (C[i, j] + C[j, i]) * 0.5`` for i != j, tile by tile.
 
     The same operations, in the same order, as ``0.5 * (C + C.T)`` in torch, so the
-    same values bit for bit; the diagonal is left as it is.
+    same values bit for bit; the diagonal is left as it is. The mirror tile is
+    read by rows into a local transposed tile (row stride ``_TILE + 1``: a
+    power-of-two stride, as in ``C`` for n = 4096, would map a column to one
+    cache set) and written back by rows, so ``C`` is only ever read and
+    written along rows.
     """
     n = C.shape[0]
     half = C.dtype.type(0.5)
+    T = np.empty((_TILE, _TILE + 1), dtype=C.dtype)  # T[ii, jj] = C[bj + jj, bi + ii]
     for bi in range(0, n, _TILE):
-        for bj in range(bi, n, _TILE):
-            for i in range(bi, min(bi + _TILE, n)):
-                for j in range(max(bj, i + 1), min(bj + _TILE, n)):
-                    v = (C[i, j] + C[j, i]) * half
-                    C[i, j] = v
-                    C[j, i] = v
+        ei = min(bi + _TILE, n)
+        h = ei - bi
+        for i in range(bi, ei):  # the diagonal tile
+            for j in range(i + 1, ei):
+                v = (C[i, j] + C[j, i]) * half
+                C[i, j] = v
+                C[j, i] = v
+        for bj in range(ei, n, _TILE):
+            w = min(bj + _TILE, n) - bj
+            for jj in range(w):  # the mirror tile's rows, transposed into T
+                row = C[bj + jj, bi:ei]
+                for ii in range(h):
+                    T[ii, jj] = row[ii]
+            for ii in range(h):  # C's tile and T, both along rows (row views: the loop vectorises)
+                row = C[bi + ii, bj:bj + w]
+                trow = T[ii]
+                for jj in range(w):
+                    v = (row[jj] + trow[jj]) * half
+                    row[jj] = v
+                    trow[jj] = v
+            for jj in range(w):  # back into the mirror tile's rows
+                row = C[bj + jj, bi:ei]
+                for ii in range(h):
+                    row[ii] = T[ii, jj]
 
 
 def _prim_rho_packed_kernel(C, mode, out):
