@@ -21,7 +21,7 @@ from .dissimilarity import _autocast_off, _full_precision
 from .sampling import ActivationRecorder, AllNeurons, Sampler
 from .tree_deaths import Workspace, tree_deaths
 
-__all__ = ["TopologicalRegulariser", "FORMULAS"]
+__all__ = ["TopologicalRegulariser", "FORMULAS", "UNBOUNDED_DISSIMILARITIES", "check_bounded"]
 
 FORMULAS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
 
@@ -31,10 +31,25 @@ FORMULAS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
 UNBOUNDED_DISSIMILARITIES = ("euclidean",)
 
 
-def _unbounded_below(formula: str, dissimilarity, alpha: float) -> bool:
-    """Whether ``formula`` on ``dissimilarity`` has no lower bound (T2 with alpha = 1 is a std: >= 0)."""
-    unbounded = any(dissimilarity is _dissimilarity.DISSIMILARITIES[name] for name in UNBOUNDED_DISSIMILARITIES)
-    return unbounded and (formula == "t1" or (formula == "t2" and alpha < 1.0))
+def check_bounded(formula: str, dissimilarity, alpha: float = 0.5, allow_unbounded: bool = False) -> None:
+    """Refuse a formula that has no lower bound on this dissimilarity (ValueError), or warn if allowed.
+
+    T1, and T2 with ``alpha < 1``, on an unbounded dissimilarity (:data:`UNBOUNDED_DISSIMILARITIES`)
+    decrease without end as the activations are scaled up. The constructor of
+    :class:`TopologicalRegulariser` calls this; a front end can call it before any training.
+    """
+    fn = _dissimilarity.get(dissimilarity)
+    unbounded = any(fn is _dissimilarity.DISSIMILARITIES[name] for name in UNBOUNDED_DISSIMILARITIES)
+    if not (unbounded and (formula == "t1" or (formula == "t2" and alpha < 1.0))):
+        return
+    what = (f"{formula.upper()} on the unbounded dissimilarity {fn.__name__!r} has no lower bound: the "
+            "optimiser lowers it without end by scaling the activations up, and the task is lost")
+    if not allow_unbounded:
+        bounded = sorted(set(_dissimilarity.DISSIMILARITIES) - set(UNBOUNDED_DISSIMILARITIES))
+        raise ValueError(f"{what}. Use a bounded dissimilarity ({', '.join(bounded)})"
+                         + (", or T2 with alpha=1" if formula == "t2" else "")
+                         + ", or pass allow_unbounded=True to train with it anyway")
+    warnings.warn(what + " (allowed by allow_unbounded=True)", UserWarning, stacklevel=3)
 
 
 class TopologicalRegulariser(nn.Module):
@@ -133,14 +148,7 @@ class TopologicalRegulariser(nn.Module):
         self.formula = formula
         self.backend = backend
         self.dissimilarity = _dissimilarity.get(dissimilarity)
-        if _unbounded_below(formula, self.dissimilarity, alpha):
-            what = (f"{formula.upper()} on the unbounded dissimilarity {self.dissimilarity.__name__!r} has no lower "
-                    "bound: the optimiser lowers it without end by scaling the activations up, and the task is lost")
-            if not allow_unbounded:
-                raise ValueError(f"{what}. Use a bounded dissimilarity ({', '.join(sorted(set(_dissimilarity.DISSIMILARITIES) - set(UNBOUNDED_DISSIMILARITIES)))})"
-                                 + (", or T2 with alpha=1" if formula == "t2" else "")
-                                 + ", or pass allow_unbounded=True to train with it anyway")
-            warnings.warn(what + " (allowed by allow_unbounded=True)", UserWarning, stacklevel=2)
+        check_bounded(formula, self.dissimilarity, alpha, allow_unbounded)
         # built-ins take check=False (activations() already validated them);
         # a user's function is called with the activations alone
         self._builtin_dissimilarity = self.dissimilarity in _dissimilarity.DISSIMILARITIES.values()
