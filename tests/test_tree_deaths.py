@@ -95,7 +95,9 @@ def test_float32_values_and_gradient_match_the_dense_path(name, kind, backend, t
     assert torch.allclose(tree, dense, rtol=0, atol=1e-6)
     assert torch.isfinite(g_tree).all()
     scale = g_dense.abs().max().clamp_min(1.0)
-    assert (g_tree - g_dense).abs().max() <= 1e-4 * scale
+    # at |rho| = 1 sqrt(1 - rho^2) turns rounding of eps into gradients of sqrt(eps) ~ 3e-4
+    tol = 2e-3 if name == "sqrt_one_minus_rho2" and kind in ("tied", "duplicated") else 1e-4
+    assert (g_tree - g_dense).abs().max() <= tol * scale
 
 
 @pytest.mark.parametrize("name", NAMES)

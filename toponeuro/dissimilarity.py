@@ -94,10 +94,16 @@ def correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
 def standardised_columns(A: torch.Tensor) -> torch.Tensor:
     """Columns centred and scaled to unit norm, so that ``Z[:, k] . Z[:, l] = rho_kl``.
 
-    A : (..., m, n) activations, batch first (a stack of them too). Returns
-    (..., m, n), differentiable. A constant column (a dead ReLU) comes out
-    exactly zero, with a finite gradient: its correlations are 0. No checks.
+    A : (..., m, n) activations, batch first (a stack of them too). Returns (..., m, n),
+    differentiable. A constant column (a dead ReLU) comes out exactly zero, with a
+    finite gradient: its correlations are 0. No checks.
     """
+    return _standardise(A)[0]
+
+
+def _standardise(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Z, norm, constant): Z as :func:`standardised_columns`; norm (..., 1, n), that of each
+    centred column (1 for constant ones), so that ``Z = (A - mean) / norm``; constant (..., 1, n)."""
     Ad = A.detach()
     constant = Ad.amax(-2, keepdim=True) == Ad.amin(-2, keepdim=True)  # exact test: a dead ReLU is exactly constant
     # masked unconditionally: testing for a constant column first would cost a host sync per
@@ -108,12 +114,13 @@ def standardised_columns(A: torch.Tensor) -> torch.Tensor:
     # Correlation is scale invariant, so a detached scale changes neither the
     # value nor the gradient.
     scale = Ac.detach().abs().amax(-2, keepdim=True)
-    Ac = Ac / torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    Ac = Ac / scale
     ss = (Ac * Ac).sum(-2, keepdim=True)
     # constant columns are exactly zero after masking; divide them by 1 so that
     # neither the value nor the gradient of the norm is 0/0.
     norm = torch.sqrt(torch.where(constant, torch.ones_like(ss), ss))
-    return Ac / norm
+    return Ac / norm, (norm * scale).detach(), constant
 
 
 def _correlation(A: torch.Tensor) -> torch.Tensor:

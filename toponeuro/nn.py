@@ -19,7 +19,7 @@ from ._validation import check_activations
 from .distributed import SYNC_MODES, gather_batch
 from .dissimilarity import _autocast_off, _full_precision
 from .sampling import ActivationRecorder, AllNeurons, Sampler
-from .tree_deaths import Workspace, tree_deaths
+from . import tree_deaths as _tree_deaths
 
 __all__ = ["TopologicalRegulariser", "FORMULAS", "UNBOUNDED_DISSIMILARITIES", "check_bounded"]
 
@@ -158,7 +158,7 @@ class TopologicalRegulariser(nn.Module):
         # the tree path needs edges and a pairwise form; otherwise the dense matrix
         self.tree_gradient = (bool(tree_gradient) and spec.gives_edges
                               and _dissimilarity.get_pairwise(self.dissimilarity) is not None)
-        self._workspace = Workspace()  # the tree path's (n, n) matrix, reused from call to call
+        self._workspace = _tree_deaths.Workspace()  # the tree path's (n, n) matrix, reused from call to call
         # the model is not a submodule: reg.parameters() / state_dict() stay empty
         self.__dict__["model"] = model
         self.recorder = None
@@ -235,7 +235,7 @@ class TopologicalRegulariser(nn.Module):
         """
         if self.tree_gradient:
             # float32 for 16-bit activations and autocast off inside, as on the dense path
-            return tree_deaths(self.activations(), self.dissimilarity, self.backend, check=False,
+            return _tree_deaths.tree_deaths(self.activations(), self.dissimilarity, self.backend, check=False,
                                workspace=self._workspace)
         D = self.dissimilarity_matrix()
         # a user's dissimilarity function is checked (square, finite, >= 0, symmetric); the built-ins are by construction

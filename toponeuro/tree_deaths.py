@@ -128,18 +128,48 @@ def _gather_pairs(M: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return M[b, edges[..., 0], edges[..., 1]]
 
 
+class _CorrelationOfPairs(torch.autograd.Function):
+    """``rho`` of the pairs ``(i, j)`` as a function of ``A``: the value given, the gradient by hand.
+
+    For ``Z = (A - mean) / norm`` (columns; constant ones masked) and ``rho_e = Z_i . Z_j``,
+    the backward of ``sum_e g_e rho_e`` is ``G = sum_e g_e (Z_j e_i^T + Z_i e_j^T)`` (two
+    scatters), then through the normalisation ``(G - Z (Z . G)) / norm`` and the centring
+    and mask: about ten O(m n) operations, where autograd through the standardisation
+    would take some twenty-five. First order only.
+    """
+
+    @staticmethod
+    def forward(ctx, A, rho, Z, norm, constant, i, j):
+        ctx.save_for_backward(Z, norm, constant, i, j)
+        return rho.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        Z, norm, constant, i, j = ctx.saved_tensors
+        G = torch.zeros_like(Z)
+        shape = (*Z.shape[:-1], i.shape[-1])
+        G.scatter_add_(-1, i.unsqueeze(-2).expand(shape), _dissimilarity._columns(Z, j) * g.unsqueeze(-2))
+        G.scatter_add_(-1, j.unsqueeze(-2).expand(shape), _dissimilarity._columns(Z, i) * g.unsqueeze(-2))
+        G = (G - Z * (Z * G).sum(-2, keepdim=True)) / norm
+        G = G.masked_fill_(constant, 0.0)
+        return G - G.mean(-2, keepdim=True), None, None, None, None, None, None
+
+
 def _tree_deaths_of_correlation(A: torch.Tensor, fn, backend: str, workspace) -> torch.Tensor:
     """A: (B, m, n) float -> (B, n - 1) deaths of a correlation-based built-in."""
     of_rho = _dissimilarity.OF_CORRELATION[fn]
-    Z = _dissimilarity.standardised_columns(A)  # the one standardisation: the matrix's and the pairs'
     with torch.no_grad():
-        C = _correlation_matrix(Z.detach(), workspace)
+        # the one standardisation: the matrix's and the pairs' (whose gradient _CorrelationOfPairs gives)
+        Z, norm, constant = _dissimilarity._standardise(A.detach())
+        C = _correlation_matrix(Z, workspace)
         # one member at a time for now: a batched death_edges makes this loop one call
         edges = torch.stack([_edges_of_correlation(C[b], fn.__name__, of_rho, backend) for b in range(C.shape[0])])
         edges = edges.to(A.device)
-        rho_matrix = _gather_pairs(C, edges).clamp(-1.0, 1.0)  # read before the buffer is reused
-    rho = _dissimilarity.correlation_of_standardised_pairs(Z, edges[..., 0], edges[..., 1])
-    return of_rho(_straight_through(rho, rho_matrix))
+        rho_matrix = _gather_pairs(C, edges)  # read before the buffer is reused
+    rho = _CorrelationOfPairs.apply(A, rho_matrix, Z, norm, constant, edges[..., 0], edges[..., 1])
+    # clamped here, on the matrix's value, as on the dense path (the gradient stops where it clamps)
+    return of_rho(rho.clamp(-1.0, 1.0))
 
 
 def _tree_deaths_of_dense(A: torch.Tensor, fn, pairwise, backend: str, builtin: bool) -> torch.Tensor:
