@@ -131,11 +131,16 @@ def _gather_pairs(M: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 class _CorrelationOfPairs(torch.autograd.Function):
     """``rho`` of the pairs ``(i, j)`` as a function of ``A``: the value given, the gradient by hand.
 
-    For ``Z = (A - mean) / norm`` (columns; constant ones masked) and ``rho_e = Z_i . Z_j``,
-    the backward of ``sum_e g_e rho_e`` is ``G = sum_e g_e (Z_j e_i^T + Z_i e_j^T)`` (two
-    scatters), then through the normalisation ``(G - Z (Z . G)) / norm`` and the centring
-    and mask: about ten O(m n) operations, where autograd through the standardisation
-    would take some twenty-five. First order only.
+    For ``Z = centred(A) / norm`` (columns; constant ones masked to 0) and
+    ``rho_e = Z_i . Z_j``, the backward of ``sum_e g_e rho_e`` is, column by column,
+    ``G_c = (H_c - Z_c (Z_c . H_c)) / norm_c`` with ``H_c = sum over the pairs e at c of
+    g_e Z_partner``, and 0 for a constant column. ``H`` is a combination of centred
+    columns, so the centring's backward (subtract each column's mean) has nothing left
+    to remove and is skipped. Per-edge factors ``g_e / norm_c`` are folded in on the
+    (k,) side, so the (m, n) work is one gather, one product, one scatter, a column dot
+    product and one fused update: six passes where autograd through the standardisation
+    takes some twenty-five (each a parallel region, which costs most on a loaded machine).
+    First order only.
     """
 
     @staticmethod
@@ -147,13 +152,17 @@ class _CorrelationOfPairs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         Z, norm, constant, i, j = ctx.saved_tensors
+        at = torch.cat([i, j], -1)  # the column each term lands in ...
+        partner = torch.cat([j, i], -1)  # ... and the column it is a multiple of
+        # g_e / norm_at, and 0 into a constant column (its masked centring stops the gradient)
+        scale = torch.where(constant, torch.zeros_like(norm), 1.0 / norm).squeeze(-2)
+        factor = torch.cat([g, g], -1) * scale.gather(-1, at)
         G = torch.zeros_like(Z)
-        shape = (*Z.shape[:-1], i.shape[-1])
-        G.scatter_add_(-1, i.unsqueeze(-2).expand(shape), _dissimilarity._columns(Z, j) * g.unsqueeze(-2))
-        G.scatter_add_(-1, j.unsqueeze(-2).expand(shape), _dissimilarity._columns(Z, i) * g.unsqueeze(-2))
-        G = (G - Z * (Z * G).sum(-2, keepdim=True)) / norm
-        G = G.masked_fill_(constant, 0.0)
-        return G - G.mean(-2, keepdim=True), None, None, None, None, None, None
+        shape = (*Z.shape[:-1], at.shape[-1])
+        G.scatter_add_(-1, at.unsqueeze(-2).expand(shape), _dissimilarity._columns(Z, partner) * factor.unsqueeze(-2))
+        # the normalisation's backward, (H - Z (Z . H)) / norm, with the 1 / norm already in H
+        return torch.addcmul(G, Z, torch.linalg.vecdot(Z, G, dim=-2).unsqueeze(-2), value=-1.0), \
+            None, None, None, None, None, None
 
 
 def _tree_deaths_of_correlation(A: torch.Tensor, fn, backend: str, workspace) -> torch.Tensor:
