@@ -158,8 +158,10 @@ class _CorrelationOfPairs(torch.autograd.Function):
         scale = torch.where(constant, torch.zeros_like(norm), 1.0 / norm).squeeze(-2)
         factor = torch.cat([g, g], -1) * scale.gather(-1, at)
         G = torch.zeros_like(Z)
-        shape = (*Z.shape[:-1], at.shape[-1])
-        G.scatter_add_(-1, at.unsqueeze(-2).expand(shape), _dissimilarity._columns(Z, partner) * factor.unsqueeze(-2))
+        # member by member: index_select / index_add_ along a row-major matrix's columns cost a
+        # fraction of gather / scatter_add_ with an expanded index (2 ms against 0.3 ms at 256 x 2000)
+        for Zb, Gb, at_b, partner_b, factor_b in zip(Z, G, at, partner, factor):
+            Gb.index_add_(-1, at_b, Zb.index_select(-1, partner_b) * factor_b)
         # the normalisation's backward, (H - Z (Z . H)) / norm, with the 1 / norm already in H
         return torch.addcmul(G, Z, torch.linalg.vecdot(Z, G, dim=-2).unsqueeze(-2), value=-1.0), \
             None, None, None, None, None, None
