@@ -318,3 +318,16 @@ def test_through_a_model_the_tree_path_gives_the_dense_parameter_gradients(name,
     assert torch.allclose(v_tree, v_dense, rtol=0, atol=1e-12)
     for a, b in zip(g_tree, g_dense):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_values_and_gradient_match_the_dense_path(name, dtype, torch_gen):
+    A = _activations("dead", torch_gen, m=64, n=300, dtype=dtype).cuda()
+    w = torch.rand(299, generator=torch_gen, dtype=dtype).cuda()
+    tree, g_tree = _value_and_grad(lambda X: tree_deaths(X, name), A, w)
+    dense, g_dense = _value_and_grad(lambda X: _dense(X, name), A, w)
+    assert tree.device == A.device and g_tree.device == A.device
+    assert torch.allclose(tree, dense, rtol=0, atol=1e-6)
+    assert torch.allclose(g_tree, g_dense, rtol=1e-4, atol=1e-5)

@@ -165,7 +165,8 @@ class _CorrelationOfPairs(torch.autograd.Function):
             Gb.index_add_(0, at_b, Zb.index_select(0, partner_b) * factor_b.unsqueeze(-1))
         # the normalisation's backward, (H - Z (Z . H)) / norm, with the 1 / norm already in H
         Gt = torch.addcmul(Gt, Zt, torch.linalg.vecdot(Zt, Gt, dim=-1).unsqueeze(-1), value=-1.0)
-        return Gt.mT, None, None, None, None, None, None
+        # contiguous: a strided gradient reaches collectives (all_gather's backward under DDP) as it is
+        return Gt.mT.contiguous(), None, None, None, None, None, None
 
 
 def _tree_deaths_of_correlation(A: torch.Tensor, fn, backend: str, workspace) -> torch.Tensor:
