@@ -142,13 +142,23 @@ def test_the_gradient_reaches_only_the_tree_pairs_through_o_m_n_backward(torch_g
 @needs_numba
 @pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 130, 200])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_symmetrise_is_torch_half_sum_bit_for_bit(n, dtype, rng):
+def test_mirror_upper_copies_the_upper_triangle_into_the_lower(n, dtype, rng):
     C = rng.standard_normal((n, n)).astype(dtype)
-    expected = (0.5 * (torch.from_numpy(C) + torch.from_numpy(C).mT)).numpy()
-    np.fill_diagonal(expected, np.diag(C))
+    expected = np.triu(C) + np.triu(C, 1).T
     X = torch.from_numpy(C.copy())
-    numba_host.symmetrise_mean_(X)
+    numba_host.mirror_upper_(X)
     assert np.array_equal(X.numpy(), expected)
+
+
+@needs_numba
+@pytest.mark.parametrize("n", [2, 255, 256, 257, 700])
+def test_correlation_matrix_by_panels_is_the_symmetric_product(n, torch_gen):
+    from toponeuro.tree_deaths import _correlation_matrix
+
+    Z = dissimilarity.standardised_columns(torch.randn(2, 20, n, generator=torch_gen))
+    C = _correlation_matrix(Z, Workspace())
+    assert torch.equal(C, C.mT)
+    assert torch.allclose(C, Z.mT @ Z, rtol=0, atol=1e-6)
 
 
 @needs_numba

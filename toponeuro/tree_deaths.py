@@ -16,10 +16,11 @@ as :func:`toponeuro.persistence.deaths` returns them, and every branch
 (clamp, ``|.|``, square root) is taken on the same value as there.
 
 On CPU, for a float32 correlation-based dissimilarity with the ``"torch"`` or
-``"numba"`` backend (and numba installed), the matrix is ``C = Z^T Z`` in a
-reusable buffer, symmetrised in place tile by tile, and the MST is read from
-``C`` with the dissimilarity computed on the fly
-(:func:`toponeuro.persistence.numba_host.prim_edges_of_correlation`): one
+``"numba"`` backend (and numba installed), the matrix is the upper triangle of
+``C = Z^T Z`` (row panels: about half the product's flops) in a reusable
+buffer, mirrored in place tile by tile, and the MST is read from ``C`` with the
+dissimilarity computed on the fly
+(:func:`toponeuro.persistence.numba_host.prim_edges_of_correlation`): half a
 matrix product and two passes over ``C``. Elsewhere (CUDA, float64, other
 backends, ``euclidean``, a dissimilarity of your own with a pairwise form) the
 dense dissimilarity is built without autograd and handed to
@@ -80,20 +81,24 @@ def _reads_correlation_in_place(C: torch.Tensor, backend: str) -> bool:
     return backend in ("torch", "numba") and numba_host.runs_rho_prim(C)
 
 
+_PANEL = 256  # rows of C per product: the upper triangle in n / 256 products, about half the flops
+
+
 def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
     """(..., n, n) ``Z^T Z``, exactly symmetric, unclamped, no grad (diagonal as the product gives it)."""
     n = Zd.shape[-1]
     shape = (*Zd.shape[:-2], n, n)
     C = torch.empty(shape, dtype=Zd.dtype, device=Zd.device) if workspace is None else \
         workspace.matrix(shape, Zd.dtype, Zd.device)
-    for Zb, Cb in zip(Zd.reshape(-1, *Zd.shape[-2:]), C.view(-1, n, n)):
-        torch.mm(Zb.mT, Zb, out=Cb)  # a member at a time: mm, not bmm, and no temporary
-    # bitwise as the dense path's 0.5 * (C + C^T): in place tile by tile on CPU, no transposed pass
     if numba_host.HAVE_NUMBA and C.device.type == "cpu" and C.dtype in (torch.float32, torch.float64):
-        for member in C.reshape(-1, n, n):
-            numba_host.symmetrise_mean_(member)
+        # a member at a time, the upper triangle by row panels, then mirrored in place tile by tile
+        for Zb, Cb in zip(Zd.reshape(-1, *Zd.shape[-2:]), C.view(-1, n, n)):
+            for lo in range(0, n, _PANEL):
+                torch.mm(Zb[:, lo:lo + _PANEL].mT, Zb[:, lo:], out=Cb[lo:lo + _PANEL, lo:])
+            numba_host.mirror_upper_(Cb)
         return C
-    return 0.5 * (C + C.mT)
+    torch.matmul(Zd.mT, Zd, out=C)
+    return 0.5 * (C + C.mT)  # the product is not always bitwise symmetric; the MST wants it exactly
 
 
 def _edges_of_correlation(C: torch.Tensor, name: str, of_rho, backend: str) -> torch.Tensor:

@@ -23,10 +23,10 @@ def death_edges(D: torch.Tensor) -> torch.Tensor:
 
 # -- kernels for the tree path (toponeuro.tree_deaths): the MST read from a correlation matrix ----
 #
-# The tree path computes C = Z^T Z without autograd and needs the MST of d(C) for a correlation
-# dissimilarity d. These kernels read C itself: the symmetrisation in place, tile by tile (no
-# transposed pass over the whole matrix), and Prim computing each row's d on the fly, so that
-# neither C + C^T nor d(C) is ever materialised.
+# The tree path computes the upper triangle of C = Z^T Z without autograd (row panels: about half
+# the product) and needs the MST of d(C) for a correlation dissimilarity d. These kernels read C
+# itself: the mirror into the lower triangle in place, tile by tile (no transposed pass over the
+# whole matrix), and Prim computing each row's d on the fly, so that d(C) is never materialised.
 
 _TILE = 64  # 64 x 64 float32 tiles: a tile and its mirror (32 KiB) stay in L1/L2 while swapped
 
@@ -34,44 +34,33 @@ _TILE = 64  # 64 x 64 float32 tiles: a tile and its mirror (32 KiB) stay in L1/L
 RHO_DISSIMILARITY_MODES = {"abs_correlation": 0, "one_minus_rho": 1, "sqrt_one_minus_rho2": 2}
 
 
-def _symmetrise_mean_kernel(C):
-    """In place: ``C[i, j] = C[j, i] = (C[i, j] + C[j, i]) * 0.5`` for i != j, tile by tile.
+def _mirror_upper_kernel(C):
+    """In place: ``C[j, i] = C[i, j]`` for i < j (the lower triangle becomes the upper one's mirror).
 
-    The same operations, in the same order, as ``0.5 * (C + C.T)`` in torch, so the
-    same values bit for bit; the diagonal is left as it is. The mirror tile is
-    read by rows into a local transposed tile (row stride ``_TILE + 1``: a
-    power-of-two stride, as in ``C`` for n = 4096, would map a column to one
-    cache set) and written back by rows, so ``C`` is only ever read and
-    written along rows.
+    Tile by tile: each tile of the upper triangle is read by rows into a local
+    transposed tile (row stride ``_TILE + 1``: a power-of-two stride, as in ``C``
+    for n = 4096, would map a column to one cache set) and written into its
+    mirror by rows, so ``C`` is only ever read and written along rows.
     """
     n = C.shape[0]
-    half = C.dtype.type(0.5)
-    T = np.empty((_TILE, _TILE + 1), dtype=C.dtype)  # T[ii, jj] = C[bj + jj, bi + ii]
+    T = np.empty((_TILE, _TILE + 1), dtype=C.dtype)  # T[jj, ii] = C[bi + ii, bj + jj]
     for bi in range(0, n, _TILE):
         ei = min(bi + _TILE, n)
         h = ei - bi
         for i in range(bi, ei):  # the diagonal tile
             for j in range(i + 1, ei):
-                v = (C[i, j] + C[j, i]) * half
-                C[i, j] = v
-                C[j, i] = v
+                C[j, i] = C[i, j]
         for bj in range(ei, n, _TILE):
             w = min(bj + _TILE, n) - bj
-            for jj in range(w):  # the mirror tile's rows, transposed into T
-                row = C[bj + jj, bi:ei]
-                for ii in range(h):
-                    T[ii, jj] = row[ii]
-            for ii in range(h):  # C's tile and T, both along rows (row views: the loop vectorises)
+            for ii in range(h):  # the upper tile's rows, transposed into T
                 row = C[bi + ii, bj:bj + w]
-                trow = T[ii]
                 for jj in range(w):
-                    v = (row[jj] + trow[jj]) * half
-                    row[jj] = v
-                    trow[jj] = v
-            for jj in range(w):  # back into the mirror tile's rows
+                    T[jj, ii] = row[jj]
+            for jj in range(w):  # into the mirror tile, by rows
                 row = C[bj + jj, bi:ei]
+                trow = T[jj]
                 for ii in range(h):
-                    row[ii] = T[ii, jj]
+                    row[ii] = trow[ii]
 
 
 def _prim_rho_packed_kernel(C, mode, out):
@@ -129,20 +118,20 @@ def _prim_rho_packed_kernel(C, mode, out):
 
 
 if HAVE_NUMBA:
-    _symmetrise_mean_compiled = numba.njit(cache=True, nogil=True)(_symmetrise_mean_kernel)
+    _mirror_upper_compiled = numba.njit(cache=True, nogil=True)(_mirror_upper_kernel)
     _prim_rho_packed_compiled = numba.njit(cache=True, nogil=True)(_prim_rho_packed_kernel)
 else:  # pragma: no cover
-    _symmetrise_mean_compiled = _prim_rho_packed_compiled = None
+    _mirror_upper_compiled = _prim_rho_packed_compiled = None
 
 
-def symmetrise_mean_(C: torch.Tensor) -> torch.Tensor:
-    """In place, tile by tile: ``C <- 0.5 * (C + C.T)`` off the diagonal (bitwise as torch's).
+def mirror_upper_(C: torch.Tensor) -> torch.Tensor:
+    """In place, tile by tile: the lower triangle of ``C`` becomes the mirror of the upper one.
 
     C : (n, n) C-contiguous float32/float64 CPU tensor, without grad. Returns ``C``.
     """
     if not HAVE_NUMBA:
-        raise RuntimeError("symmetrise_mean_ needs numba")
-    _symmetrise_mean_compiled(C.numpy())
+        raise RuntimeError("mirror_upper_ needs numba")
+    _mirror_upper_compiled(C.numpy())
     return C
 
 
