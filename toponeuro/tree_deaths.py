@@ -17,11 +17,11 @@ as :func:`toponeuro.persistence.deaths` returns them, and every branch
 
 On CPU, for a float32 correlation-based dissimilarity with the ``"torch"`` or
 ``"numba"`` backend (and numba installed), the matrix is the upper triangle of
-``C = Z^T Z`` (row panels: about half the product's flops) in a reusable
+``C = Z^T Z`` (row panels: up to half the product's flops) in a reusable
 buffer, mirrored in place tile by tile, and the MST is read from ``C`` with the
 dissimilarity computed on the fly
-(:func:`toponeuro.persistence.numba_host.prim_edges_of_correlation`): half a
-matrix product and two passes over ``C``. Elsewhere (CUDA, float64, other
+(:func:`toponeuro.persistence.numba_host.prim_edges_of_correlation`): at most
+one matrix product and two passes over ``C``. Elsewhere (CUDA, float64, other
 backends, ``euclidean``, a dissimilarity of your own with a pairwise form) the
 dense dissimilarity is built without autograd and handed to
 :func:`toponeuro.persistence.death_edges`.
@@ -81,7 +81,15 @@ def _reads_correlation_in_place(C: torch.Tensor, backend: str) -> bool:
     return backend in ("torch", "numba") and numba_host.runs_rho_prim(C)
 
 
-_PANEL = 256  # rows of C per product: the upper triangle in n / 256 products, about half the flops
+def _panel_rows() -> int:
+    """Rows of C per product for its upper triangle (narrower panels: fewer flops, up to half).
+
+    Measured (m = 256, n = 1010 / 4096 / 8192, a loaded 2-core machine): one thread, panels
+    of 256 take 4 / 89 / 381 ms against 11 / 153 / 655 ms for the full product; with two
+    threads the BLAS splits narrow panels badly (256: 100 / 393 / 1021 ms against
+    24 / 169 / 640) and 2048 is best (24 / 145 / 445).
+    """
+    return 256 if torch.get_num_threads() == 1 else 2048
 
 
 def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
@@ -92,9 +100,10 @@ def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.
         workspace.matrix(shape, Zd.dtype, Zd.device)
     if numba_host.HAVE_NUMBA and C.device.type == "cpu" and C.dtype in (torch.float32, torch.float64):
         # a member at a time, the upper triangle by row panels, then mirrored in place tile by tile
+        rows = _panel_rows()
         for Zb, Cb in zip(Zd.reshape(-1, *Zd.shape[-2:]), C.view(-1, n, n)):
-            for lo in range(0, n, _PANEL):
-                torch.mm(Zb[:, lo:lo + _PANEL].mT, Zb[:, lo:], out=Cb[lo:lo + _PANEL, lo:])
+            for lo in range(0, n, rows):
+                torch.mm(Zb[:, lo:lo + rows].mT, Zb[:, lo:], out=Cb[lo:lo + rows, lo:])
             numba_host.mirror_upper_(Cb)
         return C
     torch.matmul(Zd.mT, Zd, out=C)
