@@ -8,12 +8,15 @@ the activations *with* autograd (for the correlation-based ones, one dot
 product of standardised columns per edge): the backward pass costs O(m n)
 instead of the dense pipeline's O(m n^2), and no (n, n) matrix is kept for it.
 
-The values are those of the dense pipeline, ``deaths(dissimilarity(A))``: each
-recomputed pair takes the value the matrix gave it (a straight-through
-correction, ``x + (x_matrix - x).detach()``, that changes the value by rounding
-only and the gradient not at all), so the deaths come out ascending exactly
-as :func:`toponeuro.persistence.deaths` returns them, and every branch
-(clamp, ``|.|``, square root) is taken on the same value as there.
+The values are those of the dense pipeline, ``deaths(dissimilarity(A))``, up to
+rounding: each tree pair takes the value the no-grad matrix gave it, and only its
+gradient comes from the recomputation (for the correlation-based built-ins the
+backward of ``rho_e = Z_i . Z_j`` through the standardisation is written out by
+hand in O(m n); for ``euclidean`` and a user's pairwise form, a straight-through
+correction ``x + (x_matrix - x).detach()``, which changes the value by rounding
+only and the gradient not at all). So the deaths come out ascending exactly as
+:func:`toponeuro.persistence.deaths` returns them, and every branch (clamp,
+``|.|``, square root) is taken on the same value as there.
 
 On CPU, for a float32 correlation-based dissimilarity with the ``"torch"`` or
 ``"numba"`` backend (and numba installed), the matrix is the upper triangle of
