@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -626,3 +627,80 @@ def test_after_the_with_block_the_error_says_the_hooks_were_removed():
         model(_inputs())
     with pytest.raises(ValueError, match="hooks were removed"):
         reg()
+
+
+# -- unbounded formula x dissimilarity (T1 on euclidean wrecked training: 486 -> -1.6e7 on digits) --
+
+def _relu_layer() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict([("fc", nn.Linear(10, 8)), ("relu", nn.ReLU())])).double()
+
+
+def test_t1_on_euclidean_is_unbounded_below_and_descent_runs_it_down():
+    """The failure itself: scaling a ReLU layer by c scales the euclidean deaths by c, so
+    T1 = (n - 1) - c * sum(d) has no lower bound, and gradient descent finds that."""
+    model, x = _relu_layer(), _inputs()
+    with pytest.warns(UserWarning, match="no lower bound"):
+        reg = tn.TopologicalRegulariser(model, formula="t1", dissimilarity="euclidean", include_output=False,
+                                        allow_unbounded=True)
+    model(x)
+    base = reg().item()
+    deaths = reg.deaths().sum().item()
+    for c in (10.0, 1e3):
+        scaled = _relu_layer()
+        with torch.no_grad():
+            scaled.fc.weight.mul_(c), scaled.fc.bias.mul_(c)
+        with pytest.warns(UserWarning, match="no lower bound"):
+            reg_c = tn.TopologicalRegulariser(scaled, formula="t1", dissimilarity="euclidean",
+                                              include_output=False, allow_unbounded=True)
+        scaled(x)
+        # hand computation: (n - 1) - c * sum of the unscaled deaths
+        assert reg_c().item() == pytest.approx(7 - c * deaths, rel=1e-9)
+        reg_c.remove()
+
+    def descend(model, reg):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(30):
+            opt.zero_grad()
+            model(x)
+            reg().backward()
+            opt.step()
+        model(x)
+        return reg().item()
+
+    assert descend(model, reg) < base - 50  # still falling: nothing stops it
+    # the bounded default, T1 = sum |rho| over the tree, stays >= 0 under the same descent
+    other = _relu_layer()
+    assert descend(other, tn.TopologicalRegulariser(other, formula="t1", include_output=False)) >= 0.0
+
+
+@pytest.mark.parametrize("formula,alpha", [("t1", 0.5), ("t2", 0.5), ("t2", 0.0)])
+def test_unbounded_formula_on_euclidean_is_refused_at_construction(formula, alpha):
+    with pytest.raises(ValueError, match="allow_unbounded=True"):
+        tn.TopologicalRegulariser(_mlp(), formula=formula, dissimilarity="euclidean", alpha=alpha)
+    with pytest.raises(ValueError, match="no lower bound"):  # what a front end calls before training
+        tn.nn.check_bounded(formula, "euclidean", alpha)
+    # the function itself, not only its name
+    with pytest.raises(ValueError, match="no lower bound"):
+        tn.TopologicalRegulariser(_mlp(), formula=formula, dissimilarity=dissimilarity.euclidean, alpha=alpha)
+
+
+def test_bounded_combinations_on_euclidean_are_accepted_without_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tn.TopologicalRegulariser(_mlp(), formula="t2", dissimilarity="euclidean", alpha=1.0)  # a std: >= 0
+        tn.TopologicalRegulariser(_mlp(), formula="min_corr", dissimilarity="euclidean")  # not on deaths
+        for name in ("abs_correlation", "sqrt_one_minus_rho2", "one_minus_rho"):
+            tn.TopologicalRegulariser(_mlp(), formula="t1", dissimilarity=name)
+
+
+def test_training_with_t1_on_euclidean_stops_before_the_first_step():
+    from toponeuro import training
+
+    model = _mlp().float()
+    params = [p.detach().clone() for p in model.parameters()]
+    X, y = torch.rand(8, 1, 2, 5), torch.randint(0, 5, (8,))
+    with pytest.raises(ValueError, match="allow_unbounded"):
+        training.fit(nn.Sequential(nn.Flatten(), model), (X, y), (X, y), method="t1", weight=1e-2,
+                     dissimilarity="euclidean", progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))

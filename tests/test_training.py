@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import math
 from collections import OrderedDict
 
@@ -151,6 +153,15 @@ def test_fit_passes_sampler_dissimilarity_alpha_and_backend_to_the_regulariser(d
         return real_deaths(D, backend=backend, check=check)
 
     monkeypatch.setattr(persistence, "deaths", recording_deaths)
+    # the regulariser's default path, T2 on the tree edges only (toponeuro.tree_deaths), names the backend there
+    tree_module = importlib.import_module("toponeuro.tree_deaths")
+    real_tree_deaths = tree_module.tree_deaths
+
+    def recording_tree_deaths(A, dissimilarity="abs_correlation", backend="torch", **kw):
+        seen_backends.append(backend)
+        return real_tree_deaths(A, dissimilarity, backend, **kw)
+
+    monkeypatch.setattr(tree_module, "tree_deaths", recording_tree_deaths)
     cfg = TrainConfig(batch_size=4096, max_epochs=1)
     res = fit(model, train, val, method="t2", weight=0.1, alpha=0.2, sampler=sampler,
               dissimilarity="one_minus_rho", backend=backend, config=cfg, progress=False)

@@ -26,7 +26,14 @@ __all__ = [
     "sqrt_one_minus_rho2",
     "one_minus_rho",
     "euclidean",
+    "standardised_columns",
+    "correlation_pairs",
+    "abs_correlation_pairs",
+    "sqrt_one_minus_rho2_pairs",
+    "one_minus_rho_pairs",
+    "euclidean_pairs",
     "get",
+    "get_pairwise",
     "DISSIMILARITIES",
 ]
 
@@ -105,29 +112,60 @@ def correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
         return _correlation(A)
 
 
-def _correlation(A: torch.Tensor) -> torch.Tensor:
+def standardised_columns(A: torch.Tensor) -> torch.Tensor:
+    """Columns centred and scaled to unit norm, so that ``Z[:, k] . Z[:, l] = rho_kl``.
+
+    A : (..., m, n) activations, batch first (a stack of them too). Returns (..., m, n),
+    differentiable. A constant column (a dead ReLU) comes out exactly zero, with a
+    finite gradient: its correlations are 0. No checks.
+    """
+    return _standardise(A)[0]
+
+
+def _standardise(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Z, norm, constant): Z as :func:`standardised_columns`; norm (..., 1, n), that of each
+    centred column (1 for constant ones), so that ``Z = (A - mean) / norm``; constant (..., 1, n)."""
     Ad = A.detach()
-    constant = Ad.amax(-2) == Ad.amin(-2)  # exact test: a dead ReLU is exactly constant
+    constant = Ad.amax(-2, keepdim=True) == Ad.amin(-2, keepdim=True)  # exact test: a dead ReLU is exactly constant
     # masked unconditionally: testing for a constant column first would cost a host sync per
     # call on a GPU (and rule out CUDA graph capture) to save one elementwise pass over A
-    Ac = (A - A.mean(-2, keepdim=True)).masked_fill(constant[..., None, :], 0.0)
+    Ac = (A - A.mean(-2, keepdim=True)).masked_fill(constant, 0.0)
     # Scale each column by its largest |entry| first so that the sum of squares
     # neither underflows nor overflows (activations of 1e-25 or 1e20 in fp32).
     # Correlation is scale invariant, so a detached scale changes neither the
     # value nor the gradient.
     scale = Ac.detach().abs().amax(-2, keepdim=True)
-    Ac = Ac / torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    Ac = Ac / scale
     ss = (Ac * Ac).sum(-2, keepdim=True)
     # constant columns are exactly zero after masking; divide them by 1 so that
     # neither the value nor the gradient of the norm is 0/0.
-    norm = torch.sqrt(torch.where(constant[..., None, :], torch.ones_like(ss), ss))
-    Z = Ac / norm
+    norm = torch.sqrt(torch.where(constant, torch.ones_like(ss), ss))
+    return Ac / norm, (norm * scale).detach(), constant
+
+
+def _correlation(A: torch.Tensor) -> torch.Tensor:
+    Z = standardised_columns(A)
     # a stack: one product per member, as batched matmul may round differently (float64 on CPU
     # at some n does), and each member must equal its own call bit for bit
     C = Z.mT @ Z if Z.ndim == 2 or len(Z) == 0 else torch.stack([z.mT @ z for z in Z])
     C = 0.5 * (C + C.mT)  # matmul is not bitwise symmetric; the MST wants it exactly
     C = C.clamp(-1.0, 1.0)
     return torch.diagonal_scatter(C, torch.ones_like(C.diagonal(dim1=-2, dim2=-1)), dim1=-2, dim2=-1)
+
+
+# The correlation-based dissimilarities as elementwise functions of (clamped) rho: the dense
+# matrices and the pairwise forms apply the same operations, so equal rho give equal values.
+def _abs_correlation_of(rho: torch.Tensor) -> torch.Tensor:
+    return 1.0 - rho.abs()
+
+
+def _sqrt_one_minus_rho2_of(rho: torch.Tensor) -> torch.Tensor:
+    return _safe_sqrt(1.0 - rho * rho)
+
+
+def _one_minus_rho_of(rho: torch.Tensor) -> torch.Tensor:
+    return 1.0 - rho
 
 
 @_members_on_cpu
@@ -137,7 +175,7 @@ def abs_correlation(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     A : (m, n) activations, batch first (or (B, m, n)). Returns (n, n) (or (B, n, n)), in [0, 1].
     """
     # The correlation's diagonal is exactly 1, so the diagonal here is exactly 0.
-    return 1.0 - correlation(A, check=check).abs()
+    return _abs_correlation_of(correlation(A, check=check))
 
 
 @_members_on_cpu
@@ -147,14 +185,13 @@ def sqrt_one_minus_rho2(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     The derivative is infinite at ``|rho| = 1`` (duplicated neurons); there
     the gradient is taken as 0.
     """
-    C = correlation(A, check=check)
-    return _safe_sqrt(1.0 - C * C)
+    return _sqrt_one_minus_rho2_of(correlation(A, check=check))
 
 
 @_members_on_cpu
 def one_minus_rho(A: torch.Tensor, check: bool = True) -> torch.Tensor:
     """``d_kl = 1 - rho_kl``, in [0, 2]: anti-correlated neurons are far apart."""
-    return 1.0 - correlation(A, check=check)
+    return _one_minus_rho_of(correlation(A, check=check))
 
 
 @_members_on_cpu
@@ -172,6 +209,101 @@ def euclidean(A: torch.Tensor, check: bool = True) -> torch.Tensor:
         X = X.float()
     D = torch.cdist(X, X, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
     return _zero_diagonal(0.5 * (D + D.mT)).to(A.dtype)
+
+
+# -- pairwise forms: the value of given pairs only, O(m k) for k pairs -----------------------------
+#
+# ``pairwise(A, i, j)`` is ``dissimilarity(A)[i, j]`` for index tensors ``i, j`` of shape
+# (..., k), without the (n, n) matrix: what the tree path of the regulariser
+# (:func:`toponeuro.tree_deaths.tree_deaths`) recomputes, with autograd, at the n - 1 tree
+# edges. Each built-in carries its pairwise form as its ``pairwise`` attribute; to offer one
+# for a dissimilarity of your own, set that attribute on your function (see :func:`get_pairwise`).
+
+
+def _columns(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """X: (..., m, n), index: (..., k) -> (..., m, k), the columns ``X[..., :, index]``."""
+    index = index.to(device=X.device, dtype=torch.long)
+    return X.gather(-1, index.unsqueeze(-2).expand(*X.shape[:-1], index.shape[-1]))
+
+
+def correlation_of_standardised_pairs(Z: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """``rho`` of the pairs ``(i, j)`` from standardised columns, clamped to [-1, 1], 1 where ``i == j``.
+
+    Z : (..., m, n) from :func:`standardised_columns`; i, j : (..., k). Returns (..., k):
+    one dot product per pair.
+    """
+    rho = (_columns(Z, i) * _columns(Z, j)).sum(-2).clamp(-1.0, 1.0)
+    return torch.where(i.to(Z.device) == j.to(Z.device), torch.ones_like(rho), rho)
+
+
+def check_activations_or_stack(A) -> torch.Tensor:
+    """:func:`~toponeuro._validation.check_activations` of ``A: (m, n)``, or of each member of a stack ``(B, m, n)``."""
+    if torch.is_tensor(A) and A.ndim == 3:
+        for member in A:
+            check_activations(member)
+        return A
+    return check_activations(A)
+
+
+def _checked_pairs(A, i, j, check: bool):
+    if check:
+        A = check_activations_or_stack(A)
+    i, j = torch.as_tensor(i), torch.as_tensor(j)
+    if i.shape != j.shape or i.shape[:-1] != A.shape[:-2]:
+        raise ValueError(f"pair indices i, j must both have shape (..., k) with ... = {tuple(A.shape[:-2])}, "
+                         f"got {tuple(i.shape)} and {tuple(j.shape)}")
+    n = A.shape[-1]
+    if i.numel() and (min(int(i.min()), int(j.min())) < 0 or max(int(i.max()), int(j.max())) >= n):
+        raise ValueError(f"pair indices must lie in [0, {n}) (the neurons of A)")
+    return A, i, j
+
+
+def correlation_pairs(A: torch.Tensor, i, j, check: bool = True) -> torch.Tensor:
+    """``correlation(A)[i, j]`` for the pairs ``(i, j)``, differentiably.
+
+    A : (m, n) activations, batch first; i, j : (k,) neuron indices. Returns (k,).
+    Computed in ``A``'s dtype, with autocast disabled inside.
+    """
+    A, i, j = _checked_pairs(A, i, j, check)
+    with _autocast_off(A.device.type):
+        return correlation_of_standardised_pairs(standardised_columns(A), i, j)
+
+
+def abs_correlation_pairs(A: torch.Tensor, i, j, check: bool = True) -> torch.Tensor:
+    """``abs_correlation(A)[i, j]`` for the pairs ``(i, j)``: (k,)."""
+    return _abs_correlation_of(correlation_pairs(A, i, j, check=check))
+
+
+def sqrt_one_minus_rho2_pairs(A: torch.Tensor, i, j, check: bool = True) -> torch.Tensor:
+    """``sqrt_one_minus_rho2(A)[i, j]`` for the pairs ``(i, j)``: (k,)."""
+    return _sqrt_one_minus_rho2_of(correlation_pairs(A, i, j, check=check))
+
+
+def one_minus_rho_pairs(A: torch.Tensor, i, j, check: bool = True) -> torch.Tensor:
+    """``one_minus_rho(A)[i, j]`` for the pairs ``(i, j)``: (k,)."""
+    return _one_minus_rho_of(correlation_pairs(A, i, j, check=check))
+
+
+def euclidean_pairs(A: torch.Tensor, i, j, check: bool = True) -> torch.Tensor:
+    """``euclidean(A)[i, j]`` for the pairs ``(i, j)``: (k,), gradient 0 at distance 0."""
+    A, i, j = _checked_pairs(A, i, j, check)
+    X = A.float() if A.dtype.itemsize < 4 else A  # as euclidean(): 16-bit columns differenced in float32
+    diff = _columns(X, i) - _columns(X, j)
+    return _safe_sqrt((diff * diff).sum(-2)).to(A.dtype)
+
+
+abs_correlation.pairwise = abs_correlation_pairs
+sqrt_one_minus_rho2.pairwise = sqrt_one_minus_rho2_pairs
+one_minus_rho.pairwise = one_minus_rho_pairs
+euclidean.pairwise = euclidean_pairs
+
+# the correlation-based built-ins as functions of rho (for the tree path, which shares one
+# standardisation between its matrix and its pairs)
+OF_CORRELATION: dict[Callable[..., torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] = {
+    abs_correlation: _abs_correlation_of,
+    sqrt_one_minus_rho2: _sqrt_one_minus_rho2_of,
+    one_minus_rho: _one_minus_rho_of,
+}
 
 
 DISSIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
@@ -192,3 +324,23 @@ def get(name_or_fn) -> Callable[..., torch.Tensor]:
         raise ValueError(
             f"unknown dissimilarity {name_or_fn!r}; choose one of {sorted(DISSIMILARITIES)}"
         ) from None
+
+
+def get_pairwise(name_or_fn) -> Callable[..., torch.Tensor] | None:
+    """The pairwise form of a dissimilarity (by name or function), or None if it has none.
+
+    A pairwise form ``pairwise(A, i, j) -> (k,)`` gives ``dissimilarity(A)[i, j]``
+    for index tensors ``i, j`` of shape (k,), differentiably with respect to ``A``
+    (the built-ins' take a stack ``A: (B, m, n)`` with ``i, j: (B, k)`` too, and
+    ``check=``). The built-ins carry theirs; a function of your own offers one by
+    an attribute::
+
+        def my_dissimilarity(A): ...          # (m, n) -> (n, n)
+        def my_pairs(A, i, j): ...            # (m, n), (k,), (k,) -> (k,)
+        my_dissimilarity.pairwise = my_pairs
+
+    and then :class:`~toponeuro.TopologicalRegulariser` computes T1/T2 on the tree
+    edges only (:func:`toponeuro.tree_deaths.tree_deaths`); without it, on the
+    dense matrix.
+    """
+    return getattr(get(name_or_fn), "pairwise", None)

@@ -18,6 +18,7 @@ import threading
 import numpy as np
 import torch
 
+from .boruvka import _PACKED_MAX_N
 from .torch_mst import HAVE_NUMBA, _prim_compiled, _prim_input, _prim_packed_compiled, prim_edges
 
 if HAVE_NUMBA:
@@ -74,3 +75,139 @@ def death_edges(D: torch.Tensor) -> torch.Tensor:
 def death_edges_stack(D: torch.Tensor) -> torch.Tensor:
     """(B, n, n) dissimilarities -> (B, n - 1, 2) death edges, on D's device."""
     return prim_edges_stack(D.detach().cpu()).to(D.device)
+
+
+# -- kernels for the tree path (toponeuro.tree_deaths): the MST read from a correlation matrix ----
+#
+# The tree path computes the upper triangle of C = Z^T Z without autograd (row panels: about half
+# the product) and needs the MST of d(C) for a correlation dissimilarity d. These kernels read C
+# itself: the mirror into the lower triangle in place, tile by tile (no transposed pass over the
+# whole matrix), and Prim computing each row's d on the fly, so that d(C) is never materialised.
+
+_TILE = 64  # 64 x 64 float32 tiles: a tile and its mirror (32 KiB) stay in L1/L2 while swapped
+
+# the correlation dissimilarities the Prim kernel computes on the fly (``mode``)
+RHO_DISSIMILARITY_MODES = {"abs_correlation": 0, "one_minus_rho": 1, "sqrt_one_minus_rho2": 2}
+
+
+def _mirror_upper_kernel(C):
+    """In place: ``C[j, i] = C[i, j]`` for i < j (the lower triangle becomes the upper one's mirror).
+
+    Tile by tile: each tile of the upper triangle is read by rows into a local
+    transposed tile (row stride ``_TILE + 1``: a power-of-two stride, as in ``C``
+    for n = 4096, would map a column to one cache set) and written into its
+    mirror by rows, so ``C`` is only ever read and written along rows.
+    """
+    n = C.shape[0]
+    T = np.empty((_TILE, _TILE + 1), dtype=C.dtype)  # T[jj, ii] = C[bi + ii, bj + jj]
+    for bi in range(0, n, _TILE):
+        ei = min(bi + _TILE, n)
+        h = ei - bi
+        for i in range(bi, ei):  # the diagonal tile
+            for j in range(i + 1, ei):
+                C[j, i] = C[i, j]
+        for bj in range(ei, n, _TILE):
+            w = min(bj + _TILE, n) - bj
+            for ii in range(h):  # the upper tile's rows, transposed into T
+                row = C[bi + ii, bj:bj + w]
+                for jj in range(w):
+                    T[jj, ii] = row[jj]
+            for jj in range(w):  # into the mirror tile, by rows
+                row = C[bj + jj, bi:ei]
+                trow = T[jj]
+                for ii in range(h):
+                    row[ii] = trow[ii]
+
+
+def _prim_rho_packed_kernel(C, mode, out):
+    """Prim's MST of ``d(clamp(C, -1, 1))`` for a symmetric C-contiguous float32 ``C``, n <= 65536.
+
+    ``mode`` picks d (:data:`RHO_DISSIMILARITY_MODES`): 0 ``1 - |rho|``, 1 ``1 - rho``,
+    2 ``sqrt(1 - rho^2)`` (0 where ``1 - rho^2 <= 0``), each in float32 operations as
+    torch computes it on the dense matrix, so the weights, and the tree, are those of
+    :func:`toponeuro.persistence.torch_mst._prim_packed_kernel` on that matrix, ties
+    included (order ``(d, i, j)``). Writes the (n - 1, 2) edges ``(i, j)``, ``i < j``,
+    into ``out`` in the order they join the tree.
+
+    Each step turns the new tree vertex's row of ``C`` into one row of d in a scratch
+    row (L1/L2-resident), then runs the packed kernel's branch-free key pass over it.
+    """
+    n = C.shape[0]
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    d = np.empty(n, dtype=np.float32)
+    bits = d.view(np.int32)
+    top = np.iinfo(np.int64).max
+    key = np.full(n, top, dtype=np.int64)
+    block = np.zeros(n, dtype=np.int64)  # `top` for tree vertices, else 0
+    block[0] = top
+    u = 0
+    for step in range(n - 1):
+        row = C[u]
+        # one loop per mode (the mode is hoisted by hand, so each loop vectorises)
+        if mode == 0:
+            for v in range(n):
+                d[v] = one - abs(min(max(row[v], -one), one))
+        elif mode == 1:
+            for v in range(n):
+                d[v] = one - min(max(row[v], -one), one)
+        else:
+            for v in range(n):
+                r = min(max(row[v], -one), one)
+                x = one - r * r
+                d[v] = np.sqrt(x) if x > zero else zero
+        best = top
+        for v in range(n):
+            lo = min(u, v)
+            hi = max(u, v)
+            cand = (np.int64(bits[v] & 0x7FFFFFFF) << 32) | (np.int64(lo) << 16) | np.int64(hi)
+            k = min(key[v], cand) | block[v]
+            key[v] = k
+            best = min(best, k)
+        lo = (best >> 16) & 0xFFFF
+        hi = best & 0xFFFF
+        v = lo if block[lo] == 0 else hi
+        block[v] = top
+        out[step, 0] = lo
+        out[step, 1] = hi
+        u = v
+
+
+if HAVE_NUMBA:
+    _mirror_upper_compiled = numba.njit(cache=True, nogil=True)(_mirror_upper_kernel)
+    _prim_rho_packed_compiled = numba.njit(cache=True, nogil=True)(_prim_rho_packed_kernel)
+else:  # pragma: no cover
+    _mirror_upper_compiled = _prim_rho_packed_compiled = None
+
+
+def mirror_upper_(C: torch.Tensor) -> torch.Tensor:
+    """In place, tile by tile: the lower triangle of ``C`` becomes the mirror of the upper one.
+
+    C : (n, n) C-contiguous float32/float64 CPU tensor, without grad. Returns ``C``.
+    """
+    if not HAVE_NUMBA:
+        raise RuntimeError("mirror_upper_ needs numba")
+    _mirror_upper_compiled(C.numpy())
+    return C
+
+
+def runs_rho_prim(C: torch.Tensor) -> bool:
+    """Whether :func:`prim_edges_of_correlation` takes ``C`` (numba, CPU, contiguous float32, n <= 65536)."""
+    return (HAVE_NUMBA and C.device.type == "cpu" and C.dtype == torch.float32 and C.ndim == 2
+            and C.is_contiguous() and C.shape[0] <= _PACKED_MAX_N)
+
+
+def prim_edges_of_correlation(C: torch.Tensor, dissimilarity: str) -> torch.Tensor:
+    """The MST of ``dissimilarity`` computed from the correlation matrix ``C``, without forming it.
+
+    C : (n, n) exactly symmetric float32 CPU tensor (:func:`runs_rho_prim`), read in place;
+    dissimilarity : a key of :data:`RHO_DISSIMILARITY_MODES`. Returns (n - 1, 2) int64 edges
+    ``(i, j)``, ``i < j``, in the order they join the tree: the edges Prim (the ``torch`` and
+    ``numba`` backends on CPU) finds on the dense dissimilarity matrix.
+    """
+    if not runs_rho_prim(C):
+        raise ValueError("prim_edges_of_correlation needs numba and a contiguous float32 CPU matrix, n <= 65536")
+    n = C.shape[0]
+    out = np.empty((n - 1, 2), dtype=np.int64)
+    _prim_rho_packed_compiled(C.detach().numpy(), RHO_DISSIMILARITY_MODES[dissimilarity], out)
+    return torch.from_numpy(out)
