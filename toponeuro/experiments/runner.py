@@ -57,6 +57,7 @@ import torch
 
 from .. import distributed, training
 from ..provenance import git_commit
+from . import shards
 from .config import ExperimentConfig, RunSpec
 
 __all__ = [
@@ -85,8 +86,14 @@ COLUMNS = (
     "best_epoch", "epochs", "stopped_early", "diverged", "seconds", "seconds_per_epoch",
     "train_size", "val_size", "test_size", "max_epochs", "patience", "batch_size", "lr", "momentum",
     "nesterov", "lr_decay", "lr_decay_steps", "backend", "dissimilarity", "alpha", "sampler",
-    "device", "torch_version", "commit", "finished_at",
+    "device", "torch_version", "commit", "finished_at", "engine",
 )
+
+#: the columns of runs.csv before the engine column; such a file is upgraded in place (engine "single")
+COLUMNS_BEFORE_ENGINE = tuple(c for c in COLUMNS if c != "engine")
+
+#: the engines that train runs: one model per process, or stacks of models (toponeuro.ensemble)
+ENGINES = ("single", "batched")
 
 #: columns that must agree between the rows already there and the config being run
 PROTOCOL_COLUMNS = ("train_size", "val_size", "test_size", "max_epochs", "patience", "batch_size", "lr",
@@ -126,7 +133,7 @@ def _locked_message(directory: Path, holder: str = "") -> str:
 
 
 @contextlib.contextmanager
-def experiment_lock(directory):
+def experiment_lock(directory, name: str = LOCK_NAME):
     """Hold an exclusive, non-blocking ``flock`` on ``<directory>/.lock`` for the ``with`` block.
 
     The folder is created if needed. The lock file is left in place (removing
@@ -147,7 +154,7 @@ def experiment_lock(directory):
         return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
+    path = directory / name  # a shard locks its own file (shards.lock_name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -249,9 +256,35 @@ def _check_header(path: Path) -> None:
         return
     with open(path, newline="", encoding="utf-8") as fh:
         header = next(csv.reader(fh), [])
+    if tuple(header) == COLUMNS_BEFORE_ENGINE:
+        return  # written before the engine column: _add_engine_column upgrades it
     if tuple(header) != COLUMNS:
         raise ValueError(f"{path} has columns {header}, not this version's {list(COLUMNS)}; "
                          "use another --out folder (or experiment name) for new runs")
+
+
+def _add_engine_column(path: Path) -> None:
+    """Rewrite a ``runs.csv`` written before the engine column with it (``single``: the only engine then).
+
+    Atomic (a temporary file renamed over it), under the folder lock.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    if tuple(header) != COLUMNS_BEFORE_ENGINE:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in read_rows(path):
+        writer.writerow({**row, "engine": "single"})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _protocol(config: ExperimentConfig, spec: RunSpec, sizes: tuple[int, int, int]) -> dict:
@@ -293,10 +326,11 @@ def _check_protocol(rows: list[dict], config: ExperimentConfig, directory: Path)
                              "use another experiment name or --out folder rather than mixing them")
 
 
-def pending_runs(config: ExperimentConfig, directory) -> tuple[list[RunSpec], list[RunSpec]]:
-    """(done, pending) runs of the grid, judged by the rows in ``<directory>/runs.csv``."""
-    finished = {row_key(r) for r in read_rows(Path(directory) / "runs.csv")}
-    runs = config.runs()
+def pending_runs(config: ExperimentConfig, directory, shard=None) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(done, pending) runs of the grid (of shard ``(I, N)`` of it), judged by the rows of every rows file
+    in ``directory`` (``runs.csv`` and the shards', see :mod:`.shards`)."""
+    finished = {row_key(r) for path in shards.rows_files(directory) for r in read_rows(path)}
+    runs = shards.shard_runs(config.runs(), shard)
     done = [r for r in runs if r.key in finished]
     return done, [r for r in runs if r.key not in finished]
 
@@ -323,6 +357,14 @@ def _data(config: ExperimentConfig, device: torch.device):
     return _DATA_CACHE[key]
 
 
+def curve_tempfile(curves_dir, run_id: str) -> tuple[int, str]:
+    """(fd, path) of a new temporary curve file for ``run_id`` in ``curves_dir`` (see the module docstring)."""
+    # a name of this writer alone (O_EXCL): an orphaned worker of a killed run and its rerun never share one
+    fd, path = tempfile.mkstemp(prefix=f".{run_id}.csv.{os.getpid()}.", suffix=".tmp", dir=curves_dir)
+    os.chmod(path, 0o644)
+    return fd, path
+
+
 def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves_dir=None,
                 progress: bool = False, commit: str = "unknown") -> dict:
     """Train one run of the grid and return its ``runs.csv`` row.
@@ -347,10 +389,7 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
     writer = None
     if curves_dir is not None:
         Path(curves_dir).mkdir(parents=True, exist_ok=True)
-        # a name of this writer alone (O_EXCL): an orphaned worker of a killed run and its rerun never share one
-        fd, curve_tmp = tempfile.mkstemp(prefix=f".{spec.run_id}.csv.{os.getpid()}.", suffix=".tmp",
-                                         dir=curves_dir)
-        os.chmod(curve_tmp, 0o644)
+        fd, curve_tmp = curve_tempfile(curves_dir, spec.run_id)
         curve_fh = open(fd, "w", newline="", encoding="utf-8")
         writer = csv.DictWriter(curve_fh, fieldnames=CURVE_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -380,6 +419,12 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
                 os.unlink(curve_tmp)
         raise
     sizes = (len(train[1]), len(val[1]), len(test[1]))
+    return result_row(config, spec, result, sizes, commit)
+
+
+def result_row(config: ExperimentConfig, spec: RunSpec, result: training.FitResult, sizes: tuple[int, int, int],
+               commit: str, engine: str = "single") -> dict:
+    """The ``runs.csv`` row of a finished run; ``sizes``: (train, val, test) sizes."""
     row = {
         "run_id": spec.run_id, "dataset": spec.dataset, "network": spec.network, "method": spec.method,
         "weight": float(spec.weight), "seed": int(spec.seed),
@@ -390,7 +435,7 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
         "seconds_per_epoch": round(result.seconds_per_epoch, 4),
         **_protocol(config, spec, sizes),
         "device": result.device, "torch_version": torch.__version__, "commit": commit,
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "engine": engine,
     }
     return row
 
@@ -409,8 +454,11 @@ def _worker(task) -> tuple:
         return ("error", spec.run_id, traceback.format_exc())
 
 
-def _remove_orphaned_curves(curves_dir: Path) -> list[Path]:
+def _remove_orphaned_curves(curves_dir: Path, run_ids=None) -> list[Path]:
     """Remove temporary curves whose writer process is gone (a killed run); return them.
+
+    ``run_ids``: only those runs' (a shard's: the other shards' writers may run on other hosts,
+    where their pids mean nothing here).
 
     Called under the folder lock. A temporary curve whose process is still
     alive (an orphaned worker of a killed ``run`` still training) is left to
@@ -421,7 +469,7 @@ def _remove_orphaned_curves(curves_dir: Path) -> list[Path]:
         return removed
     for path in curves_dir.glob(".*.tmp"):
         match = _CURVE_TMP.match(path.name)
-        if match is None:
+        if match is None or (run_ids is not None and match["run_id"] not in run_ids):
             continue
         try:
             os.kill(int(match["pid"]), 0)
@@ -457,7 +505,8 @@ def _cpus() -> int:
 
 def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=None, jobs: int = 1,
                    limit_runs: int | None = None, threads: int | None = None,
-                   progress: bool = True) -> RunSummary:
+                   progress: bool = True, engine: str = "single", shard=None,
+                   checkpoint_every: float = 300.0, stack_size: int = 128) -> RunSummary:
     """Run every pending run of ``config``; append one row per finished run to ``runs.csv``.
 
     Parameters
@@ -468,6 +517,12 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
     limit_runs : run at most this many of the pending runs (in grid order: seed-major).
     threads : torch threads per run; default ``max(1, cpus // jobs)``.
     progress : tqdm bars over runs (and over epochs when ``jobs == 1``).
+    engine : ``"single"`` (one model per run) or ``"batched"``: the MLP runs in stacks
+        (:mod:`toponeuro.experiments.engine`), the others as ``"single"``; the rows are the same
+        but for their ``engine`` column.
+    shard : ``(I, N)`` or ``"I/N"``: only the I-th of N disjoint parts of the grid, rows in
+        ``runs.shard-I-of-N.csv`` (:mod:`toponeuro.experiments.shards`).
+    checkpoint_every, stack_size : batched engine: seconds between a stack's checkpoints, members per stack.
 
     The writer process (rank 0 under torchrun) holds the folder's lock
     (:func:`experiment_lock`) from before it reads ``runs.csv`` until it
@@ -486,6 +541,9 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
         raise ValueError(f"limit_runs must be a non-negative integer, got {limit_runs!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    shard = shards.parse_shard(shard)
     dev = training.resolve_device(device)
     # under torchrun every rank trains each run together (DDP); rank 0 alone writes
     dev = distributed.setup(dev)
@@ -497,7 +555,7 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
         refusal = None
         if writer:
             try:
-                stack.enter_context(experiment_lock(directory))
+                stack.enter_context(experiment_lock(directory, shards.lock_name(shard, LOCK_NAME)))
             except ExperimentLockedError as err:
                 refusal = err
         # the other ranks wait here for rank 0's lock, so they read runs.csv only under it
@@ -505,24 +563,28 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
             raise refusal if refusal is not None else ExperimentLockedError(
                 f"rank 0 could not lock the folder: {_locked_message(directory)}")
         return _run_locked(config, directory, dev, writer=writer, jobs=jobs, limit_runs=limit_runs,
-                           threads=threads, progress=progress and writer)
+                           threads=threads, progress=progress and writer, engine=engine, shard=shard,
+                           checkpoint_every=checkpoint_every, stack_size=stack_size)
 
 
 def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *, writer: bool, jobs: int,
-                limit_runs: int | None, threads: int | None, progress: bool) -> RunSummary:
+                limit_runs: int | None, threads: int | None, progress: bool, engine: str = "single",
+                shard=None, checkpoint_every: float = 300.0, stack_size: int = 128) -> RunSummary:
     """The body of :func:`run_experiment`, with the folder locked by the writer."""
-    runs_csv = directory / "runs.csv"
+    runs_csv = directory / shards.runs_file_name(shard)
     curves_dir = directory / "curves" if writer else None
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
         _repair_torn_line(runs_csv)
-        _remove_orphaned_curves(curves_dir)
+        _add_engine_column(runs_csv)
+        _remove_orphaned_curves(curves_dir, None if shard is None else
+                                {r.run_id for r in shards.shard_runs(config.runs(), shard)})
     _check_header(runs_csv)
-    _check_protocol(read_rows(runs_csv), config, directory)
+    _check_protocol([r for path in shards.rows_files(directory) for r in read_rows(path)], config, directory)
     if config.text and writer:
         (directory / "config.toml").write_text(config.text, encoding="utf-8")
 
-    done, pending = pending_runs(config, directory)
+    done, pending = pending_runs(config, directory, shard)
     todo = pending if limit_runs is None else pending[:limit_runs]
     summary = RunSummary(directory=directory, total=len(done) + len(pending), already_done=len(done),
                          finished=0, pending=len(pending))
@@ -571,7 +633,17 @@ def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *,
             bar.update(1)
 
     try:
-        if jobs == 1:
+        if engine == "batched":
+            from .engine import run_stacks
+
+            # the MLP runs train in stacks here; the rest (the CNN) falls through to the single engine below
+            todo = run_stacks(config, todo, dev, directory=directory, curves_dir=curves_dir, commit=commit,
+                              record=record, progress=progress, threads=threads,
+                              checkpoint_every=checkpoint_every, stack_size=stack_size)
+            jobs = max(1, min(jobs, len(todo)))
+        if not todo:
+            pass
+        elif jobs == 1:
             previous_threads = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
