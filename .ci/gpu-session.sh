@@ -7,7 +7,8 @@
 # so that results record their commit, with timeout_s=400, naming the card (kind) the README's table is for.
 # Order: what matters most first, each step under its own timeout (at most 6.5 minutes in all): the Triton
 # tile sweep with its check against Prim (about 25 s), the bench (about 70 s), the CUDA tests (about
-# 25 s), then the n = 3000 CUDA tests (about 80 s).
+# 25 s), then the n = 3000 CUDA tests (about 80 s), then the batched engine's CUDA test and throughput
+# (not yet timed on a GPU: at most 3.5 minutes by their timeouts; the whole script then needs timeout_s=600).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/device.txt; python3 -c "import torch, triton;print(torch.__version__, 'triton', triton.__version__)" >> $OUT/device.txt
@@ -23,4 +24,10 @@ echo "tests done at $(( $(date +%s) - t0 ))s"
 # the n = 3000 agreement of the CUDA kernels with SciPy and Prim (marked slow, so not in the run above)
 timeout -k 5 90 python3 -m pytest -v -m slow -k "cuda and 3000" tests/test_persistence.py tests/test_persistence_triton.py -p no:cacheprovider > $OUT/cuda_tests_n3000.log 2>&1; tail -3 $OUT/cuda_tests_n3000.log
 echo "n = 3000 tests done at $(( $(date +%s) - t0 ))s"
+# the batched engine: its CUDA test (a stack's members against the same runs trained alone), then its
+# throughput against the single engine on MNIST mlp with T1 on every neuron (50 runs, one epoch each; the
+# single engine timed on 3 of them). Results: $OUT/engine-cuda/results.json and throughput.png
+timeout -k 5 60 python3 -m pytest -v -m cuda tests/test_ensemble.py -p no:cacheprovider > $OUT/ensemble_cuda_tests.log 2>&1; tail -3 $OUT/ensemble_cuda_tests.log
+timeout -k 5 150 python3 -m toponeuro bench-engine mnist-paper --networks mlp --methods t1 --epochs 1 --single-runs 3 --device cuda --out $OUT/engine-cuda --force --no-progress > $OUT/engine-cuda.log 2>&1; tail -4 $OUT/engine-cuda.log
+echo "batched engine done at $(( $(date +%s) - t0 ))s"
 ls -la $OUT $OUT/cuda

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import multiprocessing
 import os
@@ -963,3 +964,22 @@ def test_a_runs_csv_without_the_engine_column_is_upgraded_and_read(tmp_path, mon
     rows = rows_of(tmp_path / "tiny")
     assert [r["engine"] for r in rows] == ["single", "single"]
     assert {k: v for k, v in rows[0].items() if k != "engine"} == old[0]
+
+
+def test_bench_engine_writes_its_figures_and_keeps_earlier_ones(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "bench"
+    argv = ["bench-engine", str(config), "--device", "cpu", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"] == 2 and results["epochs"] == 1 and results["device"] == "cpu"
+    single, batched = results["engines"]["single"], results["engines"]["batched"]
+    assert single["runs"] == batched["runs"] == 2 and batched["stacks"] == [2]
+    assert single["run_epochs_per_second"] == pytest.approx(2 / single["seconds"])
+    # none and l2 train the same runs in both engines: equal accuracies up to rounding
+    assert results["test_accuracy_mean_abs_difference"] < 0.01
+    assert (out / "throughput.png").stat().st_size > 1000
+    assert cli.main(argv) == 2 and "--force" in capsys.readouterr().err  # never overwritten silently
+    assert cli.main(argv + ["--force", "--methods", "t2"]) == 2  # nothing left to time: refused with the reason
+    assert "no run left to time" in capsys.readouterr().err

@@ -15,6 +15,10 @@ Layout of ``<out>/<experiment name>/``:
     (``os.replace``) to the final name when the run finishes: a killed run
     leaves no half curve under the final name, and two writers never share
     a file.
+``runs.shard-I-of-N.csv``, ``.lock.shard-I-of-N``
+    The rows and the lock of shard I of N (``--shard I/N``, :mod:`.shards`).
+``checkpoints/``
+    The batched engine's stack checkpoints (:mod:`.engine`), removed when a stack is done.
 ``config.toml``
     A copy of the config of the last ``run``.
 ``errors.log``
