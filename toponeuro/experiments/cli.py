@@ -4,7 +4,7 @@
 
     toponeuro experiment list
     toponeuro experiment run CONFIG [--jobs N] [--device cpu|cuda|auto] [--limit-runs K] [--out DIR]
-                                    [--engine batched|single] [--shard I/N] [--checkpoint-minutes M]
+                                    [--engine auto|batched|single] [--shard I/N] [--checkpoint-minutes M]
     toponeuro experiment report EXPERIMENT [--out DIR]
 
 ``CONFIG`` is a TOML path or the name of a shipped config (``mnist-quick``,
@@ -36,9 +36,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="only say how many runs are done and pending")
     p.add_argument("--report", action="store_true", help="write report.md when the runs are done")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--engine", choices=("batched", "single"), default="batched",
-                   help="batched (default): the MLP runs trained many at once as stacked weights (the CNN's "
-                        "runs on the single engine; --jobs applies to those); single: one model per run")
+    p.add_argument("--engine", choices=("auto", "batched", "single"), default="auto",
+                   help="batched: the MLP runs trained many at once as stacked weights (the CNN's runs on the "
+                        "single engine; --jobs applies to those); single: one model per run; auto (default): "
+                        "batched, but single under torchrun")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only the I-th of N disjoint parts of the grid (1 <= I <= N), rows in "
                         "runs.shard-I-of-N.csv; `experiment report` merges the shards")

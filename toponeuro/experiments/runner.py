@@ -523,7 +523,8 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
     progress : tqdm bars over runs (and over epochs when ``jobs == 1``).
     engine : ``"single"`` (one model per run) or ``"batched"``: the MLP runs in stacks
         (:mod:`toponeuro.experiments.engine`), the others as ``"single"``; the rows are the same
-        but for their ``engine`` column.
+        but for their ``engine`` column. ``"auto"``: batched, but single under torchrun (the ranks
+        of one job train each run together; the batched engine has no DDP).
     shard : ``(I, N)`` or ``"I/N"``: only the I-th of N disjoint parts of the grid, rows in
         ``runs.shard-I-of-N.csv`` (:mod:`toponeuro.experiments.shards`).
     checkpoint_every, stack_size : batched engine: seconds between a stack's checkpoints, members per stack.
@@ -545,12 +546,17 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
         raise ValueError(f"limit_runs must be a non-negative integer, got {limit_runs!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine not in ENGINES + ("auto",):
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)} or auto")
     shard = shards.parse_shard(shard)
     dev = training.resolve_device(device)
     # under torchrun every rank trains each run together (DDP); rank 0 alone writes
     dev = distributed.setup(dev)
+    if engine == "auto":
+        engine = "single" if distributed.world_size() > 1 else "batched"
+    if engine == "batched" and distributed.world_size() > 1:
+        raise ValueError("the batched engine trains stacks in one process: under torchrun use --engine single "
+                         "(or --shard I/N, one process per GPU, to spread a grid over GPUs)")
     if distributed.world_size() > 1 and jobs > 1:
         raise ValueError("under torchrun the ranks train each run together (DDP): use --jobs 1")
     writer = distributed.rank() == 0
