@@ -983,3 +983,17 @@ def test_bench_engine_writes_its_figures_and_keeps_earlier_ones(tmp_path, capsys
     assert cli.main(argv) == 2 and "--force" in capsys.readouterr().err  # never overwritten silently
     assert cli.main(argv + ["--force", "--methods", "t2"]) == 2  # nothing left to time: refused with the reason
     assert "no run left to time" in capsys.readouterr().err
+
+
+def test_auto_is_single_under_torchrun_and_batched_there_is_refused(tmp_path, monkeypatch):
+    from toponeuro import distributed
+
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # as in a torchrun job (rank 0)
+    monkeypatch.setattr(distributed, "setup", lambda dev: dev)
+    with pytest.raises(ValueError, match="--engine single"):
+        runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False, engine="batched")
+    s = runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False, engine="auto")
+    assert s.finished == 2 and len(fake.calls) == 2
+    assert {r["engine"] for r in rows_of(tmp_path / "tiny")} == {"single"}

@@ -303,8 +303,11 @@ class StackTrainer:
         if need:
             all_neurons = all(isinstance(active_states[k].member.sampler, (type(None), AllNeurons)) for k in need)
             if all_neurons:
-                idx = torch.tensor(need, device=self.dev)
-                stacked = torch.cat([L.index_select(0, idx) for L in recorded.values()], dim=2)
+                layers = list(recorded.values())
+                if len(need) < K:  # (a stack of T1/T2 members alone skips the gather and its backward)
+                    idx = torch.tensor(need, device=self.dev)
+                    layers = [L.index_select(0, idx) for L in layers]
+                stacked = torch.cat(layers, dim=2)
                 acts = list(stacked)
             else:
                 acts = [(active_states[k].member.sampler or AllNeurons())(
@@ -317,7 +320,10 @@ class StackTrainer:
                 if width < 2:
                     raise ValueError(f"the sampler chose {width} neuron; persistence and correlations need 2: "
                                      "raise its p or keep the output")
-                sub = stacked[js] if all_neurons else torch.stack([acts[j] for j in js])
+                if all_neurons:
+                    sub = stacked if len(js) == len(need) else stacked[torch.tensor(js, device=self.dev)]
+                else:
+                    sub = torch.stack([acts[j] for j in js])
                 # one host sync per group (fit checks each model's activations): a member whose activations
                 # overflowed diverges, as in fit
                 finite = torch.isfinite(sub.detach()).flatten(1).all(1).tolist()
