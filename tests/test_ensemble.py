@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from toponeuro import data, ensemble, models, training
+from toponeuro import data, ensemble, models, regularisers, training
 from toponeuro.ensemble import Member, StackTrainer, fit_stack
 from toponeuro.sampling import ImportanceSampler, RandomSampler
 from toponeuro.training import TrainConfig
@@ -241,3 +241,31 @@ def test_each_member_is_its_run_trained_alone_on_cuda(digits):
         alone, alone_weights = _alone(build, spec, train, val, test, config, device="cuda")
         _compare(stacked, alone, weights[member.key], alone_weights, atol_w=1e-4, atol_loss=1e-4,
                  n_test=len(test[1]))
+
+
+@pytest.mark.parametrize("include_bias", [False, True])
+def test_weight_penalties_of_the_stack_are_each_members(digits, include_bias):
+    train, val, _ = digits
+    members = [Member("l1", 0.5, 0), Member("none", 0.0, 1), Member("l2", 0.25, 2)]
+    trainer = StackTrainer(_builder("mlp-deep"), members, train, val, include_bias=include_bias)
+    reg, bad = trainer._regularisers({}, [trainer.states[i] for i in trainer.active])
+    assert bad == [] and reg[1] == 0
+    for k, fn in ((0, regularisers.l1), (2, regularisers.l2)):
+        model, _ = training.seeded_build(members[k].seed, _builder("mlp-deep"))
+        assert float(reg[k].detach()) == pytest.approx(float(fn(model, include_bias=include_bias).detach()), rel=1e-5)
+
+
+def test_a_member_builder_replaces_the_seeded_build(digits):
+    train, val, _ = digits
+    saved = {}
+
+    def build_member(member):  # e.g. weights saved by an earlier run of that seed
+        model, _ = training.seeded_build(member.seed, _builder())
+        saved[member.key] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    trainer = StackTrainer(None, [Member("none", 0.0, 4), Member("l2", 0.1, 5)], train, val,
+                           build_member=build_member)
+    for k, member in enumerate(trainer.members):
+        for name, p in zip(trainer.param_names, trainer.params):
+            assert torch.equal(p[k].detach(), saved[member.key][name])

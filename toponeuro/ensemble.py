@@ -182,12 +182,18 @@ class StackTrainer:
     test : (X, y), optional
     config : TrainConfig
     backend, dissimilarity, alpha : as for ``fit`` (shared by the members).
+    include_bias : ``l1``/``l2`` members penalise the biases too (default: the weight matrices only,
+        as :func:`toponeuro.regularisers.l1`'s default).
     device : str or torch.device
+    build_member : callable (Member) -> nn.Module, optional
+        Builds (and seeds) a member's network instead of ``training.seeded_build(member.seed, build)``,
+        e.g. to load a saved initialisation; the CPU generator's state it leaves starts the member's
+        dropout stream, as for ``seeded_build``.
     """
 
     def __init__(self, build: Callable[[], nn.Module], members, train, val, test=None, *,
                  config: TrainConfig | None = None, backend: str = "torch", dissimilarity="abs_correlation",
-                 alpha: float = 0.5, device="cpu"):
+                 alpha: float = 0.5, include_bias: bool = False, device="cpu", build_member=None):
         self.config = TrainConfig() if config is None else config
         if not isinstance(self.config, TrainConfig):
             raise ValueError(f"config must be a TrainConfig, got {type(self.config).__name__}")
@@ -204,7 +210,10 @@ class StackTrainer:
                 raise ValueError(f"backend {backend!r} gives death values without gradient; T1/T2 need death "
                                  f"edges: use one of {persistence.edge_backends()}")
         self.dev = training.resolve_device(device)
+        if not isinstance(include_bias, bool):
+            raise ValueError(f"include_bias must be true or false, got {include_bias!r}")
         self.backend, self.dissimilarity, self.alpha = backend, dissimilarity, float(alpha)
+        self.include_bias = include_bias
         X_train, self.y_train = training._check_xy(train, "train")
         X_val, self.y_val = training._check_xy(val, "val")
         if X_train.shape[0] < 2:
@@ -222,7 +231,11 @@ class StackTrainer:
         params_per_member = []
         layers = None
         for m in members:
-            model, rng_state = training.seeded_build(m.seed, build)
+            if build_member is None:
+                model, rng_state = training.seeded_build(m.seed, build)
+            else:
+                model = build_member(m)
+                rng_state = torch.get_rng_state()
             if layers is None:
                 layers = _architecture(model)
             if self.dev.type == "cpu":
@@ -343,10 +356,10 @@ class StackTrainer:
         for method in ("l1", "l2"):
             ks = [k for k, s in enumerate(active_states) if s.member.weighted and s.member.method == method]
             if ks:
-                # as regularisers.l1 / l2: the weight matrices (3-d when stacked), not the biases
+                # as regularisers.l1 / l2: the weight matrices (3-d when stacked), the biases if include_bias
                 idx = torch.tensor(ks, device=self.dev)
-                ws = [p.index_select(0, idx) for p in self.params if p.ndim > 2]
-                per_layer = [(w.abs() if method == "l1" else w * w).sum((1, 2)) for w in ws]
+                ws = [p.index_select(0, idx) for p in self.params if self.include_bias or p.ndim > 2]
+                per_layer = [(w.abs() if method == "l1" else w * w).flatten(1).sum(1) for w in ws]
                 reg = reg.index_put((idx,), sum(per_layer))
         return reg, bad
 
@@ -585,7 +598,7 @@ def fit_stack(build: Callable[[], nn.Module], members, train, val, test=None, *,
               on_epoch: Callable[[Member, dict], None] | None = None,
               on_finish: Callable[[Member, FitResult], None] | None = None,
               checkpoint=None, checkpoint_every: float = 300.0, checkpoint_extra: dict | None = None,
-              weights_out: dict | None = None) -> list[FitResult]:
+              weights_out: dict | None = None, include_bias: bool = False, build_member=None) -> list[FitResult]:
     """Train ``members`` of the network ``build()`` in one stack; their FitResults in the members' order.
 
     Parameters
@@ -602,13 +615,15 @@ def fit_stack(build: Callable[[], nn.Module], members, train, val, test=None, *,
         meanwhile) are dropped; members not in the file are trained afterwards in a stack of their own.
     checkpoint_extra : dict, optional
         Stored beside the state and checked on resume (e.g. the protocol): a mismatch is a ValueError.
+    include_bias, build_member : see :class:`StackTrainer`.
     weights_out : dict, optional
         Filled with member key -> the member's restored best weights (``{parameter name: tensor}``,
         the names of ``build().named_parameters()``), on the CPU.
     """
     members = list(members)
     trainer = StackTrainer(build, members, train, val, test, config=config, backend=backend,
-                           dissimilarity=dissimilarity, alpha=alpha, device=device)
+                           dissimilarity=dissimilarity, alpha=alpha, include_bias=include_bias, device=device,
+                           build_member=build_member)
     trainer.keep_weights = weights_out is not None
     later: list = []
     path = None if checkpoint is None else Path(checkpoint)
@@ -648,7 +663,8 @@ def fit_stack(build: Callable[[], nn.Module], members, train, val, test=None, *,
         results = fit_stack(build, rest, train, val, test, config=config, backend=backend,
                             dissimilarity=dissimilarity, alpha=alpha, device=device, deterministic=deterministic,
                             progress=progress, progress_desc=progress_desc, on_epoch=on_epoch,
-                            on_finish=on_finish, weights_out=weights_out)
+                            on_finish=on_finish, weights_out=weights_out, include_bias=include_bias,
+                            build_member=build_member)
         for m, r in zip(rest, results):
             trainer.results[members.index(m)] = r
     return [trainer.results.get(i) for i in range(len(members))]
