@@ -225,6 +225,10 @@ def test_bad_input_is_refused_with_a_reason(digits):
         StackTrainer(_builder(), [Member("t1", 0.1, 0), Member("t1", 0.1, 0)], train, val)
     with pytest.raises(ValueError, match="death edges"):
         StackTrainer(_builder(), [Member("t1", 0.1, 0)], train, val, backend="ripser")
+    nets = iter(["mlp", "mlp-deep"])
+    with pytest.raises(ValueError, match="one network"):
+        StackTrainer(None, [Member("none", 0.0, 0), Member("none", 0.0, 1)], train, val,
+                     build_member=lambda m: _builder(next(nets))())
     assert ensemble.stackable("mlp") and not ensemble.stackable("cnn")
 
 

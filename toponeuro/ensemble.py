@@ -245,6 +245,9 @@ class StackTrainer:
                 gen = torch.Generator(device=self.dev).manual_seed(m.seed)
             self.states.append(_MemberState(member=m, dropout_generator=gen))
             params_per_member.append([p.detach() for p in model.parameters()])
+            if [p.shape for p in params_per_member[-1]] != [p.shape for p in params_per_member[0]]:
+                raise ValueError(f"member {m.key} has another network than the first member: a stack holds "
+                                 "members of one network")
             self.param_names = [name for name, _ in model.named_parameters()]
         self.layers = layers
         #: stacked parameters in model.parameters() order: W1, b1, W2, b2, ... each (K, ...)
