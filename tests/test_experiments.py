@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import multiprocessing
 import os
@@ -377,7 +378,8 @@ def test_cli_refuses_a_locked_folder_cleanly(tmp_path, monkeypatch, capsys):
     config.write_text(TINY)
     fake = FakeFit()
     monkeypatch.setattr(training, "fit", fake)
-    argv = ["experiment", "run", str(config), "--out", str(tmp_path), "--device", "cpu", "--no-progress"]
+    argv = ["experiment", "run", str(config), "--out", str(tmp_path), "--device", "cpu", "--no-progress",
+            "--engine", "single"]  # the fake fit is the single engine's
     with runner.experiment_lock(tmp_path / "tiny") as lock_path:
         # flock locks belong to an open file: a second open in this same process is refused too
         assert f"pid {os.getpid()}" in lock_path.read_text()
@@ -810,3 +812,188 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 def test_report_needs_runs(tmp_path):
     with pytest.raises(ValueError, match="runs.csv"):
         report.write_report(tmp_path / "nothing")
+
+
+# -- the batched engine, checkpoints and shards --------------------------------------------------
+
+import torch  # noqa: E402
+
+from toponeuro import ensemble  # noqa: E402
+from toponeuro.experiments import engine as engine_mod  # noqa: E402
+from toponeuro.experiments import shards  # noqa: E402
+
+# T1 weights small enough that float32 rounding stays small (see toponeuro.ensemble)
+BATCHED = TINY.replace('methods = ["none", "l2"]', 'methods = ["none", "l2", "t1"]').replace(
+    "weights = [0.1]", "weights = [1e-4, 1e-5]")
+
+_MEASURED = ("val_accuracy", "test_accuracy", "val_loss", "test_loss")
+_VOLATILE = ("seconds", "seconds_per_epoch", "finished_at", "engine") + _MEASURED
+
+
+def test_the_batched_engine_writes_the_single_engines_rows_and_curves(tmp_path):
+    config = cfgmod.parse_config(BATCHED)
+    one = runner.run_experiment(config, out_root=tmp_path / "single", device="cpu", progress=False)
+    many = runner.run_experiment(config, out_root=tmp_path / "batched", device="cpu", progress=False,
+                                 engine="batched")
+    assert one.finished == many.finished == 5 and not many.failed
+    rows_single = {r["run_id"]: r for r in rows_of(tmp_path / "single" / "tiny")}
+    rows_batched = {r["run_id"]: r for r in rows_of(tmp_path / "batched" / "tiny")}
+    assert rows_single.keys() == rows_batched.keys()
+    for run_id, a in rows_single.items():
+        b = rows_batched[run_id]
+        assert list(a) == list(b) == list(runner.COLUMNS)
+        assert (a["engine"], b["engine"]) == ("single", "batched")
+        assert {k: v for k, v in a.items() if k not in _VOLATILE} == {k: v for k, v in b.items()
+                                                                      if k not in _VOLATILE}
+        for k in _MEASURED:  # the same run up to rounding (see toponeuro.ensemble)
+            assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-3), (run_id, k)
+        curve_a = (tmp_path / "single" / "tiny" / "curves" / f"{run_id}.csv").read_text().splitlines()
+        curve_b = (tmp_path / "batched" / "tiny" / "curves" / f"{run_id}.csv").read_text().splitlines()
+        assert curve_a[0] == curve_b[0] and len(curve_a) == len(curve_b) == 1 + int(a["epochs"])
+    assert not list((tmp_path / "batched" / "tiny" / "checkpoints").glob("*.pt"))  # done: removed
+
+
+def test_a_batched_run_killed_mid_stack_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    config = cfgmod.parse_config(BATCHED.replace('methods = ["none", "l2", "t1"]', 'methods = ["none", "l2"]')
+                                 .replace("seeds = [0]", "seeds = [0, 1]"))
+    reference = runner.run_experiment(config, out_root=tmp_path / "ref", device="cpu", progress=False,
+                                      engine="batched")
+    assert reference.finished == 6
+    epochs_trained = []
+    real_train_epoch = ensemble.StackTrainer.train_epoch
+
+    def train_epoch(self, *args, **kwargs):
+        if self.epoch == 1 and "killed" not in epochs_trained and "resumed" not in epochs_trained:
+            epochs_trained.append("killed")
+            raise KeyboardInterrupt  # the session ends after the checkpoint of epoch 1
+        epochs_trained.append(self.epoch + 1)
+        return real_train_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(ensemble.StackTrainer, "train_epoch", train_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(config, out_root=tmp_path / "cut", device="cpu", progress=False, engine="batched",
+                              checkpoint_every=0)
+    directory = tmp_path / "cut" / "tiny"
+    assert len(list((directory / "checkpoints").glob("*.pt"))) == 1 and not (directory / "runs.csv").exists()
+    saved = torch.load(next((directory / "checkpoints").glob("*.pt")), weights_only=True)
+    assert saved["state"]["epoch"] == 1 and len(saved["state"]["members"]) == 6
+    epochs_trained.clear()
+    epochs_trained.append("resumed")
+    summary = runner.run_experiment(config, out_root=tmp_path / "cut", device="cpu", progress=False,
+                                    engine="batched", checkpoint_every=0)
+    assert summary.finished == 6 and not summary.failed
+    assert epochs_trained[1] == 2  # went on at epoch 2
+    assert not list((directory / "checkpoints").iterdir())
+    ref_rows = {r["run_id"]: r for r in rows_of(tmp_path / "ref" / "tiny")}
+    for row in rows_of(directory):
+        expected = ref_rows[row["run_id"]]
+        # the same numbers as the uninterrupted run, exactly (the state was saved and restored whole)
+        assert {k: v for k, v in row.items() if k not in ("seconds", "seconds_per_epoch", "finished_at")} == {
+            k: v for k, v in expected.items() if k not in ("seconds", "seconds_per_epoch", "finished_at")}
+        assert (directory / "curves" / f"{row['run_id']}.csv").read_text().count("\n") == 1 + int(row["epochs"])
+
+
+def test_the_cnn_falls_back_to_the_single_engine(tmp_path, monkeypatch):
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    config = tiny(**{'networks = ["mlp"]': 'networks = ["cnn"]'})
+    s = runner.run_experiment(config, out_root=tmp_path, device="cpu", progress=False, engine="batched")
+    assert s.finished == 2 and len(fake.calls) == 2
+    assert {r["engine"] for r in rows_of(tmp_path / "tiny")} == {"single"}
+    assert engine_mod.stack_groups(config.runs(), 4) == ([], config.runs())
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000])
+def test_shards_partition_the_grid_exactly(n):
+    runs = cfgmod.load_config("mnist-paper").runs()
+    parts = [shards.shard_runs(runs, (i, n)) for i in range(1, n + 1)]
+    flat = [r for part in parts for r in part]
+    assert sorted(flat, key=runs.index) == runs and len(set(flat)) == len(runs)  # disjoint, complete
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+    assert shards.shard_runs(runs, None) == runs
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "3", "a/b", "1/0", "-1/2"])
+def test_bad_shards_are_refused(text):
+    with pytest.raises(ValueError, match="shard"):
+        shards.parse_shard(text)
+
+
+def test_shards_write_their_own_files_and_the_report_merges_them(tmp_path, monkeypatch):
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    config = tiny(**{'methods = ["none", "l2"]': 'methods = ["none", "l2", "l1"]', "weights = [0.1]":
+                     "weights = [0.1, 0.2]", "seeds = [0]": "seeds = [0, 1]"})
+    assert len(config.runs()) == 10
+    for i in (1, 2, 3):
+        s = runner.run_experiment(config, out_root=tmp_path, device="cpu", progress=False, shard=f"{i}/3",
+                                  engine="single")
+        assert s.finished == len(shards.shard_runs(config.runs(), (i, 3)))
+    directory = tmp_path / "tiny"
+    assert not (directory / "runs.csv").exists()
+    files = shards.rows_files(directory)
+    assert [p.name for p in files] == [f"runs.shard-{i}-of-3.csv" for i in (1, 2, 3)]
+    # every run once, in the file of its shard
+    for i, path in enumerate(files, start=1):
+        ids = {r["run_id"] for r in runner.read_rows(path)}
+        assert ids == {r.run_id for r in shards.shard_runs(config.runs(), (i, 3))}
+    runs = report.load_runs(directory)
+    assert sorted(runs["run_id"]) == sorted(r.run_id for r in config.runs())
+    # all done whatever the split: unsharded and other splits have nothing left
+    assert runner.pending_runs(config, directory)[1] == []
+    assert runner.run_experiment(config, out_root=tmp_path, device="cpu", progress=False, shard="2/5").finished == 0
+    assert cli.main(["experiment", "report", str(directory)]) == 0
+    assert (directory / "report.md").is_file()
+
+
+def test_a_runs_csv_without_the_engine_column_is_upgraded_and_read(tmp_path, monkeypatch):
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    config = tiny()
+    runner.run_experiment(config, out_root=tmp_path, device="cpu", progress=False, limit_runs=1)
+    path = tmp_path / "tiny" / "runs.csv"
+    old = [{k: v for k, v in r.items() if k != "engine"} for r in rows_of(tmp_path / "tiny")]
+    with open(path, "w", newline="") as fh:  # as an earlier version wrote it
+        writer = csv.DictWriter(fh, fieldnames=runner.COLUMNS_BEFORE_ENGINE, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(old)
+    assert report.load_runs(tmp_path / "tiny")["engine"].tolist() == ["single"]
+    assert runner.pending_runs(config, tmp_path / "tiny")[0][0].run_id == old[0]["run_id"]
+    s = runner.run_experiment(config, out_root=tmp_path, device="cpu", progress=False)
+    assert s.finished == 1 and s.already_done == 1
+    rows = rows_of(tmp_path / "tiny")
+    assert [r["engine"] for r in rows] == ["single", "single"]
+    assert {k: v for k, v in rows[0].items() if k != "engine"} == old[0]
+
+
+def test_bench_engine_writes_its_figures_and_keeps_earlier_ones(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "bench"
+    argv = ["bench-engine", str(config), "--device", "cpu", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"] == 2 and results["epochs"] == 1 and results["device"] == "cpu"
+    single, batched = results["engines"]["single"], results["engines"]["batched"]
+    assert single["runs"] == batched["runs"] == 2 and batched["stacks"] == [2]
+    assert single["run_epochs_per_second"] == pytest.approx(2 / single["seconds"])
+    # none and l2 train the same runs in both engines: equal accuracies up to rounding
+    assert results["test_accuracy_mean_abs_difference"] < 0.01
+    assert (out / "throughput.png").stat().st_size > 1000
+    assert cli.main(argv) == 2 and "--force" in capsys.readouterr().err  # never overwritten silently
+    assert cli.main(argv + ["--force", "--methods", "t2"]) == 2  # nothing left to time: refused with the reason
+    assert "no run left to time" in capsys.readouterr().err
+
+
+def test_auto_is_single_under_torchrun_and_batched_there_is_refused(tmp_path, monkeypatch):
+    from toponeuro import distributed
+
+    fake = FakeFit()
+    monkeypatch.setattr(training, "fit", fake)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # as in a torchrun job (rank 0)
+    monkeypatch.setattr(distributed, "setup", lambda dev: dev)
+    with pytest.raises(ValueError, match="--engine single"):
+        runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False, engine="batched")
+    s = runner.run_experiment(tiny(), out_root=tmp_path, device="cpu", progress=False, engine="auto")
+    assert s.finished == 2 and len(fake.calls) == 2
+    assert {r["engine"] for r in rows_of(tmp_path / "tiny")} == {"single"}

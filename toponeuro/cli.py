@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "gradcheck": ("toponeuro.gradcheck.cli", "compare autograd gradients with finite differences"),
     "bench": ("toponeuro.bench.cli", "time the persistence backends and the regulariser"),
     "experiment": ("toponeuro.experiments.cli", "run and report experiments from TOML configs"),
+    "bench-engine": ("toponeuro.experiments.throughput", "run-epochs per second of the batched engine against the single one"),
 }
 
 

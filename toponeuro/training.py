@@ -51,6 +51,8 @@ __all__ = [
     "FitResult",
     "WeightPenalty",
     "seed_everything",
+    "seeded_build",
+    "data_order_generator",
     "device_label",
     "resolve_device",
     "evaluate",
@@ -160,6 +162,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seeded_build(seed: int, build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A run's model and the start of its dropout stream: ``seed_everything(seed)``, then ``build()``.
+
+    Returns ``(model, rng_state)``: ``rng_state`` is the CPU generator's state
+    that building left. :func:`fit` on the CPU draws the dropout masks from
+    torch's default generator, which is in that state when training starts, so
+    a copy of it (``torch.Generator().set_state(rng_state)``) replays the
+    same masks: the batched engine (:mod:`toponeuro.ensemble`) gives every
+    member such a generator.
+    """
+    seed_everything(seed)
+    model = build()
+    return model, torch.get_rng_state()
+
+
+def data_order_generator(seed: int) -> torch.Generator:
+    """The generator of a run's data order: one ``torch.randperm`` of the training set per epoch."""
+    return torch.Generator().manual_seed(seed)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -372,7 +394,7 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
                            alpha=alpha, include_bias=include_bias) if weighted else None
     optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov)
-    generator = torch.Generator().manual_seed(seed)
+    generator = data_order_generator(seed)
     n_train = X_train.shape[0]
     bs = config.batch_size
 

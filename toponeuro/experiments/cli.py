@@ -5,6 +5,7 @@
     toponeuro experiment list
     toponeuro experiment run CONFIG [--jobs N] [--device cpu|cuda|auto] [--limit-runs K] [--out DIR]
                                     [--commit HASH] [--report [--allow-mixed]]
+                                    [--engine auto|batched|single] [--shard I/N] [--checkpoint-minutes M]
     toponeuro experiment report EXPERIMENT [--out DIR] [--allow-mixed]
 
 ``CONFIG`` is a TOML path or the name of a shipped config (``mnist-quick``,
@@ -40,6 +41,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="the code's commit to record in every row (default: $TOPONEURO_COMMIT, else git)")
     p.add_argument("--allow-mixed", action="store_true",
                    help="with --report: pool rows from different commits or devices in one report")
+    p.add_argument("--engine", choices=("auto", "batched", "single"), default="auto",
+                   help="batched: the MLP runs trained many at once as stacked weights (the CNN's runs on the "
+                        "single engine; --jobs applies to those); single: one model per run; auto (default): "
+                        "batched, but single under torchrun")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the I-th of N disjoint parts of the grid (1 <= I <= N), rows in "
+                        "runs.shard-I-of-N.csv; `experiment report` merges the shards")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
+                   help="batched engine: save each stack's state every M minutes (default 5; 0: every epoch)")
+    p.add_argument("--stack-size", type=int, default=128, metavar="K",
+                   help="batched engine: at most K runs per stack (default 128)")
 
     r = sub.add_parser("report", help="write report.md for an experiment",
                        description="Select weights by validation accuracy and write report.md with statistics.")
@@ -70,14 +82,23 @@ def run(args) -> int:
 
         cfg = config_mod.load_config(args.config)
         directory = runner.experiment_dir(cfg, args.out)
-        done, pending = runner.pending_runs(cfg, directory)
+        from .shards import parse_shard
+
+        shard = parse_shard(args.shard)
+        if args.checkpoint_minutes < 0:
+            raise ValueError(f"--checkpoint-minutes must be >= 0, got {args.checkpoint_minutes}")
+        done, pending = runner.pending_runs(cfg, directory, shard)
         if args.dry_run:
-            print(f"{cfg.name}: {len(done) + len(pending)} runs in the grid, {len(done)} done, "
+            part = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+            print(f"{cfg.name}{part}: {len(done) + len(pending)} runs in the grid, {len(done)} done, "
                   f"{len(pending)} pending; results in {directory}")
             return 0
         summary = runner.run_experiment(cfg, out_root=args.out, device=args.device, jobs=args.jobs,
                                         limit_runs=args.limit_runs, threads=args.threads,
-                                        progress=not args.no_progress, commit=args.commit)
+                                        progress=not args.no_progress, commit=args.commit,
+                                        engine=args.engine, shard=shard,
+                                        checkpoint_every=60.0 * args.checkpoint_minutes,
+                                        stack_size=args.stack_size)
         print(f"{cfg.name}: {summary.finished} runs finished now, {summary.already_done} were done before, "
               f"{len(summary.failed)} failed, {summary.pending} pending; rows in {summary.directory / 'runs.csv'}")
         if summary.failed:

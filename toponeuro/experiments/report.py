@@ -51,7 +51,8 @@ import pandas as pd
 import scipy.stats
 
 from .config import GRID_METHODS, ReportSettings, load_config, parse_config
-from .runner import DEFAULT_OUT, LEGACY_DEFAULTS, read_rows
+from .runner import DEFAULT_OUT, LEGACY_DEFAULTS, read_rows, row_key
+from .shards import rows_files
 
 __all__ = [
     "ALPHA",
@@ -97,10 +98,20 @@ _NUMERIC = ("weight", "seed", "val_accuracy", "test_accuracy", "val_loss", "test
 
 
 def load_runs(directory) -> pd.DataFrame:
-    """The finished runs of an experiment folder as a DataFrame (numbers parsed)."""
-    rows = read_rows(Path(directory) / "runs.csv")
+    """The finished runs of an experiment folder as a DataFrame (numbers parsed).
+
+    Merges ``runs.csv`` and the shards' ``runs.shard-I-of-N.csv``; of two rows of one run the first
+    (``runs.csv`` first) is kept. Rows written before the ``engine`` column read as ``single``.
+    """
+    rows, seen = [], set()
+    for path in rows_files(directory):
+        for row in read_rows(path):
+            if row_key(row) not in seen:
+                seen.add(row_key(row))
+                rows.append({"engine": "single", **row})
     if not rows:
-        raise ValueError(f"no finished runs in {Path(directory) / 'runs.csv'}; run the experiment first")
+        raise ValueError(f"no finished runs in {Path(directory) / 'runs.csv'} (nor in shard files "
+                         "runs.shard-I-of-N.csv); run the experiment first")
     df = pd.DataFrame(rows)
     for col in _NUMERIC:
         if col in df:
@@ -519,10 +530,10 @@ def plot_accuracy_vs_weight(runs: pd.DataFrame, path, title: str) -> None:
 def resolve_experiment(name_or_dir, out_root=DEFAULT_OUT) -> Path:
     """An experiment folder from a folder path or an experiment name under ``out_root``."""
     path = Path(name_or_dir)
-    if (path / "runs.csv").is_file():
+    if rows_files(path):  # runs.csv or a shard's rows
         return path
     candidate = Path(out_root) / str(name_or_dir)
-    if (candidate / "runs.csv").is_file():
+    if rows_files(candidate):
         return candidate
     raise ValueError(f"no runs.csv in {path} or {candidate}; name an experiment folder or an experiment "
                      f"name under {out_root} (run `toponeuro experiment run ...` first)")

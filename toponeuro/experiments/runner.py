@@ -18,6 +18,10 @@ Layout of ``<out>/<experiment name>/``:
 ``init/<network>_<init>_s<seed>.pt``
     The initial weights of a (network, seed), saved by its first run and
     loaded by every other method's run (:func:`initial_weights`).
+``runs.shard-I-of-N.csv``, ``.lock.shard-I-of-N``
+    The rows and the lock of shard I of N (``--shard I/N``, :mod:`.shards`).
+``checkpoints/``
+    The batched engine's stack checkpoints (:mod:`.engine`), removed when a stack is done.
 ``config.toml``
     A copy of the config of the last ``run``.
 ``errors.log``
@@ -64,6 +68,7 @@ import torch
 
 from .. import distributed, training
 from ..provenance import git_commit
+from . import shards
 from .config import ExperimentConfig, RunSpec
 
 __all__ = [
@@ -95,8 +100,14 @@ COLUMNS = (
     "train_size", "val_size", "test_size", "max_epochs", "patience", "batch_size", "lr", "momentum",
     "nesterov", "lr_decay", "lr_decay_steps", "backend", "dissimilarity", "alpha", "sampler",
     "init", "include_bias", "pixel_scale",
-    "device", "torch_version", "commit", "finished_at",
+    "device", "torch_version", "commit", "finished_at", "engine",
 )
+
+#: the columns of runs.csv before the engine column; such a file is upgraded in place (engine "single")
+COLUMNS_BEFORE_ENGINE = tuple(c for c in COLUMNS if c != "engine")
+
+#: the engines that train runs: one model per process, or stacks of models (toponeuro.ensemble)
+ENGINES = ("single", "batched")
 
 #: columns that must agree between the rows already there and the config being run
 PROTOCOL_COLUMNS = ("train_size", "val_size", "test_size", "max_epochs", "patience", "batch_size", "lr",
@@ -105,7 +116,7 @@ PROTOCOL_COLUMNS = ("train_size", "val_size", "test_size", "max_epochs", "patien
 
 #: columns added after the first version of ``runs.csv``, with the value that describes what the runs
 #: without them did: PyTorch's default initialisation, L1/L2 over the weights only, pixels divided by 255 once
-LEGACY_DEFAULTS = {"init": "torch", "include_bias": "false", "pixel_scale": "1/255"}
+LEGACY_DEFAULTS = {"init": "torch", "include_bias": "false", "pixel_scale": "1/255", "engine": "single"}
 
 CURVE_COLUMNS = ("epoch", "train_loss", "train_reg", "val_loss", "val_accuracy", "lr", "seconds")
 
@@ -140,7 +151,7 @@ def _locked_message(directory: Path, holder: str = "") -> str:
 
 
 @contextlib.contextmanager
-def experiment_lock(directory):
+def experiment_lock(directory, name: str = LOCK_NAME):
     """Hold an exclusive, non-blocking ``flock`` on ``<directory>/.lock`` for the ``with`` block.
 
     The folder is created if needed. The lock file is left in place (removing
@@ -161,7 +172,7 @@ def experiment_lock(directory):
         return
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
+    path = directory / name  # a shard locks its own file (shards.lock_name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -260,8 +271,9 @@ def append_row(path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def _legacy_columns() -> tuple:
-    return tuple(c for c in COLUMNS if c not in LEGACY_DEFAULTS)
+def _legacy_headers() -> tuple[tuple, ...]:
+    """The headers of earlier versions of runs.csv: before the fidelity columns, and before the engine column."""
+    return tuple(c for c in COLUMNS if c not in LEGACY_DEFAULTS), COLUMNS_BEFORE_ENGINE
 
 
 def _check_header(path: Path) -> None:
@@ -269,13 +281,13 @@ def _check_header(path: Path) -> None:
         return
     with open(path, newline="", encoding="utf-8") as fh:
         header = next(csv.reader(fh), [])
-    if tuple(header) not in (COLUMNS, _legacy_columns()):
+    if tuple(header) != COLUMNS and tuple(header) not in _legacy_headers():
         raise ValueError(f"{path} has columns {header}, not this version's {list(COLUMNS)}; "
                          "use another --out folder (or experiment name) for new runs")
 
 
 def _upgrade_header(path: Path) -> bool:
-    """Rewrite a ``runs.csv`` of the first version with this version's columns; True if it did.
+    """Rewrite a ``runs.csv`` of an earlier version with this version's columns; True if it did.
 
     The new columns get :data:`LEGACY_DEFAULTS` (what those runs did). The
     rewrite goes to a temporary file that replaces the old one at once, so a
@@ -285,7 +297,7 @@ def _upgrade_header(path: Path) -> bool:
         return False
     with open(path, newline="", encoding="utf-8") as fh:
         header = next(csv.reader(fh), [])
-    if tuple(header) != _legacy_columns():
+    if tuple(header) not in _legacy_headers():
         return False
     rows = read_rows(path)
     fd, tmp = tempfile.mkstemp(prefix=".runs.csv.", suffix=".tmp", dir=path.parent)
@@ -345,10 +357,11 @@ def _check_protocol(rows: list[dict], config: ExperimentConfig, directory: Path)
                              "use another experiment name or --out folder rather than mixing them")
 
 
-def pending_runs(config: ExperimentConfig, directory) -> tuple[list[RunSpec], list[RunSpec]]:
-    """(done, pending) runs of the grid, judged by the rows in ``<directory>/runs.csv``."""
-    finished = {row_key(r) for r in read_rows(Path(directory) / "runs.csv")}
-    runs = config.runs()
+def pending_runs(config: ExperimentConfig, directory, shard=None) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(done, pending) runs of the grid (of shard ``(I, N)`` of it), judged by the rows of every rows file
+    in ``directory`` (``runs.csv`` and the shards', see :mod:`.shards`)."""
+    finished = {row_key(r) for path in shards.rows_files(directory) for r in read_rows(path)}
+    runs = shards.shard_runs(config.runs(), shard)
     done = [r for r in runs if r.key in finished]
     return done, [r for r in runs if r.key not in finished]
 
@@ -410,6 +423,14 @@ def initial_weights(config: ExperimentConfig, spec: RunSpec, init_dir=None) -> t
     return model
 
 
+def curve_tempfile(curves_dir, run_id: str) -> tuple[int, str]:
+    """(fd, path) of a new temporary curve file for ``run_id`` in ``curves_dir`` (see the module docstring)."""
+    # a name of this writer alone (O_EXCL): an orphaned worker of a killed run and its rerun never share one
+    fd, path = tempfile.mkstemp(prefix=f".{run_id}.csv.{os.getpid()}.", suffix=".tmp", dir=curves_dir)
+    os.chmod(path, 0o644)
+    return fd, path
+
+
 def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves_dir=None,
                 progress: bool = False, commit: str = "unknown", init_dir=None) -> dict:
     """Train one run of the grid and return its ``runs.csv`` row.
@@ -434,10 +455,7 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
     writer = None
     if curves_dir is not None:
         Path(curves_dir).mkdir(parents=True, exist_ok=True)
-        # a name of this writer alone (O_EXCL): an orphaned worker of a killed run and its rerun never share one
-        fd, curve_tmp = tempfile.mkstemp(prefix=f".{spec.run_id}.csv.{os.getpid()}.", suffix=".tmp",
-                                         dir=curves_dir)
-        os.chmod(curve_tmp, 0o644)
+        fd, curve_tmp = curve_tempfile(curves_dir, spec.run_id)
         curve_fh = open(fd, "w", newline="", encoding="utf-8")
         writer = csv.DictWriter(curve_fh, fieldnames=CURVE_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -467,6 +485,12 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
                 os.unlink(curve_tmp)
         raise
     sizes = (len(train[1]), len(val[1]), len(test[1]))
+    return result_row(config, spec, result, sizes, commit)
+
+
+def result_row(config: ExperimentConfig, spec: RunSpec, result: training.FitResult, sizes: tuple[int, int, int],
+               commit: str, engine: str = "single") -> dict:
+    """The ``runs.csv`` row of a finished run; ``sizes``: (train, val, test) sizes."""
     row = {
         "run_id": spec.run_id, "dataset": spec.dataset, "network": spec.network, "method": spec.method,
         "weight": float(spec.weight), "seed": int(spec.seed),
@@ -477,7 +501,7 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
         "seconds_per_epoch": round(result.seconds_per_epoch, 4),
         **_protocol(config, spec, sizes),
         "device": result.device, "torch_version": torch.__version__, "commit": commit,
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "engine": engine,
     }
     return row
 
@@ -496,8 +520,11 @@ def _worker(task) -> tuple:
         return ("error", spec.run_id, traceback.format_exc())
 
 
-def _remove_orphaned_curves(curves_dir: Path) -> list[Path]:
+def _remove_orphaned_curves(curves_dir: Path, run_ids=None) -> list[Path]:
     """Remove temporary curves whose writer process is gone (a killed run); return them.
+
+    ``run_ids``: only those runs' (a shard's: the other shards' writers may run on other hosts,
+    where their pids mean nothing here).
 
     Called under the folder lock. A temporary curve whose process is still
     alive (an orphaned worker of a killed ``run`` still training) is left to
@@ -508,7 +535,7 @@ def _remove_orphaned_curves(curves_dir: Path) -> list[Path]:
         return removed
     for path in curves_dir.glob(".*.tmp"):
         match = _CURVE_TMP.match(path.name)
-        if match is None:
+        if match is None or (run_ids is not None and match["run_id"] not in run_ids):
             continue
         try:
             os.kill(int(match["pid"]), 0)
@@ -544,7 +571,8 @@ def _cpus() -> int:
 
 def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=None, jobs: int = 1,
                    limit_runs: int | None = None, threads: int | None = None,
-                   progress: bool = True, commit: str | None = None) -> RunSummary:
+                   progress: bool = True, commit: str | None = None, engine: str = "single", shard=None,
+                   checkpoint_every: float = 300.0, stack_size: int = 128) -> RunSummary:
     """Run every pending run of ``config``; append one row per finished run to ``runs.csv``.
 
     Parameters
@@ -557,6 +585,13 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
     progress : tqdm bars over runs (and over epochs when ``jobs == 1``).
     commit : the code's commit recorded in every new row; default
         :func:`toponeuro.provenance.git_commit` (``TOPONEURO_COMMIT``, else git, else ``"unknown"``).
+    engine : ``"single"`` (one model per run) or ``"batched"``: the MLP runs in stacks
+        (:mod:`toponeuro.experiments.engine`), the others as ``"single"``; the rows are the same
+        but for their ``engine`` column. ``"auto"``: batched, but single under torchrun (the ranks
+        of one job train each run together; the batched engine has no DDP).
+    shard : ``(I, N)`` or ``"I/N"``: only the I-th of N disjoint parts of the grid, rows in
+        ``runs.shard-I-of-N.csv`` (:mod:`toponeuro.experiments.shards`).
+    checkpoint_every, stack_size : batched engine: seconds between a stack's checkpoints, members per stack.
 
     The writer process (rank 0 under torchrun) holds the folder's lock
     (:func:`experiment_lock`) from before it reads ``runs.csv`` until it
@@ -578,9 +613,17 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
     if commit is not None and (not isinstance(commit, str) or not commit.strip() or "," in commit
                                or any(c.isspace() for c in commit.strip())):
         raise ValueError(f"commit must be a non-empty word (a git hash), got {commit!r}")
+    if engine not in ENGINES + ("auto",):
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)} or auto")
+    shard = shards.parse_shard(shard)
     dev = training.resolve_device(device)
     # under torchrun every rank trains each run together (DDP); rank 0 alone writes
     dev = distributed.setup(dev)
+    if engine == "auto":
+        engine = "single" if distributed.world_size() > 1 else "batched"
+    if engine == "batched" and distributed.world_size() > 1:
+        raise ValueError("the batched engine trains stacks in one process: under torchrun use --engine single "
+                         "(or --shard I/N, one process per GPU, to spread a grid over GPUs)")
     if distributed.world_size() > 1 and jobs > 1:
         raise ValueError("under torchrun the ranks train each run together (DDP): use --jobs 1")
     writer = distributed.rank() == 0
@@ -589,7 +632,7 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
         refusal = None
         if writer:
             try:
-                stack.enter_context(experiment_lock(directory))
+                stack.enter_context(experiment_lock(directory, shards.lock_name(shard, LOCK_NAME)))
             except ExperimentLockedError as err:
                 refusal = err
         # the other ranks wait here for rank 0's lock, so they read runs.csv only under it
@@ -598,26 +641,29 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
                 f"rank 0 could not lock the folder: {_locked_message(directory)}")
         return _run_locked(config, directory, dev, writer=writer, jobs=jobs, limit_runs=limit_runs,
                            threads=threads, progress=progress and writer,
-                           commit=commit.strip() if commit is not None else None)
+                           commit=commit.strip() if commit is not None else None, engine=engine, shard=shard,
+                           checkpoint_every=checkpoint_every, stack_size=stack_size)
 
 
 def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *, writer: bool, jobs: int,
                 limit_runs: int | None, threads: int | None, progress: bool,
-                commit: str | None = None) -> RunSummary:
+                commit: str | None = None, engine: str = "single", shard=None,
+                checkpoint_every: float = 300.0, stack_size: int = 128) -> RunSummary:
     """The body of :func:`run_experiment`, with the folder locked by the writer."""
-    runs_csv = directory / "runs.csv"
+    runs_csv = directory / shards.runs_file_name(shard)
     curves_dir = directory / "curves" if writer else None
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
         _repair_torn_line(runs_csv)
         _upgrade_header(runs_csv)
-        _remove_orphaned_curves(curves_dir)
+        _remove_orphaned_curves(curves_dir, None if shard is None else
+                                {r.run_id for r in shards.shard_runs(config.runs(), shard)})
     _check_header(runs_csv)
-    _check_protocol(read_rows(runs_csv), config, directory)
+    _check_protocol([r for path in shards.rows_files(directory) for r in read_rows(path)], config, directory)
     if config.text and writer:
         (directory / "config.toml").write_text(config.text, encoding="utf-8")
 
-    done, pending = pending_runs(config, directory)
+    done, pending = pending_runs(config, directory, shard)
     todo = pending if limit_runs is None else pending[:limit_runs]
     summary = RunSummary(directory=directory, total=len(done) + len(pending), already_done=len(done),
                          finished=0, pending=len(pending))
@@ -666,7 +712,17 @@ def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *,
             bar.update(1)
 
     try:
-        if jobs == 1:
+        if engine == "batched":
+            from .engine import run_stacks
+
+            # the MLP runs train in stacks here; the rest (the CNN) falls through to the single engine below
+            todo = run_stacks(config, todo, dev, directory=directory, curves_dir=curves_dir, commit=commit,
+                              record=record, progress=progress, threads=threads,
+                              checkpoint_every=checkpoint_every, stack_size=stack_size)
+            jobs = max(1, min(jobs, len(todo)))
+        if not todo:
+            pass
+        elif jobs == 1:
             previous_threads = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
