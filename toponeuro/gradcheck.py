@@ -1,9 +1,9 @@
 """Numerical gradient validation: autograd against central finite differences.
 
 The regulariser ``R`` is differentiable only where the combinatorial part of
-the pipeline is locally constant (the book's *Differentiability* chapter):
-the minimum spanning tree must be unique, the gathered ``|rho|`` away from its
-kink at 0, the neurons non-constant, and so on. This module
+the pipeline is locally constant (SPEC §1.4): the minimum spanning tree must
+be unique, the gathered ``|rho|`` away from its kink at 0, the neurons
+non-constant, and so on. This module
 
 * compares, in float64, the autograd gradient of ``R`` with central finite
   differences, with respect to the activations

@@ -5,7 +5,7 @@ is one of the regularisers (evaluated on every training batch), and returns a
 :class:`FitResult`. It is a plain function: the experiment runner
 (:mod:`toponeuro.experiments`) and ``toponeuro train`` both call it.
 
-Protocol (the paper's, the defaults of :class:`TrainConfig`): SGD with learning
+Protocol (SPEC §2, the defaults of :class:`TrainConfig`): SGD with learning
 rate 0.01, momentum 0.9, Nesterov; the learning rate is multiplied by 0.95
 every 3520 optimiser steps (staircase: ``lr * 0.95 ** (step // 3520)``);
 batch 256; up to 1200 epochs; early stopping on the validation loss with
@@ -69,7 +69,7 @@ WEIGHTED_METHODS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule and stopping rule (defaults: the paper's protocol).
+    """Optimiser, schedule and stopping rule (defaults: SPEC §2, the paper's).
 
     lr : initial learning rate of SGD.
     momentum, nesterov : SGD momentum and whether it is Nesterov's.

@@ -17,7 +17,7 @@ the training protocol and the regulariser settings::
     weights = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 5, 10, 100]
     seeds = [0, 1, 2]
 
-    [training]                  # every key optional; defaults: the paper's
+    [training]                  # every key optional; defaults: SPEC §2
     lr = 0.01
     momentum = 0.9
     nesterov = true

@@ -5,9 +5,9 @@ The paper's analysis, step by step (each step a function, so each can be checked
 1. :func:`select_weights`: for every (dataset, network, method, seed), the
    weight with the highest validation accuracy (ties: the smaller weight);
    its test accuracy is the result of that method there. This is per seed,
-   a choice of ours: a reading of the paper's protocol picks one weight per
-   (network, method); :func:`select_weights_pooled` does that, and the
-   report gives the difference.
+   a choice of ours: a reading of SPEC §2 picks one weight per (network,
+   method); :func:`select_weights_pooled` does that, and the report gives
+   the difference.
 2. :func:`accuracy_table`: test accuracy, mean and sample standard deviation
    over seeds, per network x method.
 3. :func:`block_matrix`: blocks = (network, seed) in which every method has
@@ -111,8 +111,8 @@ def select_weights(runs: pd.DataFrame) -> pd.DataFrame:
 def select_weights_pooled(runs: pd.DataFrame) -> pd.DataFrame:
     """One weight per (dataset, network, method): the best mean validation accuracy over seeds.
 
-    The reading of the paper's protocol ("for each regulariser and each
-    network, the weight is chosen by validation accuracy") with one weight for all seeds;
+    The reading of SPEC §2 ("for each regulariser and each network, the
+    weight is chosen by validation accuracy") with one weight for all seeds;
     ties go to the smaller weight. Returns the rows of ``runs`` of that weight
     (one per seed that ran it), sorted by dataset, network, method, seed.
     """
