@@ -250,7 +250,7 @@ class StackTrainer:
                                  "members of one network")
             self.param_names = [name for name, _ in model.named_parameters()]
         self.layers = layers
-        #: stacked parameters in model.parameters() order: W1, b1, W2, b2, ... each (K, ...)
+        #: the stacked parameters W1, b1, W2, b2, ... (each (K, ...)) in model.parameters() order
         self.params = [torch.stack(ps).to(self.dev).requires_grad_(True) for ps in zip(*params_per_member)]
         self.buffers: list[torch.Tensor] | None = None  # momentum buffers, created by the first step
         self.best = [p.detach().clone() for p in self.params]
