@@ -64,8 +64,10 @@ def test_each_member_is_its_run_trained_alone(digits, network, specs):
     results = fit_stack(build, members, train, val, test, config=config, progress=False, weights_out=weights)
     for member, spec, stacked in zip(members, specs, results):
         alone, alone_weights = _alone(build, spec, train, val, test, config)
-        # the same initialisation, batches and dropout masks; only rounding (baddbmm vs addmm) differs
-        _compare(stacked, alone, weights[member.key], alone_weights, atol_w=2e-5, atol_loss=2e-5,
+        # the same initialisation, batches and dropout masks; only rounding differs (baddbmm vs addmm, and the
+        # tree path's reductions over a stack against one member), which T2 at 0.1 amplifies to a few 1e-5
+        # in a weight after two epochs (3.6e-5 seen); a wrong gradient or batch moves weights by far more
+        _compare(stacked, alone, weights[member.key], alone_weights, atol_w=5e-5, atol_loss=2e-5,
                  n_test=len(test[1]))
 
 

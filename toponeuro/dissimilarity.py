@@ -236,18 +236,9 @@ def correlation_of_standardised_pairs(Z: torch.Tensor, i: torch.Tensor, j: torch
     return torch.where(i.to(Z.device) == j.to(Z.device), torch.ones_like(rho), rho)
 
 
-def check_activations_or_stack(A) -> torch.Tensor:
-    """:func:`~toponeuro._validation.check_activations` of ``A: (m, n)``, or of each member of a stack ``(B, m, n)``."""
-    if torch.is_tensor(A) and A.ndim == 3:
-        for member in A:
-            check_activations(member)
-        return A
-    return check_activations(A)
-
-
 def _checked_pairs(A, i, j, check: bool):
     if check:
-        A = check_activations_or_stack(A)
+        A = check_activations(A, stack=True)
     i, j = torch.as_tensor(i), torch.as_tensor(j)
     if i.shape != j.shape or i.shape[:-1] != A.shape[:-2]:
         raise ValueError(f"pair indices i, j must both have shape (..., k) with ... = {tuple(A.shape[:-2])}, "

@@ -54,6 +54,7 @@ from . import dissimilarity as _dissimilarity
 from . import persistence, regularisers, training
 from .dissimilarity import _safe_sqrt
 from .sampling import OUTPUT, AllNeurons, Sampler
+from .tree_deaths import tree_deaths
 from .training import METHODS, WEIGHTED_METHODS, FitResult, TrainConfig
 
 __all__ = ["STACKABLE", "ACTIVATION_METHODS", "TOPOLOGICAL_METHODS", "Member", "StackTrainer", "fit_stack",
@@ -145,18 +146,19 @@ def _architecture(model: nn.Module) -> list[tuple[str, str, object]]:
 def _topological_deaths(A: torch.Tensor, dissimilarity, backend: str) -> torch.Tensor:
     """(K, n - 1) deaths of each member's activations, differentiable.
 
-    A : (K, m, n) recorded (sampled) activations, one member per slice. For now
-    one call of the dissimilarity and of :func:`toponeuro.persistence.deaths`
-    per member (what ``TopologicalRegulariser.deaths`` does on one model);
-    the single place to switch to a stacked persistence.
+    A : (K, m, n) recorded (sampled) activations, one member per slice. As
+    :class:`~toponeuro.TopologicalRegulariser` computes them: through the tree
+    edges (:func:`toponeuro.tree_deaths.tree_deaths`, the whole stack in one call)
+    where the backend gives edges and the dissimilarity has a pairwise form, else
+    the dense matrices and :func:`toponeuro.persistence.deaths` on the stack.
     """
     diss = _dissimilarity.get(dissimilarity)
+    if persistence.get_backend(backend).gives_edges and _dissimilarity.get_pairwise(diss) is not None:
+        return tree_deaths(A, diss, backend, check=False)
     builtin = diss in _dissimilarity.DISSIMILARITIES.values()
-    out = []
-    for A_k in A:
-        D = diss(A_k, check=False) if builtin else diss(A_k)
-        out.append(persistence.deaths(D, backend=backend, check=not builtin))
-    return torch.stack(out)
+    # built-ins take the stack (A is validated); a user's function one member at a time, checked by deaths
+    D = diss(A, check=False) if builtin else torch.stack([diss(a) for a in A])
+    return persistence.deaths(D, backend=backend, check=not builtin)
 
 
 def _formula_on_deaths(deaths: torch.Tensor, method: str, alpha: float) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 
 from . import dissimilarity as _dissimilarity
 from . import persistence
+from ._validation import check_activations
 from .dissimilarity import _autocast_off, _full_precision
 from .persistence import numba_host
 
@@ -80,8 +81,8 @@ class Workspace:
 
 
 def _reads_correlation_in_place(C: torch.Tensor, backend: str) -> bool:
-    """The CPU fast path: Prim straight from the correlation matrix (same edges as these backends)."""
-    return backend in ("torch", "numba") and numba_host.runs_rho_prim(C)
+    """C: (B, n, n). The CPU fast path: Prim straight from the correlation matrix (same edges as these backends)."""
+    return backend in ("torch", "numba") and all(numba_host.runs_rho_prim(Cb) for Cb in C)
 
 
 def _panel_rows() -> int:
@@ -114,15 +115,19 @@ def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.
 
 
 def _edges_of_correlation(C: torch.Tensor, name: str, of_rho, backend: str) -> torch.Tensor:
-    """(n, n) symmetric correlation matrix -> (n - 1, 2) death edges of ``of_rho(clamp(C))``, canonical order."""
+    """(B, n, n) symmetric correlation matrices -> (B, n - 1, 2) death edges of ``of_rho(clamp(C))``, canonical order."""
     if _reads_correlation_in_place(C, backend):
-        edges = numba_host.prim_edges_of_correlation(C, name)
-        # canonical order (as persistence.death_edges gives): by (d, i, j); d from the same rho
-        rho = C[edges[:, 0], edges[:, 1]].clamp(-1.0, 1.0)
-        return _canonical(of_rho(rho), edges)
+        # the CPU kernel reads one member's C at a time (1 - |C| is never built)
+        out = []
+        for Cb in C:
+            edges = numba_host.prim_edges_of_correlation(Cb, name)
+            # canonical order (as persistence.death_edges gives): by (d, i, j); d from the same rho
+            rho = Cb[edges[:, 0], edges[:, 1]].clamp(-1.0, 1.0)
+            out.append(_canonical(of_rho(rho), edges))
+        return torch.stack(out)
     D = of_rho(C.clamp(-1.0, 1.0))
-    D.diagonal().zero_()  # as the dense matrix (the product's diagonal is only nearly 1, or 0 for a dead neuron)
-    return persistence.death_edges(D, backend=backend, check=False)
+    D.diagonal(dim1=-2, dim2=-1).zero_()  # as the dense matrix (the product's diagonal is only nearly 1, or 0 for a dead neuron)
+    return persistence.death_edges(D, backend=backend, check=False)  # the whole stack in one call
 
 
 def _canonical(weights: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -193,9 +198,7 @@ def _tree_deaths_of_correlation(A: torch.Tensor, fn, backend: str, workspace) ->
         # the one standardisation: the matrix's and the pairs' (whose gradient _CorrelationOfPairs gives)
         Z, norm, constant = _dissimilarity._standardise(A.detach())
         C = _correlation_matrix(Z, workspace)
-        # one member at a time for now: a batched death_edges makes this loop one call
-        edges = torch.stack([_edges_of_correlation(C[b], fn.__name__, of_rho, backend) for b in range(C.shape[0])])
-        edges = edges.to(A.device)
+        edges = _edges_of_correlation(C, fn.__name__, of_rho, backend).to(A.device)
         rho_matrix = _gather_pairs(C, edges)  # read before the buffer is reused
     rho = _CorrelationOfPairs.apply(A, rho_matrix, Z, norm, constant, edges[..., 0], edges[..., 1])
     # clamped here, on the matrix's value, as on the dense path (the gradient stops where it clamps)
@@ -206,10 +209,9 @@ def _tree_deaths_of_dense(A: torch.Tensor, fn, pairwise, backend: str, builtin: 
     """A: (B, m, n) -> (B, n - 1): the tree of ``fn(A)`` (no grad), the pairs' values by ``pairwise``."""
     with torch.no_grad():
         # built-ins take check=False (A is validated); a user's matrix is checked by death_edges
-        D = torch.stack([fn(A[b].detach(), check=False) if builtin else fn(A[b].detach()) for b in range(A.shape[0])])
-        # one member at a time for now: a batched death_edges makes this loop one call
-        edges = torch.stack([persistence.death_edges(D[b], backend=backend, check=not builtin)
-                             for b in range(D.shape[0])])
+        # the built-ins take the stack (a user's function one (m, n) member at a time)
+        D = fn(A.detach(), check=False) if builtin else torch.stack([fn(a) for a in A.detach()])
+        edges = persistence.death_edges(D, backend=backend, check=not builtin)  # the whole stack in one call
         values_matrix = _gather_pairs(D, edges)
     if builtin:
         values = pairwise(A, edges[..., 0], edges[..., 1], check=False)
@@ -260,7 +262,7 @@ def tree_deaths(A: torch.Tensor, dissimilarity="abs_correlation", backend: str =
                          f"use one of {persistence.edge_backends()}")
     stacked = torch.is_tensor(A) and A.ndim == 3
     if check:
-        A = _dissimilarity.check_activations_or_stack(A)
+        A = check_activations(A, stack=True)
     A = _full_precision(A)
     A = A if stacked else A[None]
     with _autocast_off(A.device.type, "cpu"):
