@@ -169,6 +169,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from err
+    if dev.type not in ("cpu", "cuda"):
+        # torch knows mps, meta, xpu, ...: training here reads values back (meta has none) and uses
+        # float64 reductions (mps has none); refuse now rather than fail inside the first step
+        raise ValueError(f"device {device!r} is not supported: toponeuro trains on 'cpu' or 'cuda' "
+                         "('cuda:N', or 'auto' for CUDA when available)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")

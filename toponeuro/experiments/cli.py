@@ -35,6 +35,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="only say how many runs are done and pending")
     p.add_argument("--report", action="store_true", help="write report.md when the runs are done")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="train even when the regulariser's estimated memory exceeds what the device has free")
 
     r = sub.add_parser("report", help="write report.md for an experiment",
                        description="Select weights by validation accuracy and write report.md with statistics.")
@@ -45,7 +47,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from .._validation import describe_os_error
     from . import config as config_mod
+    from . import preflight
 
     try:
         if args.action == "list":
@@ -68,6 +72,10 @@ def run(args) -> int:
             print(f"{cfg.name}: {len(done) + len(pending)} runs in the grid, {len(done)} done, "
                   f"{len(pending)} pending; results in {directory}")
             return 0
+        # everything the config implies, checked before the first run rather than failing in every run
+        todo = pending if args.limit_runs is None else pending[: max(args.limit_runs, 0)]
+        preflight.check_experiment(cfg, todo, out_root=args.out, device=args.device, jobs=max(args.jobs, 1),
+                                   memory_check=not args.no_memory_check)
         summary = runner.run_experiment(cfg, out_root=args.out, device=args.device, jobs=args.jobs,
                                         limit_runs=args.limit_runs, threads=args.threads,
                                         progress=not args.no_progress)
@@ -82,5 +90,13 @@ def run(args) -> int:
             print(f"wrote {write_report(summary.directory)}")
         return 1 if summary.failed else 0
     except ValueError as err:
-        print(f"toponeuro experiment: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # the preflight check gives one line per problem
+            print(f"toponeuro experiment: error: {line}", file=sys.stderr)
         return 2
+    except OSError as err:  # a disk that fills up, a folder removed under a run
+        print(f"toponeuro experiment: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("toponeuro experiment: interrupted; the rows of the finished runs are kept, rerun the same "
+              "command to do the rest", file=sys.stderr)
+        return 130

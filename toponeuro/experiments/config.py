@@ -318,6 +318,8 @@ def parse_config(text: str, source: str = "<string>") -> ExperimentConfig:
     name = _string(exp, "name", "experiment", required=True)
     if any(c in name for c in "/\\") or name in (".", ".."):
         raise ValueError(f"experiment.name: must be a plain folder name (no slashes), got {name!r}")
+    if not name.isprintable():  # a NUL cannot be in a path; a newline or tab would be hard to type back
+        raise ValueError(f"experiment.name: must be a plain folder name (no control characters), got {name!r}")
     dataset = _string(exp, "dataset", "experiment", required=True)
     if dataset not in DATASETS:
         raise ValueError(f"experiment.dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
