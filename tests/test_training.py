@@ -309,3 +309,12 @@ def test_fit_on_cuda_matches_cpu_roughly(digits):
                        config=TrainConfig(lr=0.05, max_epochs=2), device=dev, seed=4, progress=False)
     assert out["cuda"].device.startswith("cuda:")
     assert out["cuda"].val_loss == pytest.approx(out["cpu"].val_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu", "mps:0"])
+def test_devices_torch_knows_but_training_cannot_use_are_refused_up_front(device):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    X, y = torch.rand(8, 1, 2, 2), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match=rf"device '{device}' is not supported: toponeuro trains on 'cpu' or 'cuda'"):
+        training.fit(model, (X, y), (X, y), device=device, progress=False)
+    assert next(model.parameters()).device.type == "cpu"  # nothing was moved

@@ -62,16 +62,21 @@ def recorded_neurons(network: str, dataset: str, sampler=None) -> int:
     through it; the global random state is left as it was.
     """
     from .. import data, models
-    from ..nn import TopologicalRegulariser
+    from ..sampling import ActivationRecorder, AllNeurons
 
     in_shape = data.input_shape(dataset)
     with torch.random.fork_rng(devices=[]):
         model = models.build(network, in_shape=in_shape, num_classes=data.num_classes(dataset))
         model.eval()  # dropout off; the count does not depend on it
-        with TopologicalRegulariser(model, formula="decov", sampler=sampler, sync="local") as reg, \
-                torch.enable_grad():
-            model(torch.zeros((2, *in_shape)))
-            return int(reg.activations().shape[1])
+        # the regulariser's defaults: every non-linearity and the logits, each position of a conv map a neuron
+        recorder = ActivationRecorder(model)
+        try:
+            with torch.enable_grad():  # a pass without autograd is not recorded
+                model(torch.zeros((2, *in_shape)))
+            chosen = (sampler or AllNeurons())(recorder.layers(), recorder.output_name)
+        finally:
+            recorder.remove()
+    return int(chosen.shape[1])
 
 
 def regulariser_memory(n: int) -> int:
