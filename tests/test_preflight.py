@@ -313,3 +313,27 @@ def test_no_memory_check_lets_the_grid_run(tmp_path, capsys, monkeypatch):
     assert cli.main(args) == 2 and calls == []
     assert "regulariser.sampler (mlp, all): the regulariser on 1010 neurons" in capsys.readouterr().err
     assert cli.main(args + ["--no-memory-check"]) == 0 and calls == ["none", "t1"]
+
+
+@pytest.mark.parametrize("options, line", [
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["--limit-runs", "-1"], "--limit-runs must be at least 0, got -1"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--out", ""], "--out is empty; give a folder (it is created if missing)"),
+])
+def test_experiment_run_options_are_named_in_their_refusal(options, line, tmp_path, capsys, monkeypatch,
+                                                           no_training):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path)
+    args = ["experiment", "run", str(config), "--device", "cpu", "--no-progress"]
+    assert cli.main(args + (["--out", str(tmp_path / "out")] if "--out" not in options else []) + options) == 2
+    assert capsys.readouterr().err == f"toponeuro experiment: error: {line}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml"]  # nothing written anywhere
+
+
+def test_a_config_that_is_not_text_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "binary.toml"
+    head = b"[experiment]\nname = \""
+    path.write_bytes(head + b"\xff\"\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a UTF-8 text file \(byte {len(head)}\)"):
+        cfgmod.load_config(path)

@@ -136,6 +136,10 @@ def test_python_dash_m_entry_point_help():
 @pytest.mark.parametrize("options, match", [
     (["--device", "mps"], "device 'mps' is not supported"),
     (["--device", "meta"], "device 'meta' is not supported"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--patience", "0"], "--patience must be a positive integer"),
+    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
     (["--dataset", "digits", "--batch-size", "2000"], "larger than the 1149 training images"),
 ])
 def test_train_refuses_unusable_devices_and_sizes_before_training(options, match, tmp_path, capsys, monkeypatch):
@@ -284,3 +288,12 @@ def test_all_neurons_of_a_large_network_are_announced(tmp_path, capsys, monkeypa
     assert cli.main(["train", "--model", "cnn", "--device", "cpu", "--out", str(tmp_path / "run"),
                      "--no-memory-check", "--limit", "256", "--no-progress"]) == 0
     assert "sees all 18954 neurons of cnn" in capsys.readouterr().err
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake, calls = _fake_fit(0, None)
+    monkeypatch.setattr(training_cli, "fit", fake)
+    assert cli.main(["train", "--dataset", "digits", "--out", "", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "toponeuro train: error: --out is empty; give a folder (it is created if missing)\n"
+    assert calls == [] and list(tmp_path.iterdir()) == []

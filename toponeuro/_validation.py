@@ -276,6 +276,8 @@ def prepare_output_folder(out, option: str = "--out") -> Path:
     ``option`` and the problem, now rather than after the work, when ``out``
     is a file, lies under one, or cannot be created or written.
     """
+    if not str(out).strip():  # Path("") is the current folder: results would land among the user's files
+        raise ValueError(f"{option} is empty; give a folder (it is created if missing)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{option} {out} is a file, not a folder; give a folder (it is created if missing)")

@@ -170,9 +170,25 @@ def _kept(args, written: list[str]) -> str:
            f"{Path(args.out) / 'summary.json'}"
 
 
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The options' TrainConfig; a bad value is reported by its option's name."""
+    options = {"lr": "--lr", "batch_size": "--batch-size", "max_epochs": "--epochs", "patience": "--patience"}
+    try:
+        return TrainConfig(**{field: getattr(args, option[2:].replace("-", "_"))
+                              for field, option in options.items()})
+    except ValueError as err:
+        message = str(err)
+        for field, option in options.items():
+            message = message.replace(f"TrainConfig.{field}", option)
+        raise ValueError(message) from None
+
+
 def _train_and_compare(args: argparse.Namespace, written: list[str]) -> int:
     if args.epochs < 1:
         raise ValueError("--epochs must be at least 1")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    config = _train_config(args)
     if args.limit is not None and args.limit < args.batch_size:
         raise ValueError(f"--limit {args.limit} is smaller than --batch-size {args.batch_size}")
     if not math.isfinite(args.weight) or args.weight < 0:
@@ -187,7 +203,7 @@ def _train_and_compare(args: argparse.Namespace, written: list[str]) -> int:
     writer = distributed.rank() == 0
     out = Path(args.out)
     if writer:
-        prepare_output_folder(out)  # a file, or not writable: an error now, not after training
+        prepare_output_folder(args.out)  # a file, or not writable: an error now, not after training
     sampler_label = args.sampler.sampler_label()
     n = recorded_neurons(args.model, args.dataset, args.sampler.build_sampler(args.seed))
     if not args.no_memory_check:
@@ -207,7 +223,6 @@ def _train_and_compare(args: argparse.Namespace, written: list[str]) -> int:
     val, test = data.load(args.dataset, "val"), data.load(args.dataset, "test")
     in_shape = tuple(train[0].shape[1:])
     held_out = val[0][: args.batch_size].to(device)
-    config = TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.epochs, patience=args.patience)
 
     summary = {
         "dataset": args.dataset, "model": args.model, "formula": args.formula, "weight": args.weight,

@@ -65,6 +65,10 @@ def run(args) -> int:
             return 0
         from . import runner
 
+        for option, value, least in (("--jobs", args.jobs, 1), ("--limit-runs", args.limit_runs, 0),
+                                     ("--threads", args.threads, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"{option} must be at least {least}, got {value}")
         cfg = config_mod.load_config(args.config)
         directory = runner.experiment_dir(cfg, args.out)
         done, pending = runner.pending_runs(cfg, directory)
@@ -73,8 +77,8 @@ def run(args) -> int:
                   f"{len(pending)} pending; results in {directory}")
             return 0
         # everything the config implies, checked before the first run rather than failing in every run
-        todo = pending if args.limit_runs is None else pending[: max(args.limit_runs, 0)]
-        preflight.check_experiment(cfg, todo, out_root=args.out, device=args.device, jobs=max(args.jobs, 1),
+        todo = pending if args.limit_runs is None else pending[: args.limit_runs]
+        preflight.check_experiment(cfg, todo, out_root=args.out, device=args.device, jobs=args.jobs,
                                    memory_check=not args.no_memory_check)
         summary = runner.run_experiment(cfg, out_root=args.out, device=args.device, jobs=args.jobs,
                                         limit_runs=args.limit_runs, threads=args.threads,

@@ -301,7 +301,10 @@ def load_config(path_or_name) -> ExperimentConfig:
         else:
             raise ValueError(f"config {str(path_or_name)!r} is neither a file nor a shipped config; "
                              f"shipped configs: {', '.join(sorted(shipped))}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {err.start}); a config is TOML text") from None
     return parse_config(text, source=str(path))
 
 

@@ -21,8 +21,6 @@ option) and what to do:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .. import persistence, training
@@ -155,7 +153,7 @@ def _check_output(config, out_root, runs) -> list[str]:
     from .runner import experiment_dir
 
     try:
-        prepare_output_folder(out_root, "--out")
+        prepare_output_folder(out_root, "--out")  # as given: an empty --out is refused, not read as "."
         directory = experiment_dir(config, out_root)
         if directory.exists() and not directory.is_dir():
             return [f"--out {out_root}: {directory} (experiment.name {config.name!r}) is a file, not a folder: "
@@ -203,7 +201,7 @@ def check_experiment(config, runs=None, *, out_root, device="auto", jobs: int = 
         problems.append(f"--device: {err}")
     problems += _check_backends(config, runs)
     problems += _check_sizes(config)
-    problems += _check_output(config, Path(out_root), runs)
+    problems += _check_output(config, out_root, runs)
     if memory_check and dev is not None and not problems and runs:
         problems += _check_memory(config, runs, dev, jobs)
     if problems:
