@@ -415,6 +415,8 @@ def check_activations(A, name: str = "activations") -> torch.Tensor:
     if n < 2:
         raise ValueError(f"{name} has {n} neuron(s); persistence needs at least 2 neurons")
     _refuse_inside_capture(A, name)
+    if A.is_meta:
+        raise ValueError(f"{name} is on the 'meta' device and has no values to check: pass check=False")
     _check_finite(A, name)
     return A
 
