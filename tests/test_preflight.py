@@ -18,20 +18,10 @@ from toponeuro import _validation, cli, models, persistence, sampling, training
 from toponeuro.experiments import config as cfgmod
 from toponeuro.experiments import preflight, runner
 
-TINY = """
-[experiment]
-name = "tiny"
-dataset = "digits"
+from test_experiments import TINY as EXPERIMENTS_TINY
 
-[grid]
-networks = ["mlp"]
-methods = ["none", "t1"]
-weights = [0.1]
-seeds = [0]
-
-[training]
-max_epochs = 2
-"""
+# test_experiments' tiny grid, with T1 in place of L2: a formula that needs edges and a matrix
+TINY = EXPERIMENTS_TINY.replace('methods = ["none", "l2"]', 'methods = ["none", "t1"]')
 
 
 def tiny(*edits, append: str = "") -> cfgmod.ExperimentConfig:

@@ -31,12 +31,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="run at most K of the pending runs (grid order: whole seeds first)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: CPU cores // jobs)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="train even when the regulariser's estimated memory exceeds what the device has free")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results root (default {DEFAULT_OUT})")
     p.add_argument("--dry-run", action="store_true", help="only say how many runs are done and pending")
     p.add_argument("--report", action="store_true", help="write report.md when the runs are done")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="train even when the regulariser's estimated memory exceeds what the device has free")
 
     r = sub.add_parser("report", help="write report.md for an experiment",
                        description="Select weights by validation accuracy and write report.md with statistics.")
