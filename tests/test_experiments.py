@@ -921,3 +921,40 @@ def test_nan_cells_of_a_diverged_run_are_numbers_not_errors(tmp_path, monkeypatc
     assert math.isnan(by_id.loc["digits_mlp_l2_w1_s1", "val_loss"])
     assert by_id.loc["digits_mlp_l2_w1_s0", "val_loss"] == 0.4  # FakeFit's
     assert sorted(runs["seed"].unique()) == [0, 1] and len(runs) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_ctrl_c_with_jobs_gives_one_line_exit_130_and_no_worker_left(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the parent and its pool workers."""
+    import signal
+    import subprocess
+    import sys
+
+    config = tmp_path / "long.toml"
+    config.write_text(TINY.replace("weights = [0.1]", "weights = [0.1, 1.0]")
+                      .replace("max_epochs = 2", "max_epochs = 1000\npatience = 1000"))
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "toponeuro", "experiment", "run", str(config), "--out", str(tmp_path / "out"),
+         "--device", "cpu", "--jobs", "2", "--no-progress"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    curves = tmp_path / "out" / "tiny" / "curves"
+    deadline = time.monotonic() + 300
+    training_now = []
+    while len(training_now) < 2 and time.monotonic() < deadline:  # both workers past their first epoch
+        time.sleep(0.2)
+        training_now = [p for p in curves.glob(".*.tmp") if len(p.read_text().splitlines()) > 1] \
+            if curves.is_dir() else []
+    assert len(training_now) == 2
+    workers = [int(runner._CURVE_TMP.match(p.name)["pid"]) for p in training_now]
+    os.killpg(parent.pid, signal.SIGINT)
+    _out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130
+    assert err == ("toponeuro experiment: interrupted; the rows of the finished runs are kept, rerun the same "
+                   "command to do the rest\n")
+    deadline = time.monotonic() + 60
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)

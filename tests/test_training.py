@@ -329,7 +329,8 @@ def _tiny_data(n=8):
     (lambda X, y: (X, y.float() + 0.7), r"train: y must hold integer class labels \(int64\), got torch.float32"),
     (lambda X, y: (X, y.bool()), r"train: y must hold integer class labels \(int64\), got torch.bool"),
     (lambda X, y: (X, y - 3), r"train: y has a negative class label \(-3\)"),
-    (lambda X, y: (X.index_fill(0, torch.tensor([5]), float("nan")), y), r"train: X contains NaN or inf \(first in row 5\)"),
+    (lambda X, y: (X.index_fill(0, torch.tensor([5]), float("nan")), y),
+     r"train: X contains NaN or inf \(first in row 5\)"),
     (lambda X, y: (X.index_fill(0, torch.tensor([2, 6]), float("-inf")), y), r"first in row 2\)"),
     (lambda X, y: (torch.full_like(X, 1e308, dtype=torch.float64), y), r"train: X is too large to sum"),
 ])

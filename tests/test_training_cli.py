@@ -295,5 +295,6 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, capsys
     fake, calls = _fake_fit(0, None)
     monkeypatch.setattr(training_cli, "fit", fake)
     assert cli.main(["train", "--dataset", "digits", "--out", "", "--no-progress"]) == 2
-    assert capsys.readouterr().err == "toponeuro train: error: --out is empty; give a folder (it is created if missing)\n"
+    assert capsys.readouterr().err == ("toponeuro train: error: --out is empty; give a folder "
+                                       "(it is created if missing)\n")
     assert calls == [] and list(tmp_path.iterdir()) == []
