@@ -327,3 +327,17 @@ def test_a_config_that_is_not_text_is_refused_naming_the_file(tmp_path):
     path.write_bytes(head + b"\xff\"\n")
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a UTF-8 text file \(byte {len(head)}\)"):
         cfgmod.load_config(path)
+
+
+@pytest.mark.cuda
+def test_available_memory_on_cuda_is_the_free_memory_of_that_device():
+    import torch
+
+    for index in range(torch.cuda.device_count()):
+        free = _validation.available_memory(f"cuda:{index}")
+        total = torch.cuda.get_device_properties(index).total_memory
+        assert 0 < free <= total
+        # a block held meanwhile reads as less free memory (the allocator takes whole 2 MiB pages or more)
+        held = torch.empty(256 * 2**20, dtype=torch.uint8, device=f"cuda:{index}")
+        assert _validation.available_memory(f"cuda:{index}") <= free - 255 * 2**20
+        del held
