@@ -81,7 +81,7 @@ def _parse_numbers(df: pd.DataFrame, source) -> pd.DataFrame:
             i = bad.idxmax()
             run = df["run_id"][i] if "run_id" in df else f"row {i + 1}"
             raise ValueError(f"{source}: run {run}, column {col}: {df[col][i]!r} is not a number; correct the "
-                             "cell, or delete the row to train that run again")
+                             "cell in its rows file, or delete the row to train that run again")
         df[col] = parsed
     return df
 
@@ -91,7 +91,8 @@ def load_runs(directory) -> pd.DataFrame:
     rows = read_rows(Path(directory) / "runs.csv")
     if not rows:
         raise ValueError(f"no finished runs in {Path(directory) / 'runs.csv'}; run the experiment first")
-    df = _parse_numbers(pd.DataFrame(rows), Path(directory) / "runs.csv")
+    df = pd.DataFrame(rows)
+    df = _parse_numbers(df, Path(directory))
     for col in ("stopped_early", "diverged", "nesterov"):
         if col in df:
             df[col] = df[col].astype(str).str.lower() == "true"
