@@ -216,6 +216,28 @@ def test_available_memory_on_cpu_is_within_the_machine(monkeypatch):
 
 # -- through the command line ---------------------------------------------------------------------
 
+def _single_engine() -> list[str]:
+    """``--engine single`` where `experiment run` has an engine choice: the fake fits here are the
+    single engine's (a batched engine trains its stacks without calling training.fit)."""
+    import argparse
+    import contextlib
+    import io
+
+    from toponeuro.experiments import cli as experiment_cli
+
+    parser = argparse.ArgumentParser()
+    experiment_cli.configure_parser(parser)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parser.parse_args(["run", "config", "--engine", "single"])
+    except SystemExit:
+        return []
+    return ["--engine", "single"]
+
+
+SINGLE = _single_engine()
+
+
 def write_config(tmp_path, *edits, append="") -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(tiny(*edits, append=append).text)
@@ -271,7 +293,7 @@ def test_ctrl_c_in_experiment_run_keeps_the_rows_and_exits_130_with_one_line(tmp
     monkeypatch.setattr(training, "fit", fit)
     out = tmp_path / "out"
     assert cli.main(["experiment", "run", str(write_config(tmp_path)), "--out", str(out), "--device", "cpu",
-                     "--no-progress"]) == 130
+                     "--no-progress", *SINGLE]) == 130
     captured = capsys.readouterr()
     assert captured.err == ("toponeuro experiment: interrupted; the rows of the finished runs are kept, rerun the "
                             "same command to do the rest\n")
@@ -288,7 +310,7 @@ def test_a_full_disk_while_writing_a_row_is_one_line(tmp_path, capsys, monkeypat
     monkeypatch.setattr(runner, "append_row", full)
     out = tmp_path / "out"
     assert cli.main(["experiment", "run", str(write_config(tmp_path)), "--out", str(out), "--device", "cpu",
-                     "--no-progress"]) == 1
+                     "--no-progress", *SINGLE]) == 1
     err = capsys.readouterr().err
     assert err == (f"toponeuro experiment: error: the disk is full ({out / 'tiny' / 'runs.csv'}): free some space "
                    "and rerun (finished results are kept)\n")
@@ -299,7 +321,7 @@ def test_no_memory_check_lets_the_grid_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(training, "fit", fit)
     monkeypatch.setattr(_validation, "available_memory", lambda device: 0)
     args = ["experiment", "run", str(write_config(tmp_path)), "--out", str(tmp_path / "out"), "--device", "cpu",
-            "--no-progress"]
+            "--no-progress", *SINGLE]
     assert cli.main(args) == 2 and calls == []
     assert "regulariser.sampler (mlp, all): the regulariser on 1010 neurons" in capsys.readouterr().err
     assert cli.main(args + ["--no-memory-check"]) == 0 and calls == ["none", "t1"]
