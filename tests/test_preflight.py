@@ -69,6 +69,21 @@ def test_a_value_only_backend_is_fine_where_no_formula_needs_edges(methods, tmp_
     preflight.check_experiment(cfg, out_root=tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("methods, refused", [('["t1"]', ["t1"]), ('["none", "t1", "t2"]', ["t1", "t2"]),
+                                               ('["none", "l2", "decov"]', [])])
+def test_t1_and_t2_on_an_unbounded_dissimilarity_are_refused(methods, refused, tmp_path):
+    cfg = tiny(('methods = ["none", "t1"]', f"methods = {methods}"),
+               append='[regulariser]\ndissimilarity = "euclidean"\n')
+    if not refused:  # no formula on deaths: the dissimilarity is never used
+        preflight.check_experiment(cfg, out_root=tmp_path, device="cpu")
+        return
+    lines = refusal(cfg, tmp_path)
+    assert [line.split("(mlp, ")[1].split(")")[0] for line in lines] == refused
+    for line, method in zip(lines, refused):
+        assert line.startswith("regulariser.dissimilarity = 'euclidean' (mlp, ")
+        assert f"{method.upper()} on the unbounded dissimilarity 'euclidean' has no lower bound" in line
+
+
 def test_a_per_network_backend_is_named_by_its_own_key(tmp_path):
     cfg = tiny(('networks = ["mlp"]', 'networks = ["mlp", "cnn"]'),
                append='[regulariser.networks.cnn]\nbackend = "ripser"\n')
@@ -187,6 +202,21 @@ def test_memory_beyond_what_is_free_is_refused_naming_the_sampler_key(tmp_path, 
     assert "74.8 MiB x 2 runs at once) needs about 149.7 MiB, and 100.0 MiB is available on cpu" in line
     assert "lower --jobs" in line and "--no-memory-check" in line
     preflight.check_experiment(cfg, out_root=tmp_path, device="cpu", jobs=2, memory_check=False)
+
+
+def test_the_batched_engine_counts_a_stack_of_regularisers_at_once(tmp_path, monkeypatch):
+    cfg = tiny(("seeds = [0]", "seeds = [0, 1, 2]"))  # three regularised runs of one network
+    runs = [r for r in cfg.runs() if r.method in preflight.ACTIVATION_METHODS and r.weight > 0]
+    n = preflight.recorded_neurons("mlp", cfg.dataset, cfg.regulariser_for("mlp").build_sampler(0))
+    one = preflight.regulariser_memory(n)
+    # room for exactly two regularisers: the single engine (one job) fits, a stack of all of them does not
+    monkeypatch.setattr(_validation, "available_memory", lambda device: 2 * one)
+    assert len(runs) > 2
+    preflight.check_experiment(cfg, out_root=tmp_path, device="cpu", jobs=1)
+    preflight.check_experiment(cfg, out_root=tmp_path, device="cpu", stack_size=2)
+    with pytest.raises(ValueError) as err:
+        preflight.check_experiment(cfg, out_root=tmp_path, device="cpu", stack_size=128)
+    assert f"x {len(runs)} runs at once" in str(err.value) and "lower --stack-size" in str(err.value)
 
 
 def test_a_per_network_sampler_is_named_by_its_own_key(tmp_path, monkeypatch):

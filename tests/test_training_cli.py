@@ -141,6 +141,9 @@ def test_python_dash_m_entry_point_help():
     (["--patience", "0"], "--patience must be a positive integer"),
     (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
     (["--dataset", "digits", "--batch-size", "2000"], "larger than the 1149 training images"),
+    # T1 on euclidean wrecked the second run (regulariser 486 -> -1.6e7, test 9.7 %); refused before the first
+    (["--dataset", "digits", "--dissimilarity", "euclidean"], "T1 on the unbounded dissimilarity 'euclidean'"),
+    (["--dataset", "digits", "--dissimilarity", "euclidean", "--formula", "t2"], "T2 on the unbounded"),
 ])
 def test_train_refuses_unusable_devices_and_sizes_before_training(options, match, tmp_path, capsys, monkeypatch):
     def no_training(*args, **kwargs):

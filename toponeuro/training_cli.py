@@ -24,7 +24,7 @@ from ._validation import describe_os_error, format_bytes, prepare_output_folder
 from .dissimilarity import DISSIMILARITIES, correlation
 from .experiments.config import SAMPLER_KINDS, RegulariserSettings, _parse_sampler
 from .experiments.preflight import check_regulariser_memory, recorded_neurons, regulariser_memory
-from .nn import TopologicalRegulariser
+from .nn import TopologicalRegulariser, check_bounded
 from .training import TrainConfig, device_label, fit, resolve_device, seed_everything
 
 FORMULAS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
@@ -197,6 +197,8 @@ def _train_and_compare(args: argparse.Namespace, written: list[str]) -> int:
     if not persistence.get_backend(args.backend).gives_edges:
         raise ValueError(f"--backend {args.backend!r} gives death values only, not death edges; the regulariser "
                          f"and the held-out T1 need edges: use one of {persistence.edge_backends()}")
+    # T1/T2 on an unbounded dissimilarity: refused before the baseline run, not after it
+    check_bounded(args.formula, args.dissimilarity)
     device = resolve_device(args.device)
     # under torchrun every rank trains its slice of each batch (DDP); rank 0 reports
     device = distributed.setup(device)

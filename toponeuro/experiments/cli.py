@@ -104,7 +104,8 @@ def run(args) -> int:
         # everything the config implies, checked before the first run rather than failing in every run
         todo = pending if args.limit_runs is None else pending[: args.limit_runs]
         preflight.check_experiment(cfg, todo, out_root=args.out, device=args.device, jobs=args.jobs,
-                                   memory_check=not args.no_memory_check)
+                                   memory_check=not args.no_memory_check,
+                                   stack_size=None if args.engine == "single" else args.stack_size)
         summary = runner.run_experiment(cfg, out_root=args.out, device=args.device, jobs=args.jobs,
                                         limit_runs=args.limit_runs, threads=args.threads,
                                         progress=not args.no_progress, commit=args.commit,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import persistence, training
+from ..nn import check_bounded
 from .._validation import check_free_disk, check_memory, format_bytes, prepare_output_folder
 
 __all__ = [
@@ -82,34 +83,29 @@ def regulariser_memory(n: int) -> int:
     return REGULARISER_MATRICES * n * n * 4
 
 
-def check_regulariser_memory(n: int, device, *, runs_at_once: int = 1, key: str, override: str) -> None:
+def check_regulariser_memory(n: int, device, *, runs_at_once: int = 1, key: str, override: str,
+                             fewer_at_once: str = "--jobs") -> None:
     """Refuse (ValueError) when ``runs_at_once`` regularisers on ``n`` neurons do not fit in ``device``'s memory.
 
     ``key`` names the setting that decides ``n`` (the sampler), ``override``
-    the way to skip the check.
+    the way to skip the check, ``fewer_at_once`` the option that sets ``runs_at_once``.
     """
     at_once = f" x {runs_at_once} runs at once" if runs_at_once > 1 else ""
     check_memory(
         regulariser_memory(n) * runs_at_once, device,
         what=f"the regulariser on {n} neurons ({REGULARISER_MATRICES} float32 {n} x {n} matrices, "
              f"{format_bytes(regulariser_memory(n))}{at_once})",
-        fix=f"keep fewer neurons with {key} (e.g. importance, p = 0.01){', lower --jobs' if at_once else ''}, "
+        fix=f"keep fewer neurons with {key} (e.g. importance, p = 0.01){f', lower {fewer_at_once}' if at_once else ''}, "
             f"or pass {override} to try anyway",
     )
 
 
-def _backend_key(config, network: str) -> str:
+def _setting_key(config, network: str, setting: str) -> str:
+    """The config key that decides ``setting`` (backend, sampler, ...) of ``network``: its own table's, or the shared one."""
     own = dict(config.per_network).get(network)
-    if own is not None and own.backend != config.regulariser.backend:
-        return f"regulariser.networks.{network}.backend"
-    return "regulariser.backend"
-
-
-def _sampler_key(config, network: str) -> str:
-    own = dict(config.per_network).get(network)
-    if own is not None and own.sampler != config.regulariser.sampler:
-        return f"regulariser.networks.{network}.sampler"
-    return "regulariser.sampler"
+    if own is not None and getattr(own, setting) != getattr(config.regulariser, setting):
+        return f"regulariser.networks.{network}.{setting}"
+    return f"regulariser.{setting}"
 
 
 def _check_backends(config, runs) -> list[str]:
@@ -119,7 +115,7 @@ def _check_backends(config, runs) -> list[str]:
         if not methods & set(training.WEIGHTED_METHODS):
             continue  # no regulariser is built for this network: its backend is never used
         backend = config.regulariser_for(network).backend
-        key = _backend_key(config, network)
+        key = _setting_key(config, network, "backend")
         try:
             spec = persistence.get_backend(backend)
         except ValueError as err:
@@ -130,7 +126,16 @@ def _check_backends(config, runs) -> list[str]:
             problems.append(f"{key} = {backend!r} gives death values only (no death edges, hence no gradient), "
                             f"and {network} trains {', '.join(needs_edges)}: use one of "
                             f"{persistence.edge_backends()}")
+        settings = config.regulariser_for(network)
+        for method in needs_edges:  # T1/T2 on an unbounded dissimilarity would wreck every run
+            try:
+                check_bounded(method, settings.dissimilarity, settings.alpha)
+            except ValueError as err:
+                key = _setting_key(config, network, "dissimilarity")
+                problems.append(f"{key} = {settings.dissimilarity!r} "
+                                f"({network}, {method}): {err}")
     return problems
+
 
 
 def _check_sizes(config) -> list[str]:
@@ -166,26 +171,35 @@ def _check_output(config, out_root, runs) -> list[str]:
     return []
 
 
-def _check_memory(config, runs, device: torch.device, jobs: int) -> list[str]:
+def _check_memory(config, runs, device: torch.device, jobs: int, stack_size: int | None = None) -> list[str]:
+    from .. import ensemble
+
     problems = []
-    runs_at_once = min(jobs, len(runs))
     for network in dict.fromkeys(r.network for r in runs):
-        if not any(r.network == network and r.method in ACTIVATION_METHODS and r.weight > 0 for r in runs):
+        regularised = [r for r in runs if r.network == network and r.method in ACTIVATION_METHODS and r.weight > 0]
+        if not regularised:
             continue
+        # the batched engine holds the regulariser's matrices of a whole stack at once
+        batched = stack_size is not None and ensemble.stackable(network)
+        runs_at_once = min(stack_size, len(regularised)) if batched else min(jobs, len(runs))
         settings = config.regulariser_for(network)
         n = recorded_neurons(network, config.dataset, settings.build_sampler(0))
-        key = _sampler_key(config, network)
+        key = _setting_key(config, network, "sampler")
         try:
             check_regulariser_memory(n, device, runs_at_once=runs_at_once, key=key,
-                                     override="--no-memory-check")
+                                     override="--no-memory-check",
+                                     fewer_at_once="--stack-size" if batched else "--jobs")
         except ValueError as err:
             problems.append(f"{key} ({network}, {settings.sampler_label()}): {err}")
     return problems
 
 
 def check_experiment(config, runs=None, *, out_root, device="auto", jobs: int = 1,
-                     memory_check: bool = True) -> torch.device:
+                     memory_check: bool = True, stack_size: int | None = None) -> torch.device:
     """Check that ``runs`` (default: the whole grid) of ``config`` can train; return the device.
+
+    ``stack_size``: the batched engine's runs per stack (``None``: the single
+    engine, ``jobs`` runs at once), for the memory estimate.
 
     Raises
     ------
@@ -203,7 +217,7 @@ def check_experiment(config, runs=None, *, out_root, device="auto", jobs: int = 
     problems += _check_sizes(config)
     problems += _check_output(config, out_root, runs)
     if memory_check and dev is not None and not problems and runs:
-        problems += _check_memory(config, runs, dev, jobs)
+        problems += _check_memory(config, runs, dev, jobs, stack_size)
     if problems:
         raise ValueError("\n".join(problems))
     return dev
