@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+import torch
 
 from toponeuro import cli, models, training
 from toponeuro.experiments import config as cfgmod
@@ -73,6 +75,8 @@ def tiny(**replace) -> cfgmod.ExperimentConfig:
     (("[training]", '[regulariser.networks.resnet]\nalpha = 0.1\n[training]'), r"regulariser\.networks\.resnet"),
     (("[training]", '[regulariser.networks.mlp]\nfoo = 1\n[training]'), r"regulariser\.networks\.mlp\.foo"),
     (("[grid]", "[grid\n"), r"not valid TOML"),
+    (('name = "tiny"', 'name = "ti\\u0000ny"'), r"experiment\.name: must be a plain folder name \(no control"),
+    (('name = "tiny"', 'name = "ti\\nny"'), r"experiment\.name: must be a plain folder name \(no control"),
 ])
 def test_bad_configs_name_the_key(edit, needle):
     old, new = edit
@@ -698,6 +702,150 @@ def test_report_runs_friedman_nemenyi_and_draws_the_critical_difference_diagram(
     assert "![critical difference diagram](critical_difference.png)" in text
     png = (directory / "critical_difference.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+# -- pool workers and the parent ------------------------------------------------------------------
+
+_POOL_PARENT = """
+import multiprocessing, os, sys, time
+from pathlib import Path
+from toponeuro.experiments import runner
+
+
+def hold(folder):
+    Path(folder, str(os.getpid())).touch()  # this worker runs a task: its initializer has run
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(2, initializer=runner._init_worker, initargs=(1, os.getpid()))
+    results = [pool.apply_async(hold, (sys.argv[1],)) for _ in range(2)]
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead and not yet reaped, counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_pool_workers_end_when_their_parent_is_killed(tmp_path):
+    """A `run` killed with SIGKILL (no cleanup of its own) leaves no worker training on."""
+    import signal
+    import subprocess
+    import sys
+
+    script, started = tmp_path / "parent.py", tmp_path / "started"
+    script.write_text(_POOL_PARENT)
+    started.mkdir()
+    parent = subprocess.Popen([sys.executable, str(script), str(started)],
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+            workers = [int(p.name) for p in started.iterdir()]
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "pool workers kept running after their parent was killed"
+    finally:
+        parent.kill()
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+
+
+def test_pool_workers_ignore_ctrl_c_so_the_parent_alone_reports_it():
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        threads = torch.get_num_threads()
+        runner._init_worker(threads)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert torch.get_num_threads() == threads
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _edit_cell(path: Path, run_id: str, column: str, value: str) -> None:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        if row["run_id"] == run_id:
+            row[column] = value
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=runner.COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.mark.parametrize("column, value", [("val_accuracy", "0.8x"), ("test_accuracy", ""), ("epochs", "two"),
+                                           ("lr", "1e-2e")])
+def test_a_non_numeric_cell_is_refused_naming_its_run_and_column(column, value, tmp_path, monkeypatch):
+    directory, _ = _two_seed_experiment(tmp_path, monkeypatch, lambda method, weight, seed: "cpu")
+    run_id = "digits_mlp_l2_w1_s1"
+    _edit_cell(directory / "runs.csv", run_id, column, value)
+    with pytest.raises(ValueError, match=rf"tiny: run {run_id}, column {column}: '{value}' is not a number"):
+        report.load_runs(directory)
+
+
+def test_nan_cells_of_a_diverged_run_are_numbers_not_errors(tmp_path, monkeypatch):
+    directory, _ = _two_seed_experiment(tmp_path, monkeypatch, lambda method, weight, seed: "cpu")
+    _edit_cell(directory / "runs.csv", "digits_mlp_l2_w1_s1", "val_loss", "nan")
+    runs = report.load_runs(directory)
+    by_id = runs.set_index("run_id")
+    assert math.isnan(by_id.loc["digits_mlp_l2_w1_s1", "val_loss"])
+    assert by_id.loc["digits_mlp_l2_w1_s0", "val_loss"] == 0.4  # FakeFit's
+    assert sorted(runs["seed"].unique()) == [0, 1] and len(runs) == 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_ctrl_c_with_jobs_gives_one_line_exit_130_and_no_worker_left(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the parent and its pool workers."""
+    import signal
+    import subprocess
+    import sys
+
+    config = tmp_path / "long.toml"
+    config.write_text(TINY.replace("weights = [0.1]", "weights = [0.1, 1.0]")
+                      .replace("max_epochs = 2", "max_epochs = 1000\npatience = 1000"))
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "toponeuro", "experiment", "run", str(config), "--out", str(tmp_path / "out"),
+         "--device", "cpu", "--jobs", "2", "--no-progress"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    curves = tmp_path / "out" / "tiny" / "curves"
+    deadline = time.monotonic() + 300
+    training_now = []
+    while len(training_now) < 2 and time.monotonic() < deadline:  # both workers past their first epoch
+        time.sleep(0.2)
+        training_now = [p for p in curves.glob(".*.tmp") if len(p.read_text().splitlines()) > 1] \
+            if curves.is_dir() else []
+    assert len(training_now) == 2
+    workers = [int(runner._CURVE_TMP.match(p.name)["pid"]) for p in training_now]
+    os.killpg(parent.pid, signal.SIGINT)
+    _out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130
+    assert err == ("toponeuro experiment: interrupted; the rows of the finished runs are kept, rerun the same "
+                   "command to do the rest\n")
+    deadline = time.monotonic() + 60
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
 
 
 def test_friedman_matches_scipy_and_the_textbook_formula():

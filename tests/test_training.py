@@ -320,3 +320,51 @@ def test_fit_on_cuda_matches_cpu_roughly(digits):
                        config=TrainConfig(lr=0.05, max_epochs=2), device=dev, seed=4, progress=False)
     assert out["cuda"].device.startswith("cuda:")
     assert out["cuda"].val_loss == pytest.approx(out["cpu"].val_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu", "mps:0"])
+def test_devices_torch_knows_but_training_cannot_use_are_refused_up_front(device):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    X, y = torch.rand(8, 1, 2, 2), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match=rf"device '{device}' is not supported: toponeuro trains on 'cpu' or 'cuda'"):
+        training.fit(model, (X, y), (X, y), device=device, progress=False)
+    assert next(model.parameters()).device.type == "cpu"  # nothing was moved
+
+
+def _tiny_data(n=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 2, 2, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda X, y: (X, y.float() + 0.7), r"train: y must hold integer class labels \(int64\), got torch.float32"),
+    (lambda X, y: (X, y.bool()), r"train: y must hold integer class labels \(int64\), got torch.bool"),
+    (lambda X, y: (X, y - 3), r"train: y has a negative class label \(-3\)"),
+    (lambda X, y: (X.index_fill(0, torch.tensor([5]), float("nan")), y),
+     r"train: X contains NaN or inf \(first in row 5\)"),
+    (lambda X, y: (X.index_fill(0, torch.tensor([2, 6]), float("-inf")), y), r"first in row 2\)"),
+    (lambda X, y: (torch.full_like(X, 1e308, dtype=torch.float64), y), r"train: X is too large to sum"),
+])
+def test_fit_refuses_labels_and_inputs_that_would_train_wrong(edit, match):
+    X, y = _tiny_data()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=match):
+        training.fit(model, edit(X, y), (X, y), config=TrainConfig(max_epochs=1, batch_size=4), progress=False)
+
+
+def test_fit_refuses_a_model_that_is_not_a_module():
+    X, y = _tiny_data()
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module, got function"):
+        training.fit(lambda x: x, (X, y), (X, y), progress=False)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("lr", float("inf"), "TrainConfig.lr must be a positive number"),
+    ("lr", float("nan"), "TrainConfig.lr must be a positive number"),
+    ("lr_decay", float("inf"), "TrainConfig.lr_decay must be a positive number"),
+    ("lr_decay", 1.5, r"TrainConfig.lr_decay must lie in \(0, 1\]"),
+])
+def test_train_config_refuses_infinite_rates_and_a_growing_decay(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+    TrainConfig(lr_decay=1.0)  # no decay is allowed

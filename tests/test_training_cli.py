@@ -129,3 +129,175 @@ def test_train_out_that_is_a_file_exits_2(tmp_path, capsys):
 def test_python_dash_m_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "toponeuro", "train", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--formula" in res.stdout
+
+
+# -- reliability: every refusal up front, nothing finished lost ------------------------------------
+
+@pytest.mark.parametrize("options, match", [
+    (["--device", "mps"], "device 'mps' is not supported"),
+    (["--device", "meta"], "device 'meta' is not supported"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--lr", "0"], "--lr must be a positive number, got 0.0"),
+    (["--patience", "0"], "--patience must be a positive integer"),
+    (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
+    (["--dataset", "digits", "--batch-size", "2000"], "larger than the 1149 training images"),
+    # T1 on euclidean wrecked the second run (regulariser 486 -> -1.6e7, test 9.7 %); refused before the first
+    (["--dataset", "digits", "--dissimilarity", "euclidean"], "T1 on the unbounded dissimilarity 'euclidean'"),
+    (["--dataset", "digits", "--dissimilarity", "euclidean", "--formula", "t2"], "T2 on the unbounded"),
+])
+def test_train_refuses_unusable_devices_and_sizes_before_training(options, match, tmp_path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained despite a bad option")
+
+    monkeypatch.setattr(training_cli, "fit", no_training)
+    assert cli.main(["train", *options, "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("toponeuro train: error: ") and match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value, match", [
+    ("bogus", "KIND: unknown sampler 'bogus'"),
+    ("importance", "P: missing"),
+    ("random:0", r"P: must be a fraction in \(0, 1\]"),
+    ("importance:1.5", r"P: must be a fraction in \(0, 1\]"),
+    ("all:0.5", "takes no p"),
+    ("importance:x", "must be a number"),
+])
+def test_bad_sampler_option_is_an_argparse_error(value, match, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--sampler", value])
+    assert exit_.value.code == 2
+    import re
+
+    assert re.search(match, capsys.readouterr().err)
+
+
+def _fake_fit(interrupt_at: int, error: BaseException):
+    """A fit that trains nothing and raises ``error`` in call ``interrupt_at`` (1-based)."""
+    from toponeuro.training import FitResult
+
+    calls = []
+
+    def fake(model, train, val, test=None, **kw):
+        calls.append(kw)
+        if len(calls) == interrupt_at:
+            raise error
+        return FitResult(val_accuracy=0.5, val_loss=1.0, test_accuracy=0.5, test_loss=1.0, best_epoch=1,
+                         epochs=1, seconds=0.1, seconds_per_epoch=0.1, stopped_early=False, diverged=False,
+                         device="cpu", history=[])
+
+    return fake, calls
+
+
+@pytest.mark.parametrize("error, rc, line", [
+    (KeyboardInterrupt(), 130, "toponeuro train: interrupted; the finished run (none) kept in"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 9999999999 bytes"), 1, "toponeuro train: error: out of memory"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), 1,
+     "toponeuro train: error: out of memory"),
+])
+def test_an_interrupt_in_the_second_run_keeps_the_first(error, rc, line, tmp_path, capsys, monkeypatch):
+    fake, calls = _fake_fit(2, error)
+    monkeypatch.setattr(training_cli, "fit", fake)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "digits", "--epochs", "1", "--device", "cpu", "--out", str(out),
+                     "--no-progress"]) == rc
+    err = capsys.readouterr().err
+    assert err.startswith(line) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert len(calls) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and list(summary["runs"]) == ["none"]
+    assert summary["runs"]["none"]["test_accuracy"] == 0.5
+    # the held-out statistics of the finished run came with it
+    assert len(summary["runs"]["none"]["held_out"]["deaths"]) == summary["runs"]["none"]["held_out"]["neurons"] - 1
+    assert [p.name for p in out.iterdir()] == ["summary.json"]  # no temporary file left behind
+
+
+def test_an_interrupt_in_the_first_run_writes_nothing_and_says_so(tmp_path, capsys, monkeypatch):
+    fake, _ = _fake_fit(1, KeyboardInterrupt())
+    monkeypatch.setattr(training_cli, "fit", fake)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "digits", "--device", "cpu", "--out", str(out), "--no-progress"]) == 130
+    assert "no run had finished, nothing written" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+def test_a_real_ctrl_c_in_a_subprocess_exits_130_with_one_line(tmp_path):
+    """SIGINT to a real `toponeuro train` while its first run trains: one line on stderr, exit 130."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "toponeuro", "train", "--dataset", "digits", "--epochs", "50",
+                             "--device", "cpu", "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True, cwd=os.getcwd(),
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    # wait for the progress bar of the first run (training has started), then press Ctrl-C
+    seen = ""
+    while "none" not in seen:
+        ch = proc.stderr.read(1)
+        assert ch, f"train ended before training: {seen}"
+        seen += ch
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130
+    assert "Traceback" not in rest and "toponeuro train: interrupted; no run had finished" in rest
+
+
+@pytest.mark.parametrize("sampler, expected", [("importance:0.05", "importance(p=0.05)"),
+                                               ("random:0.5", "random(p=0.5)")])
+def test_sampler_option_reaches_fit_and_the_held_out_statistics(sampler, expected, tmp_path, monkeypatch):
+    from toponeuro import sampling
+
+    fake, calls = _fake_fit(0, None)
+    monkeypatch.setattr(training_cli, "fit", fake)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "digits", "--sampler", sampler, "--device", "cpu", "--out", str(out),
+                     "--no-progress"]) == 0
+    kind, p = sampler.split(":")
+    cls = sampling.ImportanceSampler if kind == "importance" else sampling.RandomSampler
+    assert all(isinstance(c["sampler"], cls) and c["sampler"].p == float(p) for c in calls)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampler"] == expected and summary["complete"] is True
+    # the mlp's hidden layers 450, 350, 200 keep floor(p * width) each; the 10 logits are kept whole
+    n = sum(sampling.fraction_count(float(p), w) for w in (450, 350, 200)) + 10
+    assert summary["neurons"] == n
+    assert all(run["held_out"]["neurons"] == n for run in summary["runs"].values())
+
+
+def test_memory_beyond_what_is_free_is_refused_with_the_figure_unless_overridden(tmp_path, capsys, monkeypatch):
+    from toponeuro import _validation
+
+    fake, calls = _fake_fit(0, None)
+    monkeypatch.setattr(training_cli, "fit", fake)
+    monkeypatch.setattr(_validation, "available_memory", lambda device: 1 << 20)  # 1 MiB free
+    args = ["train", "--dataset", "digits", "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    # the digits mlp: 450 + 350 + 200 + 10 = 1010 neurons, 7 float32 1010 x 1010 matrices = 27.2 MiB
+    assert "the regulariser on 1010 neurons" in err and "27.2 MiB" in err and "1.0 MiB is available" in err
+    assert "--no-memory-check" in err and len(err.strip().splitlines()) == 1 and calls == []
+    assert cli.main(args + ["--no-memory-check"]) == 0 and len(calls) == 2
+
+
+def test_all_neurons_of_a_large_network_are_announced(tmp_path, capsys, monkeypatch):
+    fake, _ = _fake_fit(0, None)
+    monkeypatch.setattr(training_cli, "fit", fake)
+    monkeypatch.setattr(training_cli, "held_out_statistics",
+                        lambda *a, **k: {"mean_abs_rho": 0.1, "t1": 1.0, "neurons": 2, "deaths": [0.5]})
+    assert cli.main(["train", "--model", "cnn", "--device", "cpu", "--out", str(tmp_path / "run"),
+                     "--no-memory-check", "--limit", "256", "--no-progress"]) == 0
+    assert "sees all 18954 neurons of cnn" in capsys.readouterr().err
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake, calls = _fake_fit(0, None)
+    monkeypatch.setattr(training_cli, "fit", fake)
+    assert cli.main(["train", "--dataset", "digits", "--out", "", "--no-progress"]) == 2
+    assert capsys.readouterr().err == ("toponeuro train: error: --out is empty; give a folder "
+                                       "(it is created if missing)\n")
+    assert calls == [] and list(tmp_path.iterdir()) == []

@@ -575,3 +575,24 @@ def test_check_16384_float32():
     D[n - 1, 3] += 0.01
     with pytest.raises(ValueError, match="not symmetric"):
         check_dissimilarity(D)
+
+
+def test_meta_activations_are_refused_with_the_way_round():
+    with pytest.raises(ValueError, match="'meta' device and has no values to check: pass check=False"):
+        tn.dissimilarity.abs_correlation(torch.empty(5, 4, device="meta"))
+
+
+@pytest.mark.parametrize("p", [True, False])
+def test_a_boolean_is_not_a_fraction(p):
+    with pytest.raises(ValueError, match="p must be a fraction"):
+        tn.sampling.RandomSampler(p)
+    with pytest.raises(ValueError, match="p must be a fraction"):
+        tn.sampling.ImportanceSampler(p)
+
+
+@pytest.mark.parametrize("out", ["", " "])
+def test_an_empty_output_folder_is_refused(out):
+    from toponeuro._validation import prepare_output_folder
+
+    with pytest.raises(ValueError, match="--out is empty"):
+        prepare_output_folder(out)

@@ -7,14 +7,18 @@ that names the problem and the fix, rather than surfacing later as a NaN.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["check_activations", "check_dissimilarity", "prepare_output_folder"]
+__all__ = ["check_activations", "check_dissimilarity", "prepare_output_folder", "available_memory",
+           "check_memory", "check_free_disk", "format_bytes", "describe_os_error"]
 
 try:  # numba is optional: it makes the CPU scan of a matrix a single pass
     import numba
@@ -278,6 +282,8 @@ def prepare_output_folder(out, option: str = "--out") -> Path:
     ``option`` and the problem, now rather than after the work, when ``out``
     is a file, lies under one, or cannot be created or written.
     """
+    if not str(out).strip():  # Path("") is the current folder: results would land among the user's files
+        raise ValueError(f"{option} is empty; give a folder (it is created if missing)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{option} {out} is a file, not a folder; give a folder (it is created if missing)")
@@ -292,6 +298,79 @@ def prepare_output_folder(out, option: str = "--out") -> Path:
         raise ValueError(f"{option} {out}: cannot create or write the folder ({err.strerror or err}); "
                          f"give a writable folder") from err
     return out
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError met while writing results: what failed, on which path, and what to do."""
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return f"the disk is full{where}: free some space and rerun (finished results are kept)"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {err.strerror}; give a writable folder"
+    return f"{err.strerror or err}{where}"
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short figure: ``512 B``, ``3.2 MiB``, ``10.0 GiB``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _meminfo_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux): free memory plus what the kernel can reclaim."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory(device) -> int | None:
+    """Bytes that new allocations on ``device`` can take now; ``None`` when it cannot be told.
+
+    CUDA: the free memory of the device (``torch.cuda.mem_get_info``). CPU:
+    ``MemAvailable`` of ``/proc/meminfo``, else the available physical pages
+    (``os.sysconf``), which count no reclaimable cache and so read low.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    available = _meminfo_available()
+    if available is not None:
+        return available
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def check_memory(needed: int, device, what: str, fix: str) -> None:
+    """A ValueError when ``needed`` bytes exceed the memory available on ``device`` (:func:`available_memory`).
+
+    ``what`` says what needs the memory, ``fix`` what to do instead; the
+    message gives both figures. Nothing is refused when the free memory
+    cannot be told.
+    """
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise ValueError(f"{what} needs about {format_bytes(needed)}, and {format_bytes(available)} is available "
+                         f"on {torch.device(device)}: {fix}")
+
+
+def check_free_disk(folder, needed: int, option: str = "--out") -> None:
+    """A ValueError naming ``option`` when the disk of ``folder`` (which exists) has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ValueError(f"{option} {folder}: {format_bytes(free)} free on its disk, and the results need about "
+                         f"{format_bytes(needed)}: free some space or give a folder on another disk")
 
 
 def capturing(t: torch.Tensor) -> bool:
@@ -351,6 +430,8 @@ def check_activations(A, name: str = "activations", stack: bool = False) -> torc
     if n < 2:
         raise ValueError(f"{name} has {n} neuron(s); persistence needs at least 2 neurons")
     _refuse_inside_capture(A, name)
+    if A.is_meta:
+        raise ValueError(f"{name} is on the 'meta' device and has no values to check: pass check=False")
     _check_finite(A, name)
     return A
 

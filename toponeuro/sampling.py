@@ -398,7 +398,7 @@ class Sampler:
 
 
 def _check_fraction(p: float) -> float:
-    if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
+    if isinstance(p, bool) or not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):  # True is not a fraction
         raise ValueError(f"p must be a fraction in (0, 1], got {p!r}")
     return float(p)
 

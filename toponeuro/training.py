@@ -96,8 +96,10 @@ class TrainConfig:
     def __post_init__(self):
         positive_floats = {"lr": self.lr, "lr_decay": self.lr_decay}
         for name, value in positive_floats.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"TrainConfig.{name} must be a positive number, got {value!r}")
+        if self.lr_decay > 1:  # a "decay" above 1 grows the learning rate without bound
+            raise ValueError(f"TrainConfig.lr_decay must lie in (0, 1] (1: no decay), got {self.lr_decay!r}")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise ValueError(f"TrainConfig.momentum must lie in [0, 1), got {self.momentum!r}")
         if not isinstance(self.nesterov, bool):
@@ -192,6 +194,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from err
+    if dev.type not in ("cpu", "cuda"):
+        # torch knows mps, meta, xpu, ...: training here reads values back (meta has none) and uses
+        # float64 reductions (mps has none); refuse now rather than fail inside the first step
+        raise ValueError(f"device {device!r} is not supported: toponeuro trains on 'cpu' or 'cuda' "
+                         "('cuda:N', or 'auto' for CUDA when available)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
@@ -240,6 +247,17 @@ def _check_xy(data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"{name} is empty")
     if not X.is_floating_point():
         raise ValueError(f"{name}: X must be floating point (float32 in [0, 1]), got {X.dtype}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        # .long() would truncate 0.7 to class 0 and train on wrong labels without a word
+        raise ValueError(f"{name}: y must hold integer class labels (int64), got {y.dtype}")
+    if bool((y < 0).any()):
+        raise ValueError(f"{name}: y has a negative class label ({int(y.min())}); labels are 0 .. classes - 1")
+    if not bool(torch.isfinite(X.sum(dtype=torch.float64))):  # one reduction; locate only when it fails
+        bad = (~torch.isfinite(X)).flatten(1).any(1).nonzero()
+        if bad.numel():
+            raise ValueError(f"{name}: X contains NaN or inf (first in row {int(bad[0])}); clean or drop those "
+                             "samples")
+        raise ValueError(f"{name}: X is too large to sum in float64; rescale it")
     return X, y.long()
 
 
@@ -361,6 +379,8 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
     ``sync="global"``), so the step is the single-process step. Rank 0's
     validation numbers decide early stopping on every rank.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")

@@ -33,6 +33,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="run at most K of the pending runs (grid order: whole seeds first)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: CPU cores // jobs)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="train even when the regulariser's estimated memory exceeds what the device has free")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results root (default {DEFAULT_OUT})")
     p.add_argument("--dry-run", action="store_true", help="only say how many runs are done and pending")
     p.add_argument("--report", action="store_true", help="write report.md when the runs are done")
@@ -64,7 +66,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from .._validation import describe_os_error
     from . import config as config_mod
+    from . import preflight
 
     try:
         if args.action == "list":
@@ -80,6 +84,10 @@ def run(args) -> int:
             return 0
         from . import runner
 
+        for option, value, least in (("--jobs", args.jobs, 1), ("--limit-runs", args.limit_runs, 0),
+                                     ("--threads", args.threads, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"{option} must be at least {least}, got {value}")
         cfg = config_mod.load_config(args.config)
         directory = runner.experiment_dir(cfg, args.out)
         from .shards import parse_shard
@@ -93,6 +101,11 @@ def run(args) -> int:
             print(f"{cfg.name}{part}: {len(done) + len(pending)} runs in the grid, {len(done)} done, "
                   f"{len(pending)} pending; results in {directory}")
             return 0
+        # everything the config implies, checked before the first run rather than failing in every run
+        todo = pending if args.limit_runs is None else pending[: args.limit_runs]
+        preflight.check_experiment(cfg, todo, out_root=args.out, device=args.device, jobs=args.jobs,
+                                   memory_check=not args.no_memory_check,
+                                   stack_size=None if args.engine == "single" else args.stack_size)
         summary = runner.run_experiment(cfg, out_root=args.out, device=args.device, jobs=args.jobs,
                                         limit_runs=args.limit_runs, threads=args.threads,
                                         progress=not args.no_progress, commit=args.commit,
@@ -110,5 +123,13 @@ def run(args) -> int:
             print(f"wrote {write_report(summary.directory, allow_mixed=args.allow_mixed)}")
         return 1 if summary.failed else 0
     except ValueError as err:
-        print(f"toponeuro experiment: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # the preflight check gives one line per problem
+            print(f"toponeuro experiment: error: {line}", file=sys.stderr)
         return 2
+    except OSError as err:  # a disk that fills up, a folder removed under a run
+        print(f"toponeuro experiment: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("toponeuro experiment: interrupted; the rows of the finished runs are kept, rerun the same "
+              "command to do the rest", file=sys.stderr)
+        return 130

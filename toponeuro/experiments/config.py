@@ -361,7 +361,10 @@ def load_config(path_or_name) -> ExperimentConfig:
         else:
             raise ValueError(f"config {str(path_or_name)!r} is neither a file nor a shipped config; "
                              f"shipped configs: {', '.join(sorted(shipped))}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {err.start}); a config is TOML text") from None
     return parse_config(text, source=str(path))
 
 
@@ -378,6 +381,8 @@ def parse_config(text: str, source: str = "<string>") -> ExperimentConfig:
     name = _string(exp, "name", "experiment", required=True)
     if any(c in name for c in "/\\") or name in (".", ".."):
         raise ValueError(f"experiment.name: must be a plain folder name (no slashes), got {name!r}")
+    if not name.isprintable():  # a NUL cannot be in a path; a newline or tab would be hard to type back
+        raise ValueError(f"experiment.name: must be a plain folder name (no control characters), got {name!r}")
     dataset = _string(exp, "dataset", "experiment", required=True)
     if dataset not in DATASETS:
         raise ValueError(f"experiment.dataset: unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")

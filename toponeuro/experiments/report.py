@@ -97,6 +97,27 @@ _NUMERIC = ("weight", "seed", "val_accuracy", "test_accuracy", "val_loss", "test
             "batch_size", "lr", "momentum", "lr_decay", "lr_decay_steps", "alpha")
 
 
+def _parse_numbers(df: pd.DataFrame, source) -> pd.DataFrame:
+    """The :data:`_NUMERIC` columns of ``df`` (strings as read) parsed as numbers.
+
+    A cell that is not a number (``nan`` is one: a diverged run) would become
+    NaN and drop its run, hence a seed, from the report without a word: a
+    ValueError names its run and column instead.
+    """
+    for col in _NUMERIC:
+        if col not in df:
+            continue
+        parsed = pd.to_numeric(df[col], errors="coerce")
+        bad = parsed.isna() & (df[col].astype(str).str.strip().str.lower() != "nan")
+        if bad.any():
+            i = bad.idxmax()
+            run = df["run_id"][i] if "run_id" in df else f"row {i + 1}"
+            raise ValueError(f"{source}: run {run}, column {col}: {df[col][i]!r} is not a number; correct the "
+                             "cell in its rows file, or delete the row to train that run again")
+        df[col] = parsed
+    return df
+
+
 def load_runs(directory) -> pd.DataFrame:
     """The finished runs of an experiment folder as a DataFrame (numbers parsed).
 
@@ -113,9 +134,7 @@ def load_runs(directory) -> pd.DataFrame:
         raise ValueError(f"no finished runs in {Path(directory) / 'runs.csv'} (nor in shard files "
                          "runs.shard-I-of-N.csv); run the experiment first")
     df = pd.DataFrame(rows)
-    for col in _NUMERIC:
-        if col in df:
-            df[col] = pd.to_numeric(df[col], errors="coerce")
+    df = _parse_numbers(df, Path(directory))
     for col in ("stopped_early", "diverged", "nesterov"):
         if col in df:
             df[col] = df[col].astype(str).str.lower() == "true"

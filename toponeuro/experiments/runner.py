@@ -506,7 +506,46 @@ def result_row(config: ExperimentConfig, spec: RunSpec, result: training.FitResu
     return row
 
 
-def _init_worker(threads: int) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """End this worker process when the process ``parent_pid`` (the ``run`` that started it) dies.
+
+    A killed ``run`` (SIGKILL, a lost terminal) would otherwise leave its
+    pool workers training on, holding the device and writing curves nobody
+    collects. On Linux the kernel sends SIGTERM at the parent's death
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls the
+    parent pid once a second.
+    """
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0:
+            if os.getppid() != parent_pid:  # the parent died before the prctl: no signal will come
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="toponeuro-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent alone handles it (it keeps the rows written
+    # and stops the pool), so the workers do not each print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     torch.set_num_threads(threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -739,7 +778,7 @@ def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *,
         else:
             context = multiprocessing.get_context("spawn")
             tasks = [(config, spec, str(dev), curves_dir, commit) for spec in todo]
-            with context.Pool(jobs, initializer=_init_worker, initargs=(threads,)) as pool:
+            with context.Pool(jobs, initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
                 for status, run_id, payload in pool.imap_unordered(_worker, tasks):
                     record(status, run_id, payload)
     finally:
