@@ -646,6 +646,8 @@ def test_the_step_is_one_sgd_step_of_the_mlp_with_its_regulariser(series):
     if reg is not None:
         assert reg.tree_gradient == (series == "t1")
     step()
+    if reg is not None:
+        assert reg.activations().shape == (256, bench.step.STEP_NEURONS)  # every ReLU output and the logits
     expected = _reference_sgd_step(with_t1=series != "none")
     for got, want in zip(model.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
@@ -663,6 +665,7 @@ def test_the_step_case_records_three_series_once_per_device_and_their_ratios():
         ("step", "none", "cpu"), ("step", "t1", "cpu"), ("step", "t1-dense", "cpu")]  # not per n
     for s in steps:
         assert s["status"] == "ok" and s["model"] == "mlp" and s["batch"] == 256 and s["weight"] == 1e-4
+        assert s["neurons"] == 450 + 350 + 200 + 10
         assert s["repeats"] == len(s["times_s"]) == 2
         assert s["min_s"] <= s["median_s"] <= s["max_s"]
     median = {s["series"]: s["median_s"] for s in steps}

@@ -30,7 +30,8 @@ that same matrix:
   It does not depend on n: it is timed once per device (float32, whatever
   ``--dtype``), recorded under ``"steps"`` in ``results.json`` and
   summarised under ``summary["step"]`` (``ratio``: T1 over none, target
-  <= 2x on a CPU; ``dense_ratio``), printed, not plotted.
+  <= 2x on a CPU; ``dense_ratio``), printed, and drawn as points in the
+  time panel at n = 1010, the neurons T1 sees in the step.
 
 ``--cases`` selects the kinds timed (``mst``, ``check``, ``regulariser``,
 ``step``; default all), e.g. the regulariser alone up to n = 16384 on a CPU.
@@ -52,9 +53,9 @@ Outputs, in ``--out`` (default ``runs/bench/cpu``, or ``runs/bench/<gpu name>``
 when CUDA is benchmarked: a git-ignored scratch folder, never the committed
 results under ``data/bench``): ``results.json`` (host, devices, versions, date,
 commit and ``dirty``, every timing) and ``timings.png`` (time against n,
-log-log; regulariser cost ratios against n). A table is printed. The folder is
-created, and checked to be writable, before anything is timed; a request that
-cannot be met (an unknown backend name, a requested device that is not
+log-log, the training steps as points; regulariser cost ratios against n).
+A table is printed. The folder is created, and checked to be writable,
+before anything is timed; a request that cannot be met (an unknown backend name, a requested device that is not
 available, an ``--out`` that is a file, or one whose ``results.json`` is
 complete or tracked by git, without ``--force``) exits with status 2 before
 timing and writes nothing. ``results.json`` is rewritten atomically (a temporary file in

@@ -14,7 +14,7 @@ from .cases import DTYPES, OP_COUNTED_SERIES, PER_N_KINDS, _backends_of, _cases_
 from .environment import _device_info, _environment, _load_average
 from .exactness import _deaths_against_reference, _exact_deaths
 from .results import _summarise
-from .step import STEP_BATCH, STEP_MODEL, STEP_WEIGHT, step_calls, step_members
+from .step import STEP_BATCH, STEP_MODEL, STEP_NEURONS, STEP_WEIGHT, step_calls, step_members
 from .timing import (SPIN_UP_S, _graph_held_bytes, _summary, count_torch_ops, extrapolate_seconds, spin_up,
                      time_calls)
 
@@ -290,7 +290,8 @@ def _time_steps(results, seed, live, repeats, max_seconds_per_case, bar, case_do
         spin_up(device)
         load = _load_average()
         records = [{"kind": kind, "series": series, "call": call, "device": dev_name, "model": STEP_MODEL,
-                    "batch": STEP_BATCH, "weight": STEP_WEIGHT, "seed": seed, "load_average": load}
+                    "batch": STEP_BATCH, "neurons": STEP_NEURONS, "weight": STEP_WEIGHT, "seed": seed,
+                    "load_average": load}
                    for kind, series, call in step_members()]
         try:
             measured = time_calls(step_calls(seed, device), device, repeats, True, max_seconds_per_case)
