@@ -1,4 +1,4 @@
-"""``toponeuro bench``: time the persistence backends and the regulariser.
+"""``toponeuro bench``: time the persistence backends, the regulariser and a training step.
 
 For every device and every ``n`` the benchmark builds one matrix
 ``D = 1 - |rho|`` from seeded random activations ``A: (m, n)`` and times, on
