@@ -121,7 +121,8 @@ def test_t1_is_timed_through_the_regulariser_module(monkeypatch):
         return value
 
     monkeypatch.setattr(toponeuro.nn.TopologicalRegulariser, "forward", counted)
-    bench.run_benchmark([16], m=8, repeats=2, backends=["torch"], devices=["cpu"], progress=False)
+    bench.run_benchmark([16], m=8, repeats=2, backends=["torch"], devices=["cpu"], progress=False,
+                        cases=["regulariser"])  # the training step's T1 goes through it too
     assert calls and set(calls) == {("t1", "torch", (8, 16), True)}
     assert len(calls) == 3  # one warm-up and two timed calls
 
@@ -483,7 +484,7 @@ def test_results_are_handed_over_after_every_case_and_complete_only_at_the_end()
     assert results["complete"] is True
     counts = [k for k, _, _ in seen]
     per_n = len(bench.cases._cases_for(torch.device("cpu"), ["torch"], {}))
-    assert len(seen) == 2 * per_n  # one call per case
+    assert len(seen) == 2 * per_n + 1  # one call per case, and one for the training steps (once per device)
     assert counts == sorted(counts) and counts[-1] == len(results["cases"])
     assert all(complete is False for _, complete, _ in seen)
     # the summary follows the cases: the regulariser ratio appears once its case has finished
@@ -591,7 +592,7 @@ def test_spin_up_runs_only_on_a_gpu_and_before_each_sizes_cases(monkeypatch):
     devices = []
     monkeypatch.setattr(bench.runner, "spin_up", lambda device, seconds=bench.SPIN_UP_S: devices.append(device.type))
     results = bench.run_benchmark([16, 32], m=8, repeats=1, backends=["torch"], devices=["cpu"], progress=False)
-    assert devices == ["cpu", "cpu"]  # once per size and device, before that size's cases
+    assert devices == ["cpu", "cpu", "cpu"]  # once per size and device, before that size's cases; once before the steps
     assert results["config"]["gpu_spin_up_s"] == bench.SPIN_UP_S
 
 
@@ -600,3 +601,114 @@ def test_cuda_spin_up_keeps_the_gpu_busy_for_the_time_asked():
     start = time.perf_counter()
     bench.spin_up(torch.device("cuda"), seconds=0.05)
     assert time.perf_counter() - start >= 0.05
+
+
+# ---------------------------------------------------------------- the training-step case
+
+
+def _reference_sgd_step(with_t1: bool) -> list[torch.Tensor]:
+    """The parameters after one step of the bench's step, computed by hand: a fresh ``mlp`` with the same
+    initial weights, T1 as the sum of |rho| over scipy's minimum spanning tree of 1 - |rho| of every ReLU
+    output and the logits together, and the first update of SGD with Nesterov momentum written out."""
+    from toponeuro import models
+    from toponeuro.training import TrainConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = models.build("mlp", in_shape=(1, 28, 28)).double()
+    X, y = bench.step_inputs(0)
+    recorded = []
+    hooks = [mod.register_forward_hook(lambda mod, inp, out: recorded.append(out))
+             for mod in model.modules() if isinstance(mod, torch.nn.ReLU)]
+    logits = model(X.double())
+    for h in hooks:
+        h.remove()
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    if with_t1:
+        A = torch.cat(recorded + [logits], dim=1)
+        assert A.shape == (256, 450 + 350 + 200 + 10)
+        Z = A - A.mean(0)
+        rho = (Z.T @ Z) / (Z.norm(dim=0)[:, None] * Z.norm(dim=0)[None, :])
+        D = 1 - rho.abs()
+        tree = minimum_spanning_tree(D.detach().numpy()).tocoo()
+        assert tree.nnz == A.shape[1] - 1
+        loss = loss + 1e-4 * (1 - D[torch.as_tensor(tree.row), torch.as_tensor(tree.col)]).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    c = TrainConfig()
+    assert c.nesterov  # first step: the momentum buffer is the gradient, the update g + momentum * g
+    return [(p - c.lr * (1 + c.momentum) * g).float() for p, g in zip(model.parameters(), grads)]
+
+
+@pytest.mark.parametrize("series", ["none", "t1", "t1-dense"])
+def test_the_step_is_one_sgd_step_of_the_mlp_with_its_regulariser(series):
+    model, reg, step = bench.mlp_step(0, "cpu", bench.STEP_SERIES[series])
+    assert (reg is None) == (series == "none")
+    if reg is not None:
+        assert reg.tree_gradient == (series == "t1")
+    step()
+    if reg is not None:
+        assert reg.activations().shape == (256, bench.step.STEP_NEURONS)  # every ReLU output and the logits
+    expected = _reference_sgd_step(with_t1=series != "none")
+    for got, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    if series == "t1":  # T1 moves the weights by more than the tolerance above: the check sees it
+        without = _reference_sgd_step(with_t1=False)
+        assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(expected, without))
+
+
+def test_the_step_case_records_three_series_once_per_device_and_their_ratios():
+    results = bench.run_benchmark([16, 32], m=8, repeats=2, backends=["torch"], devices=["cpu"], progress=False,
+                                  cases=["step"])
+    assert results["cases"] == [] and results["config"]["cases"] == ["step"]
+    steps = results["steps"]
+    assert [(s["kind"], s["series"], s["device"]) for s in steps] == [
+        ("step", "none", "cpu"), ("step", "t1", "cpu"), ("step", "t1-dense", "cpu")]  # not per n
+    for s in steps:
+        assert s["status"] == "ok" and s["model"] == "mlp" and s["batch"] == 256 and s["weight"] == 1e-4
+        assert s["neurons"] == 450 + 350 + 200 + 10
+        assert s["repeats"] == len(s["times_s"]) == 2
+        assert s["min_s"] <= s["median_s"] <= s["max_s"]
+    median = {s["series"]: s["median_s"] for s in steps}
+    (summary,) = results["summary"]["step"]
+    assert summary["device"] == "cpu" and summary["target_ratio"] == 2.0
+    assert (summary["without_s"], summary["t1_s"], summary["t1_dense_s"]) == (
+        median["none"], median["t1"], median["t1-dense"])
+    assert summary["ratio"] == pytest.approx(median["t1"] / median["none"])
+    assert summary["dense_ratio"] == pytest.approx(median["t1-dense"] / median["none"])
+    line = next(x for x in bench.format_table(results).splitlines() if x.startswith("cpu: mlp step: "))
+    assert f"ms with T1, ratio {summary['ratio']:.2f}" in line and f"ratio {summary['dense_ratio']:.2f}" in line
+
+
+def test_the_steps_are_timed_in_interleaved_rounds(monkeypatch):
+    order = []
+    real = bench.step.step_calls
+
+    def traced(seed, device):
+        return [lambda f=f, k=k: (order.append(k), f())[1] for k, f in enumerate(real(seed, device))]
+
+    monkeypatch.setattr(bench.runner, "step_calls", traced)
+    bench.run_benchmark([16], repeats=2, devices=["cpu"], progress=False, cases=["step"])
+    assert order == [0, 1, 2] * 3  # one warm-up round, then two timed rounds
+
+
+def test_a_failing_step_is_recorded_as_an_error(monkeypatch):
+    def broken(seed, device):
+        raise RuntimeError("no step today")
+
+    monkeypatch.setattr(bench.runner, "step_calls", broken)
+    results = bench.run_benchmark([16], repeats=1, devices=["cpu"], progress=False, cases=["step"])
+    assert [s["status"] for s in results["steps"]] == ["error"] * 3
+    assert results["summary"]["step"] == []
+    assert "error: cpu mlp step none: RuntimeError: no step today" in bench.format_table(results)
+
+
+def test_cases_step_from_the_cli_round_trips_through_results_json(tmp_path, capsys):
+    out = tmp_path / "step"
+    assert cli_main(["bench", *TINY, "--devices", "cpu", "--cases", "step", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True and results["config"]["cases"] == ["step"]
+    assert results["cases"] == [] and [s["series"] for s in results["steps"]] == list(bench.STEP_SERIES)
+    assert results["summary"]["step"] == bench.results._summarise([], results["steps"])["step"]
+    assert bench.format_table(results) in printed and "cpu: mlp step: " in printed
+    assert (out / "timings.png").read_bytes()[:8] == PNG_MAGIC

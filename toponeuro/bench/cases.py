@@ -28,8 +28,10 @@ OP_COUNTED_SERIES = {"torch", BORUVKA, "torch-graph"}
 # T1 series -> the backend its MST runs on; torch-graph's only on CUDA (on the CPU it is a test path)
 REGULARISER_SERIES = {"t1": "torch", "t1-graph": "torch-graph"}
 #: what can be timed (``--cases``): each persistence backend alone; the input check, alone and
-#: with the torch backend; T1 through the regulariser beside the correlation and one matrix product
-CASE_KINDS = ("mst", "check", "regulariser")
+#: with the torch backend; T1 through the regulariser beside the correlation and one matrix product;
+#: one training step of the ``mlp`` without and with T1 (once per device: it does not depend on n)
+CASE_KINDS = ("mst", "check", "regulariser", "step")
+PER_N_KINDS = ("mst", "check", "regulariser")  # the kinds timed at every n
 
 
 # ---------------------------------------------------------------- inputs

@@ -8,10 +8,14 @@ from .cases import TARGET_REGULARISER_RATIO
 from .results import _replace_atomically
 
 
+_STEP_MARKERS = {"none": "X", "t1": "*", "t1-dense": "P"}
+
+
 def plot_results(results: dict, path: Path) -> None:
     """Three panels: time against n (log-log, one line per series and device, min-max
-    bars), the regulariser's cost against the correlation's and against one matrix product
-    ``Z^T Z`` (log), against n; saved (atomically) to ``path`` as PNG."""
+    bars; the training steps as points at the number of neurons T1 sees in them), the
+    regulariser's cost against the correlation's and against one matrix product ``Z^T Z``
+    (log), against n; saved (atomically) to ``path`` as PNG."""
     import matplotlib.pyplot as plt
 
     cases = results["cases"]
@@ -26,14 +30,18 @@ def plot_results(results: dict, path: Path) -> None:
         ax_t.errorbar(n, [t * 1e3 for t in med],
                       yerr=[[1e3 * (a - b) for a, b in zip(med, lo)], [1e3 * (b - a) for a, b in zip(med, hi)]],
                       marker="o", ms=3, capsize=2, linestyle=styles.get(series, "-"), label=f"{series} ({device})")
+    for step in (s for s in results.get("steps", []) if s["status"] == "ok"):
+        # one point each, at the n T1 sees in the step (every ReLU output and the logits)
+        ax_t.plot([step["neurons"]], [step["median_s"] * 1e3], marker=_STEP_MARKERS.get(step["series"], "*"),
+                  linestyle="none", ms=9, label=f"mlp step, {step['series']} ({step['device']})")
     ax_t.set_xscale("log", base=2)
     ax_t.set_yscale("log")
     ax_t.set_xlabel("n (neurons)")
     ax_t.set_ylabel("median time (ms)")
-    ax_t.set_title(f"per call: 0-dim persistence of 1 - |rho| (solid), regulariser cases (dash-dot); "
+    ax_t.set_title(f"per call: persistence of 1 - |rho| (solid), regulariser (dash-dot), mlp step (points); "
                    f"{results['config']['dtype']}, m = {results['config']['m']}", fontsize=9)
     ax_t.grid(True, which="both", alpha=0.3)
-    if lines:
+    if ax_t.get_legend_handles_labels()[0]:
         ax_t.legend(fontsize=8)
     reg = results["summary"]["regulariser"]
     for device, series in dict.fromkeys((r["device"], r.get("series", "t1")) for r in reg):

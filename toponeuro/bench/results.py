@@ -12,6 +12,7 @@ import torch
 
 from ..provenance import git_tracked
 from .cases import REFERENCE_BACKEND, TARGET_REGULARISER_RATIO
+from .step import summarise_steps
 
 
 #: where a run writes without ``--out``: a scratch folder (git-ignored), never the committed
@@ -68,8 +69,9 @@ def _median(cases: list[dict], device: str, series: str, n: int) -> float | None
     return None
 
 
-def _summarise(cases: list[dict]) -> dict:
-    """Ratios to giotto-ph (same run, same n) and the regulariser's cost ratios (to the correlation, to one matmul)."""
+def _summarise(cases: list[dict], steps: list[dict] = ()) -> dict:
+    """Ratios to giotto-ph (same run, same n), the regulariser's cost ratios (to the correlation, to one
+    matmul) and the training step's (with T1 to without, per device; see :func:`summarise_steps`)."""
     ratios, reg = [], []
     keys = sorted({(c["device"], c["series"], c["n"]) for c in cases if c["kind"] in ("mst", "mst+check")})
     for device, series, n in keys:
@@ -89,7 +91,7 @@ def _summarise(cases: list[dict]) -> dict:
                         "correlation_forward_backward_s": corr, "ratio": t1 / corr,
                         "target_ratio": TARGET_REGULARISER_RATIO, "matmul_s": matmul,
                         "t1_vs_matmul": None if matmul is None else t1 / matmul})
-    return {"speedup_vs_giotto_ph": ratios, "regulariser": reg}
+    return {"speedup_vs_giotto_ph": ratios, "regulariser": reg, "step": summarise_steps(list(steps))}
 
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:

@@ -10,10 +10,11 @@ from typing import Callable
 import torch
 
 from .. import persistence
-from .cases import DTYPES, OP_COUNTED_SERIES, _backends_of, _cases_for, benchmark_matrix, check_case_kinds
+from .cases import DTYPES, OP_COUNTED_SERIES, PER_N_KINDS, _backends_of, _cases_for, benchmark_matrix, check_case_kinds
 from .environment import _device_info, _environment, _load_average
 from .exactness import _deaths_against_reference, _exact_deaths
 from .results import _summarise
+from .step import STEP_BATCH, STEP_MODEL, STEP_NEURONS, STEP_WEIGHT, step_calls, step_members
 from .timing import (SPIN_UP_S, _graph_held_bytes, _summary, count_torch_ops, extrapolate_seconds, spin_up,
                      time_calls)
 
@@ -149,7 +150,7 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
     torch_dtype = DTYPES[dtype]
 
     def case_done() -> None:
-        results["summary"] = _summarise(results["cases"])
+        results["summary"] = _summarise(results["cases"], results["steps"])
         results["load_average_end"] = _load_average()
         if on_case is not None:
             on_case(results)
@@ -173,6 +174,7 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
         "backends": backend_report,
         "complete": False,
         "cases": [],
+        "steps": [],  # the training-step case, once per device (it does not depend on n)
     }
     for name, device, why in device_list:
         results["devices"][name] = {"available": False, "error": why} if device is None else {
@@ -181,7 +183,9 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
     live = [(name, device) for name, device, why in device_list if device is not None]
     # the matrix is built on the first device (the CPU when it is benchmarked) and copied to the others
     results["config"]["matrix_built_on"] = live[0][0]
-    total = len(ns) * sum(len(_cases_for(device, usable, {}, kinds)) for _, device in live)
+    per_n = [k for k in kinds if k in PER_N_KINDS]
+    total = len(ns) * sum(len(_cases_for(device, usable, {}, per_n)) for _, device in live) if per_n else 0
+    total += len(live) if "step" in kinds else 0
     try:
         from tqdm.auto import tqdm
 
@@ -189,13 +193,16 @@ def _run_benchmark(ns, m, repeats, backends, devices, dtype, seed, max_seconds_p
     except ImportError:  # pragma: no cover
         bar = None
     try:
-        _time_cases(results, ns, m, seed, torch_dtype, live, usable, kinds, repeats, max_seconds_per_case, bar,
-                    case_done)
+        if per_n:  # no matrices are built for the step alone
+            _time_cases(results, ns, m, seed, torch_dtype, live, usable, per_n, repeats, max_seconds_per_case,
+                        bar, case_done)
+        if "step" in kinds:
+            _time_steps(results, seed, live, repeats, max_seconds_per_case, bar, case_done)
     finally:
         if bar is not None:
             bar.close()
     results["load_average_end"] = _load_average()
-    results["summary"] = _summarise(results["cases"])
+    results["summary"] = _summarise(results["cases"], results["steps"])
     results["complete"] = True
     return results
 
@@ -272,3 +279,30 @@ def _time_cases(results, ns, m, seed, torch_dtype, live, usable, kinds, repeats,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         del A0, D0, exact
+
+
+def _time_steps(results, seed, live, repeats, max_seconds_per_case, bar, case_done) -> None:
+    """Time the training steps (see :mod:`toponeuro.bench.step`) in interleaved rounds on every live
+    device, once (they do not depend on n), appending one record per series to ``results["steps"]``."""
+    for dev_name, device in live:
+        if bar is not None:
+            bar.set_description(f"{dev_name} {STEP_MODEL} step")
+        spin_up(device)
+        load = _load_average()
+        records = [{"kind": kind, "series": series, "call": call, "device": dev_name, "model": STEP_MODEL,
+                    "batch": STEP_BATCH, "neurons": STEP_NEURONS, "weight": STEP_WEIGHT, "seed": seed,
+                    "load_average": load}
+                   for kind, series, call in step_members()]
+        try:
+            measured = time_calls(step_calls(seed, device), device, repeats, True, max_seconds_per_case)
+        except Exception as err:  # reported, not fatal, as the other cases
+            for record in records:
+                record.update(status="error", error=f"{type(err).__name__}: {err}")
+        else:
+            for record, (times, peak) in zip(records, measured):
+                record.update(status="ok", warmup=True, repeats=len(times), **_summary(times),
+                              peak_extra_bytes=peak)
+        results["steps"].extend(records)
+        case_done()
+        if bar is not None:
+            bar.update(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .cases import REFERENCE_BACKEND, TARGET_REGULARISER_RATIO
 from .results import _median
+from .step import STEP_BATCH, STEP_MODEL
 
 
 def _fmt_ms(t: float | None) -> str:
@@ -19,7 +20,9 @@ def format_table(results: dict) -> str:
     lines = []
     for device in results["devices"]:
         dev_cases = [c for c in cases if c["device"] == device]
+        steps = [r for r in results["summary"].get("step", []) if r["device"] == device]
         if not dev_cases:
+            lines += [_step_line(r) for r in steps] + ([""] if steps else [])
             continue
         series = list(dict.fromkeys(c["series"] for c in dev_cases if c["kind"] in ("mst", "check", "mst+check")))
         ns = sorted({c["n"] for c in dev_cases})
@@ -64,6 +67,7 @@ def format_table(results: dict) -> str:
                              _fmt_ms(r["correlation_forward_backward_s"]), f"{r['ratio']:.2f}",
                              _fmt_ms(r.get("matmul_s")),
                              "-" if r.get("t1_vs_matmul") is None else f"{r['t1_vs_matmul']:.1f}"] for r in reg])
+        lines += [_step_line(r) for r in steps]
         lines.append("")
     lines.append(f"load average (1, 5, 15 min): {results.get('load_average_start')} at the start, "
                  f"{results.get('load_average_end')} at the end, on {results['host']['cpu_count']} CPUs")
@@ -71,9 +75,10 @@ def format_table(results: dict) -> str:
     unavailable.update({k: v["error"] for k, v in results["devices"].items() if not v["available"]})
     for name, why in unavailable.items():
         lines.append(f"not benchmarked: {name}: {why}")
-    for c in cases:
+    for c in cases + results.get("steps", []):
         if c["status"] == "error":
-            lines.append(f"error: {c['device']} n={c['n']} {c['series']}: {c['error']}")
+            where = f"{STEP_MODEL} step" if c["kind"] == "step" else f"n={c['n']}"
+            lines.append(f"error: {c['device']} {where} {c['series']}: {c['error']}")
     checked = [c for c in cases if "deaths_equal_reference" in c]
     if checked:
         inexact = [c for c in checked if not c["deaths_equal_reference"]]
@@ -82,6 +87,14 @@ def format_table(results: dict) -> str:
                      + "".join(f"; {c['device']} {c['series']} n={c['n']}: max |error| "
                                f"{c['max_abs_deaths_error']:.3g}" for c in inexact))
     return "\n".join(lines)
+
+
+def _step_line(r: dict) -> str:
+    """One device's training step: the medians and their ratios to the step without a regulariser."""
+    ratio = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    return (f"{r['device']}: {STEP_MODEL} step: {_fmt_ms(r['without_s'])} ms without, {_fmt_ms(r['t1_s'])} ms "
+            f"with T1, ratio {ratio(r['ratio'])} (target <= {r['target_ratio']:g}x); T1 dense "
+            f"{_fmt_ms(r['t1_dense_s'])} ms, ratio {ratio(r['dense_ratio'])} (one SGD step, batch {STEP_BATCH})")
 
 
 def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
