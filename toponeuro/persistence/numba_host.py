@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .boruvka import _PACKED_MAX_N
-from .torch_mst import HAVE_NUMBA, _prim_compiled, _prim_input, _prim_packed_compiled, prim_edges
+from .torch_mst import HAVE_NUMBA, _packed_prim_step, _prim_compiled, _prim_input, _prim_packed_compiled, prim_edges
 
 if HAVE_NUMBA:
     import numba
@@ -156,21 +156,7 @@ def _prim_rho_packed_kernel(C, mode, out):
                 r = min(max(row[v], -one), one)
                 x = one - r * r
                 d[v] = np.sqrt(x) if x > zero else zero
-        best = top
-        for v in range(n):
-            lo = min(u, v)
-            hi = max(u, v)
-            cand = (np.int64(bits[v] & 0x7FFFFFFF) << 32) | (np.int64(lo) << 16) | np.int64(hi)
-            k = min(key[v], cand) | block[v]
-            key[v] = k
-            best = min(best, k)
-        lo = (best >> 16) & 0xFFFF
-        hi = best & 0xFFFF
-        v = lo if block[lo] == 0 else hi
-        block[v] = top
-        out[step, 0] = lo
-        out[step, 1] = hi
-        u = v
+        u = _packed_prim_step(bits, u, key, block, out[step])
 
 
 if HAVE_NUMBA:

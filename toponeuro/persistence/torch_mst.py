@@ -75,23 +75,34 @@ def _prim_packed_kernel(D, out):
     block[0] = top
     u = 0
     for step in range(n - 1):
-        row = bits[u]
-        best = top
-        for v in range(n):
-            lo = min(u, v)
-            hi = max(u, v)
-            # & 0x7FFFFFFF reads -0.0 as +0.0 (equal weights tie by (i, j))
-            cand = (np.int64(row[v] & 0x7FFFFFFF) << 32) | (np.int64(lo) << 16) | np.int64(hi)
-            k = min(key[v], cand) | block[v]
-            key[v] = k
-            best = min(best, k)
-        lo = (best >> 16) & 0xFFFF
-        hi = best & 0xFFFF
-        v = lo if block[lo] == 0 else hi
-        block[v] = top
-        out[step, 0] = lo
-        out[step, 1] = hi
-        u = v
+        u = _packed_prim_step(bits[u], u, key, block, out[step])
+
+
+def _packed_prim_step(row, u, key, block, edge):
+    """One step of the packed Prim: relax the keys from ``u``'s row, take the lightest edge into ``edge``.
+
+    row : (n,) int32, the bits of ``D[u]`` (non-negative float32); key, block : (n,) int64 as in
+    :func:`_prim_packed_kernel`. Returns the vertex that joins the tree. Shared with the kernel
+    that computes the row from a correlation matrix (``numba_host._prim_rho_packed_kernel``).
+    """
+    top = np.iinfo(np.int64).max
+    n = row.shape[0]
+    best = top
+    for v in range(n):
+        lo = min(u, v)
+        hi = max(u, v)
+        # & 0x7FFFFFFF reads -0.0 as +0.0 (equal weights tie by (i, j))
+        cand = (np.int64(row[v] & 0x7FFFFFFF) << 32) | (np.int64(lo) << 16) | np.int64(hi)
+        k = min(key[v], cand) | block[v]
+        key[v] = k
+        best = min(best, k)
+    lo = (best >> 16) & 0xFFFF
+    hi = best & 0xFFFF
+    v = lo if block[lo] == 0 else hi
+    block[v] = top
+    edge[0] = lo
+    edge[1] = hi
+    return v
 
 
 def _prim_kernel(D, out):
@@ -153,6 +164,8 @@ def _prim_kernel(D, out):
 
 
 if HAVE_NUMBA:
+    # inlined into both packed kernels: compiled first, as they resolve it when they compile
+    _packed_prim_step = numba.njit(cache=True, nogil=True, inline="always")(_packed_prim_step)
     _prim_compiled = numba.njit(cache=True, nogil=True)(_prim_kernel)
     _prim_packed_compiled = numba.njit(cache=True, nogil=True)(_prim_packed_kernel)
 else:  # pragma: no cover
