@@ -213,7 +213,7 @@ def write_hand_experiment(tmp_path, table: pd.DataFrame, config_text: str = CONF
                "stopped_early": False, "diverged": bool(r.diverged), "seconds": 1.0, "seconds_per_epoch": 0.125,
                **runner._protocol(cfg, spec, sizes), "device": devices[i] if devices else "cpu",
                "torch_version": "2.x", "commit": commits[i] if commits else "abc1234",
-               "finished_at": "2026-01-01T00:00:00+00:00"}
+               "finished_at": "2026-01-01T00:00:00+00:00", "engine": "single"}
         runner.append_row(directory / "runs.csv", row)
     return directory
 
