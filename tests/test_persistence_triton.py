@@ -131,6 +131,72 @@ def test_runs_on_and_refusals(monkeypatch):
     assert not bt.runs_on(torch.zeros(3, 3))  # a CPU tensor needs the interpreter
 
 
+# the row kernel reading a correlation matrix (of_rho)
+
+def correlation_and_dissimilarity(kind: str, name: str, n: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 correlation matrix C of activations of one kind, and the dense dissimilarity of them."""
+    from toponeuro import dissimilarity
+
+    A = torch.from_numpy(rng.standard_normal((40, n))).float()
+    if kind == "tied":  # two-valued neurons: many exactly equal correlations
+        A = torch.from_numpy(rng.integers(0, 2, (4, n))).float().repeat(10, 1)
+        A[0] += 2.0
+    elif kind == "duplicated":
+        A[:, 5], A[:, 6], A[:, 9] = A[:, 1], -A[:, 1], 2.0 * A[:, 3] + 1.0
+    elif kind == "dead":
+        A[:, 2] = 0.0
+    return dissimilarity.correlation(A), dissimilarity.get(name)(A)
+
+
+@interpreted
+@needs_numba
+@pytest.mark.parametrize("name", ["abs_correlation", "one_minus_rho", "sqrt_one_minus_rho2"])
+@pytest.mark.parametrize("kind", ["random", "tied", "duplicated", "dead"])
+def test_interpreted_kernels_on_correlations_give_prims_tree_of_the_dissimilarity(name, kind, rng):
+    C, D = correlation_and_dissimilarity(kind, name, 70, rng)
+    e = bt.triton_boruvka_edges(C, of_rho=name)
+    check_against_references(D, e)  # the tree of the dense dissimilarity, ties and order included
+    C.diagonal().copy_(torch.from_numpy(rng.random(70)).float())  # the diagonal is never read
+    assert torch.equal(bt.triton_boruvka_edges(C, of_rho=name), e)
+    stack = torch.stack([C, C.flip(0, 1)])  # a stack: each member its own tree
+    es = bt.triton_boruvka_edges(stack, of_rho=name)
+    assert torch.equal(es[0], e) and torch.equal(es[1], bt.triton_boruvka_edges(C.flip(0, 1), of_rho=name))
+
+
+@interpreted
+def test_interpreted_unknown_of_rho_is_refused():
+    with pytest.raises(ValueError, match="of_rho must be one of"):
+        bt.triton_boruvka_edges(torch.eye(4), of_rho="euclidean")
+
+
+# the in-place mirror that makes the correlation matrix exactly symmetric
+
+@interpreted
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 130])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_interpreted_mirror_copies_the_upper_triangle_into_the_lower(n, dtype, rng):
+    from toponeuro.persistence import mirror_triton
+
+    C = rng.standard_normal((n, n)).astype(dtype)
+    X = torch.from_numpy(C.copy())
+    assert mirror_triton.mirror_upper_(X) is X
+    assert np.array_equal(X.numpy(), np.triu(C) + np.triu(C, 1).T)
+    S = torch.from_numpy(rng.standard_normal((3, n, n)).astype(dtype))
+    expected = torch.triu(S) + torch.triu(S, 1).mT
+    mirror_triton.mirror_upper_(S)
+    assert torch.equal(S, expected)
+
+
+@interpreted
+def test_interpreted_mirror_refuses_what_it_cannot_write():
+    from toponeuro.persistence import mirror_triton
+
+    for bad in (torch.zeros(4, 4).T.contiguous().T,  # columns contiguous
+                torch.zeros(4, 4, requires_grad=True), torch.zeros(4, 5), torch.zeros(4, 4, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="mirror_upper_ needs"):
+            mirror_triton.mirror_upper_(bad)
+
+
 # ----------------------------------------------------------------------------
 # compiled kernels
 
@@ -151,7 +217,7 @@ def test_cuda_kernels_match_scipy_and_prim(kind, n, rng):
 def test_cuda_torch_backend_runs_the_triton_kernels(monkeypatch, rng):
     calls = []
     real = bt.triton_boruvka_edges
-    monkeypatch.setattr(bt, "triton_boruvka_edges", lambda D: calls.append(D.shape) or real(D))
+    monkeypatch.setattr(bt, "triton_boruvka_edges", lambda D, **kw: calls.append(D.shape) or real(D, **kw))
     D = make_D("random", 50, torch.float32, rng).cuda()
     ph.death_edges(D)
     assert calls == [(50, 50)]
@@ -161,7 +227,7 @@ def test_cuda_torch_backend_runs_the_triton_kernels(monkeypatch, rng):
 
 @pytest.mark.cuda
 def test_cuda_kernel_failure_falls_back_to_torch_boruvka(monkeypatch, rng):
-    def broken(D):
+    def broken(D, **kw):
         raise RuntimeError("PassManager::run failed")
 
     monkeypatch.setattr(bt, "triton_boruvka_edges", broken)
@@ -183,3 +249,17 @@ def test_cuda_kernels_run_on_the_matrix_device_not_the_current_one(rng):
         e = bt.triton_boruvka_edges(D)
     assert e.device == D.device
     check_against_references(D, e)
+
+
+@pytest.mark.cuda
+@needs_numba
+@pytest.mark.parametrize("name", ["abs_correlation", "one_minus_rho", "sqrt_one_minus_rho2"])
+@pytest.mark.parametrize("kind", ["random", "tied", "duplicated", "dead"])
+def test_cuda_kernels_on_correlations_give_prims_tree_of_the_dissimilarity(name, kind, rng):
+    from toponeuro.persistence import mirror_triton
+
+    C, D = correlation_and_dissimilarity(kind, name, 300, rng)
+    check_against_references(D, bt.triton_boruvka_edges(C.cuda(), of_rho=name))
+    U = torch.from_numpy(rng.standard_normal((2, 300, 300))).float()
+    X = mirror_triton.mirror_upper_(U.cuda())
+    assert torch.equal(X.cpu(), torch.triu(U) + torch.triu(U, 1).mT)

@@ -186,6 +186,82 @@ def test_prim_on_correlation_refuses_what_it_cannot_read():
         numba_host.prim_edges_of_correlation(torch.eye(4, dtype=torch.float64), "abs_correlation")
 
 
+# -- the GPU path (Triton mirror and Boruvka on C), in Triton's interpreter -----------------------
+
+RHO_NAMES = tuple(numba_host.RHO_DISSIMILARITY_MODES)
+
+
+def route_gpu_path_to_cpu(monkeypatch) -> list:
+    """Route CPU tensors through the CUDA path of tree_deaths (Triton's kernels, interpreted);
+    returns the list of calls made to the two kernels, as they come."""
+    from toponeuro import tree_deaths as td
+    from toponeuro.persistence import boruvka_triton, mirror_triton, torch_mst
+
+    if not (boruvka_triton.HAVE_TRITON and boruvka_triton._interpreting()):
+        pytest.skip("needs Triton and its interpreter (TRITON_INTERPRET=1)")
+    calls = []
+    mirror, boruvka = mirror_triton.mirror_upper_, boruvka_triton.triton_boruvka_edges
+    monkeypatch.setattr(td, "_on_gpu", lambda C: True)
+    monkeypatch.setattr(torch_mst, "runs_triton", boruvka_triton.runs_on)
+    monkeypatch.setattr(td, "_gpu_panel_rows", lambda n: 16)  # several panels at these sizes
+    monkeypatch.setattr(mirror_triton, "mirror_upper_", lambda C: calls.append("mirror") or mirror(C))
+    monkeypatch.setattr(boruvka_triton, "triton_boruvka_edges",
+                        lambda D, **kw: calls.append(kw.get("of_rho")) or boruvka(D, **kw))
+    return calls
+
+
+@pytest.fixture
+def gpu_path_on_cpu(monkeypatch):
+    return route_gpu_path_to_cpu(monkeypatch)
+
+
+@needs_numba
+@pytest.mark.parametrize("name", RHO_NAMES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_path_gives_the_dense_values_and_the_cpu_paths_gradient(name, kind, torch_gen, monkeypatch):
+    """Against the dense values, and against the CPU tree path's gradient (itself checked against
+    the dense gradient above; near |rho| = 1, sqrt(1 - rho^2) makes both differ from it by
+    amplified rounding, in the same way)."""
+    A = _activations(kind, torch_gen, m=40, n=50, dtype=torch.float32)
+    w = torch.rand(49, generator=torch_gen)
+    cpu, g_cpu = _value_and_grad(lambda X: tree_deaths(X, name), A, w)
+    calls = route_gpu_path_to_cpu(monkeypatch)
+    tree, g_tree = _value_and_grad(lambda X: tree_deaths(X, name), A, w)
+    assert calls == ["mirror", name]  # the kernels ran, the Boruvka on C with the dissimilarity
+    dense = _dense(A, name)
+    assert torch.allclose(tree, dense, rtol=0, atol=1e-6)
+    assert torch.allclose(tree, cpu, rtol=0, atol=2e-7)
+    assert (g_tree - g_cpu).abs().max() <= 1e-5 * g_cpu.abs().max().clamp_min(1.0)
+
+
+@needs_numba
+@pytest.mark.parametrize("name", RHO_NAMES)
+def test_gpu_path_gives_the_cpu_paths_edges_for_a_stack(name, torch_gen, monkeypatch):
+    """The CPU path (numba's Prim on the panel product) and the GPU path (Triton on the batched
+    panel product) pick the same tree: the same deaths bit for bit, member by member."""
+    A = torch.randn(3, 30, 40, generator=torch_gen)
+    A[1, :, 4] = 0.0
+    A[2, :, 7] = A[2, :, 3]
+    cpu = tree_deaths(A, name)
+    calls = route_gpu_path_to_cpu(monkeypatch)
+    gpu = tree_deaths(A, name)
+    assert calls == ["mirror", name]  # one mirror and one Boruvka for the whole stack
+    assert torch.allclose(gpu, cpu, rtol=0, atol=2e-7)
+    for b in range(3):
+        assert torch.allclose(tree_deaths(A[b], name), gpu[b], rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("n", [2, 15, 16, 17, 50])
+def test_gpu_panels_and_mirror_give_the_symmetric_product(n, torch_gen, gpu_path_on_cpu):
+    from toponeuro.tree_deaths import _correlation_matrix
+
+    Z = dissimilarity.standardised_columns(torch.randn(2, 20, n, generator=torch_gen))
+    C = _correlation_matrix(Z, Workspace())
+    assert torch.equal(C, C.mT)
+    assert torch.allclose(C, Z.mT @ Z, rtol=0, atol=1e-6)
+    assert gpu_path_on_cpu == ["mirror"]
+
+
 # -- stacks, workspace, precision -----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
@@ -347,3 +423,25 @@ def test_cuda_values_and_gradient_match_the_dense_path(name, dtype, torch_gen):
     assert tree.device == A.device and g_tree.device == A.device
     assert torch.allclose(tree, dense, rtol=0, atol=1e-6)
     assert torch.allclose(g_tree, g_dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", RHO_NAMES)
+def test_cuda_tree_path_reads_c_with_the_kernels_and_gives_the_cpu_paths_deaths(name, torch_gen, monkeypatch):
+    from toponeuro.persistence import boruvka_triton, mirror_triton
+
+    A = torch.randn(2, 64, 3000, generator=torch_gen)  # n = 3000: two panels of the product
+    A[0, :, 5] = 0.0
+    A[1, :, 9] = -A[1, :, 4]
+    cpu = tree_deaths(A, name)
+    calls = []
+    mirror, boruvka = mirror_triton.mirror_upper_, boruvka_triton.triton_boruvka_edges
+    monkeypatch.setattr(mirror_triton, "mirror_upper_", lambda C: calls.append("mirror") or mirror(C))
+    monkeypatch.setattr(boruvka_triton, "triton_boruvka_edges",
+                        lambda D, **kw: calls.append(kw.get("of_rho")) or boruvka(D, **kw))
+    workspace = Workspace()
+    gpu = tree_deaths(A.cuda(), name, workspace=workspace)
+    assert calls == ["mirror", name]
+    assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, rtol=0, atol=1e-6)
+    again = tree_deaths(A.cuda(), name, workspace=workspace)  # the buffer reused
+    assert torch.equal(again, gpu)

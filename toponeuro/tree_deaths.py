@@ -24,10 +24,15 @@ On CPU, for a float32 correlation-based dissimilarity with the ``"torch"`` or
 buffer, mirrored in place tile by tile, and the MST is read from ``C`` with the
 dissimilarity computed on the fly
 (:func:`toponeuro.persistence.numba_host.prim_edges_of_correlation`): at most
-one matrix product and two passes over ``C``. Elsewhere (CUDA, float64, other
-backends, ``euclidean``, a dissimilarity of your own with a pairwise form) the
-dense dissimilarity is built without autograd and handed to
-:func:`toponeuro.persistence.death_edges`.
+one matrix product and two passes over ``C``. On CUDA, for float32 with the
+``"torch"`` backend (and Triton), the same: the upper triangle by row panels
+into the reused buffer, mirrored in place by a Triton kernel
+(:mod:`toponeuro.persistence.mirror_triton`), and the Triton Boruvka reading
+``C`` with the dissimilarity computed on the fly
+(``triton_boruvka_edges(C, of_rho=...)``): no (n, n) matrix besides the
+workspace. Elsewhere (float64, other backends, ``euclidean``, a dissimilarity
+of your own with a pairwise form) the dense dissimilarity is built without
+autograd and handed to :func:`toponeuro.persistence.death_edges`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from . import dissimilarity as _dissimilarity
 from . import persistence
 from ._validation import check_activations
 from .dissimilarity import _autocast_off, _full_precision
-from .persistence import numba_host
+from .persistence import mirror_triton, numba_host, torch_mst
 
 __all__ = ["tree_deaths", "Workspace"]
 
@@ -96,12 +101,29 @@ def _panel_rows() -> int:
     return 256 if torch.get_num_threads() == 1 else 2048
 
 
+def _on_gpu(C: torch.Tensor) -> bool:
+    """Whether ``C`` takes the GPU's kernels (the tests route CPU tensors there, under Triton's interpreter)."""
+    return C.is_cuda
+
+
+def _gpu_panel_rows(n: int) -> int:
+    """Rows of C per product on CUDA: at most eight panels (about 56 % of the full product's
+    flops), none narrower than 2048 rows, so that each product still fills the GPU."""
+    return max(2048, -(-n // 8))
+
+
 def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
     """(..., n, n) ``Z^T Z``, exactly symmetric, unclamped, no grad (diagonal as the product gives it)."""
     n = Zd.shape[-1]
     shape = (*Zd.shape[:-2], n, n)
     C = torch.empty(shape, dtype=Zd.dtype, device=Zd.device) if workspace is None else \
         workspace.matrix(shape, Zd.dtype, Zd.device)
+    if _on_gpu(C) and mirror_triton.runs_on(C):
+        # the whole stack at once, the upper triangle by row panels, then mirrored in place by Triton
+        rows = _gpu_panel_rows(n)
+        for lo in range(0, n, rows):
+            torch.matmul(Zd[..., lo:lo + rows].mT, Zd[..., lo:], out=C[..., lo:lo + rows, lo:])
+        return mirror_triton.mirror_upper_(C)
     if numba_host.HAVE_NUMBA and C.device.type == "cpu" and C.dtype in (torch.float32, torch.float64):
         # a member at a time, the upper triangle by row panels, then mirrored in place tile by tile
         rows = _panel_rows()
@@ -116,6 +138,11 @@ def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.
 
 def _edges_of_correlation(C: torch.Tensor, name: str, of_rho, backend: str) -> torch.Tensor:
     """(B, n, n) symmetric correlation matrices -> (B, n - 1, 2) death edges of ``of_rho(clamp(C))``, canonical order."""
+    if backend == "torch" and _on_gpu(C):
+        # the Triton Boruvka reads C and computes the dissimilarity on the fly (1 - |C| is never built)
+        edges = torch_mst._triton_edges(C, of_rho=name)
+        if edges is not None:  # None: not float32, or the kernels failed here (warned): the dense path below
+            return edges
     if _reads_correlation_in_place(C, backend):
         # the CPU kernel reads one member's C at a time (1 - |C| is never built)
         out = []

@@ -51,6 +51,9 @@ _PACKED_MAX_N = 1 << 16  # labels and vertices packed in 16 bits of a key
 _JUMPS = 3  # pointer-jumping steps before the round's sync checks for roots (reach 8)
 DENSE_MAX = 128  # components left for the dense step: (c, c, c) int16 ranks, 4 MB at 128 (c * c < 2**15)
 _SMALL_SEARCH = 1 << 22  # entries: an endpoint search this small runs in one block whatever n
+# the correlation dissimilarities that the compiled kernels (numba_host's Prim, the Triton Boruvka)
+# compute on the fly from a correlation matrix, by mode number
+RHO_DISSIMILARITY_MODES = {"abs_correlation": 0, "one_minus_rho": 1, "sqrt_one_minus_rho2": 2}
 _INCONSISTENT = ("boruvka_edges needs an exactly symmetric matrix of finite weights (the picks of a "
                  "round do not form a forest); validate D first (check_dissimilarity, or check=True)")
 

@@ -53,7 +53,7 @@ import os
 
 import torch
 
-from .boruvka import _INCONSISTENT, _PACKED_MAX_N
+from .boruvka import _INCONSISTENT, _PACKED_MAX_N, RHO_DISSIMILARITY_MODES
 
 try:  # triton ships with the CUDA builds of torch; without it CUDA takes the torch Boruvka
     import triton
@@ -75,13 +75,18 @@ _MAX_MEMBERS = 65535  # members of a stack: CUDA's limit on the grid's second ax
 
 if HAVE_TRITON:  # the kernels' annotations name triton (its interpreter wants them spelled tl.constexpr)
     def _lightest_edges_source(D, comp, keys, active, n, member_stride, stride,
-                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, OF_RHO: tl.constexpr):
         """keys[i] = the lightest edge from vertex i out of its component, for every i whose key is
         not one any more (none yet, or an edge now inside its component).
 
         Member ``b = program_id(1)`` of the stack: D : (B, n, n) float32, members
         ``member_stride`` and rows ``stride`` apart; comp : (B, n) int32 labels; keys : (B, n)
         int64; active : (B,) int32, 0 for a member whose tree is complete (nothing to do).
+        OF_RHO: -1 when D holds the weights; 0, 1, 2 when it holds correlations rho and the weight
+        is d(clamp(rho, -1, 1)) with d ``1 - |rho|``, ``1 - rho`` or ``sqrt(1 - rho^2)`` (0 where
+        ``1 - rho^2 <= 0``), computed as torch computes it on the dense matrix (launched without
+        fused multiply-adds, and a correctly rounded square root), so the weights are bitwise
+        those of the dense dissimilarity.
         """
         member = tl.program_id(1)
         D += member.to(tl.int64) * member_stride
@@ -104,6 +109,16 @@ if HAVE_TRITON:  # the kernels' annotations name triton (its interpreter wants t
                 label = tl.load(comp + cols, mask=cols < n, other=-1)
                 out = todo[:, None] & (cols < n)[None, :] & (own[:, None] != label[None, :])
                 x = tl.load(row_start + cols[None, :], mask=out, other=float("inf"))
+                if OF_RHO >= 0:  # the dissimilarity of the correlation, on the fly
+                    r = tl.minimum(tl.maximum(x, -1.0), 1.0)
+                    if OF_RHO == 0:
+                        x = 1.0 - tl.abs(r)
+                    elif OF_RHO == 1:
+                        x = 1.0 - r
+                    else:
+                        y = 1.0 - r * r
+                        x = tl.where(y > 0.0, tl.sqrt_rn(tl.maximum(y, 0.0)), 0.0)
+                    x = tl.where(out, x, float("inf"))  # the masked lanes stay out of the minimum
                 # strict: each lane keeps its first (smallest) column among equal weights;
                 # -0.0 == 0.0 here, as in the keys, whose sign bit is dropped
                 better = x < best_w
@@ -214,7 +229,7 @@ def runs_on(X: torch.Tensor) -> bool:
 
 
 def triton_boruvka_edges(D: torch.Tensor, rows: int = ROWS, cols: int = COLS,
-                         warps: int = WARPS) -> torch.Tensor:
+                         warps: int = WARPS, of_rho: str | None = None) -> torch.Tensor:
     """Exact MST of the complete graph weighted by ``D``, on ``D``'s device.
 
     Parameters
@@ -223,6 +238,12 @@ def triton_boruvka_edges(D: torch.Tensor, rows: int = ROWS, cols: int = COLS,
         Symmetric, non-negative, finite (see :func:`runs_on`).
     rows, cols, warps : the row kernel's tile (rows per program, columns per
         step) and warps per program.
+    of_rho : str, optional
+        A key of :data:`.boruvka.RHO_DISSIMILARITY_MODES`: ``D`` then holds correlations (exactly
+        symmetric, any diagonal) and the weights are that dissimilarity of them,
+        computed on the fly as the dense matrix would hold them (the tree of
+        ``abs_correlation`` from the correlation matrix, without forming
+        ``1 - |C|``).
 
     Returns
     -------
@@ -238,6 +259,8 @@ def triton_boruvka_edges(D: torch.Tensor, rows: int = ROWS, cols: int = COLS,
         are not a forest: ``D`` (the member named, in a stack) was not
         symmetric, finite and non-negative.
     """
+    if of_rho is not None and of_rho not in RHO_DISSIMILARITY_MODES:
+        raise ValueError(f"of_rho must be one of {sorted(RHO_DISSIMILARITY_MODES)} or None, got {of_rho!r}")
     if not runs_on(D):
         raise ValueError(f"triton_boruvka_edges needs a CUDA float32 (n, n) or (B, n, n) tensor with 2 <= n <= "
                          f"{_PACKED_MAX_N} and Triton installed, got {D.dtype} of shape {tuple(D.shape)} "
@@ -253,6 +276,7 @@ def triton_boruvka_edges(D: torch.Tensor, rows: int = ROWS, cols: int = COLS,
     if B == 0:
         return torch.empty((0, n - 1, 2), dtype=torch.long, device=dev)
     lightest, minima, link, relabel = _kernels(_interpreting())
+    mode = -1 if of_rho is None else RHO_DISSIMILARITY_MODES[of_rho]
     # labels: the vertex that names the component, per member
     comp = torch.arange(n, dtype=torch.int32, device=dev).repeat(B, 1)
     keys = torch.full((B, n), _NO_EDGE, dtype=torch.int64, device=dev)
@@ -274,7 +298,7 @@ def triton_boruvka_edges(D: torch.Tensor, rows: int = ROWS, cols: int = COLS,
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for t in range(rounds):
             lightest[by_rows](X, comp, keys, active, n, X.stride(0), X.stride(1), BLOCK_R=rows, BLOCK_C=cols,
-                              num_warps=warps)
+                              OF_RHO=mode, num_warps=warps, enable_fp_fusion=False)
             minima[by_vertices](comp, keys, best, active, n, BLOCK=_VERTICES)
             link[by_vertices](comp, best, parent, picked[t], counts[t], active, n, BLOCK=_VERTICES)
             relabel[by_vertices](comp, parent, best, counts[t], active, n, BLOCK=_VERTICES)

@@ -18,7 +18,7 @@ import threading
 import numpy as np
 import torch
 
-from .boruvka import _PACKED_MAX_N
+from .boruvka import _PACKED_MAX_N, RHO_DISSIMILARITY_MODES  # the Prim on correlations: its modes
 from .torch_mst import HAVE_NUMBA, _packed_prim_step, _prim_compiled, _prim_input, _prim_packed_compiled, prim_edges
 
 if HAVE_NUMBA:
@@ -86,8 +86,6 @@ def death_edges_stack(D: torch.Tensor) -> torch.Tensor:
 
 _TILE = 64  # 64 x 64 float32 tiles: a tile and its mirror (32 KiB) stay in L1/L2 while swapped
 
-# the correlation dissimilarities the Prim kernel computes on the fly (``mode``)
-RHO_DISSIMILARITY_MODES = {"abs_correlation": 0, "one_minus_rho": 1, "sqrt_one_minus_rho2": 2}
 
 
 def _mirror_upper_kernel(C):

@@ -196,13 +196,20 @@ def prim_edges(D: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _triton_edges(D: torch.Tensor) -> torch.Tensor | None:
-    """The Triton Boruvka's edges of ``D`` (n, n) or (B, n, n), or None where it does not run
-    (or failed to compile or launch on this device before, or now)."""
-    if not (D.is_cuda and boruvka_triton.runs_on(D) and D.device not in _TRITON_FAILED):
+def runs_triton(D: torch.Tensor) -> bool:
+    """Whether the torch backend takes ``D`` (n, n) or (B, n, n) to the Triton Boruvka: CUDA
+    float32 that it takes, on a device where it has not failed."""
+    return D.is_cuda and boruvka_triton.runs_on(D) and D.device not in _TRITON_FAILED
+
+
+def _triton_edges(D: torch.Tensor, of_rho: str | None = None) -> torch.Tensor | None:
+    """The Triton Boruvka's edges of ``D`` (n, n) or (B, n, n) (of a correlation dissimilarity of
+    ``D`` with ``of_rho``), or None where it does not run (or failed to compile or launch on this
+    device before, or now)."""
+    if not runs_triton(D):
         return None
     try:
-        return boruvka_triton.triton_boruvka_edges(D)
+        return boruvka_triton.triton_boruvka_edges(D, of_rho=of_rho)
     except ValueError:  # bad input, as the torch Boruvka would say
         raise
     except Exception as e:  # the kernels did not compile or launch on this device
