@@ -232,6 +232,11 @@ def test_bad_input_is_refused_with_a_reason(digits):
         StackTrainer(None, [Member("none", 0.0, 0), Member("none", 0.0, 1)], train, val,
                      build_member=lambda m: _builder(next(nets))())
     assert ensemble.stackable("mlp") and not ensemble.stackable("cnn")
+    X, y = train
+    with pytest.raises(ValueError, match="train: class label 12 is out of range for a model with 10 outputs"):
+        StackTrainer(_builder(), [Member("none", 0.0, 0)], (X, y.clone().fill_(12)), val)
+    with pytest.raises(ValueError, match=r"does not take inputs of shape \(56,\)"):
+        StackTrainer(_builder(), [Member("none", 0.0, 0)], (X[..., :7], y), (val[0][..., :7], val[1]))
 
 
 @pytest.mark.cuda

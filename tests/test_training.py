@@ -352,6 +352,29 @@ def test_fit_refuses_labels_and_inputs_that_would_train_wrong(edit, match):
         training.fit(model, edit(X, y), (X, y), config=TrainConfig(max_epochs=1, batch_size=4), progress=False)
 
 
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_fit_refuses_labels_the_model_has_no_output_for(split):
+    X, y = _tiny_data()
+    data = {"train": (X, y), "val": (X, y), "test": (X, y)}
+    data[split] = (X, y.clone().index_fill(0, torch.tensor([3]), 2))  # a third class for a 2-output model
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=rf"{split}: class label 2 is out of range for a model with 2 outputs"):
+        training.fit(model, data["train"], data["val"], data["test"], config=TrainConfig(max_epochs=1, batch_size=4),
+                     progress=False)
+
+
+def test_fit_refuses_inputs_the_model_does_not_take_and_leaves_it_untouched():
+    X, y = _tiny_data()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 2), torch.nn.Dropout(0.5))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"the model does not take inputs of shape \(1, 2, 2\)"):
+        training.fit(model, (X, y), (X, y), config=TrainConfig(max_epochs=1, batch_size=4), progress=False)
+    assert model.training and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match=r"must return \(N, classes\) logits, got \(2, 1, 2, 2\)"):
+        training.fit(torch.nn.Identity(), (X, y), (X, y), config=TrainConfig(max_epochs=1, batch_size=4),
+                     progress=False)
+
+
 def test_fit_refuses_a_model_that_is_not_a_module():
     X, y = _tiny_data()
     with pytest.raises(ValueError, match="model must be a torch.nn.Module, got function"):

@@ -239,7 +239,10 @@ class StackTrainer:
                 model = build_member(m)
                 rng_state = torch.get_rng_state()
             if layers is None:
-                layers = _architecture(model)
+                layers = _architecture(model)  # refuses what the engine cannot stack, before the probe
+                training.check_model_takes(model.to(self.dev), {"train": (self.X_train, self.y_train),
+                                                                "val": (self.X_val, self.y_val),
+                                                                **({"test": self.test} if self.test else {})})
             if self.dev.type == "cpu":
                 gen = torch.Generator()
                 gen.set_state(rng_state)  # fit's dropout stream on the CPU (see training.seeded_build)

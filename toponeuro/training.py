@@ -261,6 +261,37 @@ def _check_xy(data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return X, y.long()
 
 
+def check_model_takes(model: torch.nn.Module, datasets: dict) -> None:
+    """One forward pass of two samples, in eval mode and without grad, before training starts.
+
+    model : the network; datasets : ``{name: (X, y)}`` already checked by ``_check_xy`` and on the
+    model's device. Raises a ValueError when the model does not take ``X``'s shape, does not give
+    (N, classes) logits, or has fewer outputs than a label needs, instead of a torch error (or a
+    CUDA device-side assert) in the first step.
+    """
+    X = next(iter(datasets.values()))[0]
+    was_training = model.training
+    model.eval()  # no dropout draw, no batch-norm statistics updated by the probe
+    try:
+        with torch.no_grad():
+            logits = model(X[:2])
+    except RuntimeError as err:
+        raise ValueError(f"the model does not take inputs of shape {tuple(X.shape[1:])} (a sample of X): "
+                         f"{str(err).splitlines()[0]}; check that the dataset and the network match "
+                         f"(input width, channels)") from err
+    finally:
+        model.train(was_training)
+    if not (isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[0] == X[:2].shape[0]):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the model must return (N, classes) logits, got {shape} for a batch of 2")
+    classes = logits.shape[1]
+    for name, (_, y) in datasets.items():
+        top = int(y.max())
+        if top >= classes:
+            raise ValueError(f"{name}: class label {top} is out of range for a model with {classes} outputs "
+                             f"(labels are 0 .. {classes - 1}); use a network with more outputs or relabel")
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``(X, y)``, in eval mode, without grad.
@@ -404,6 +435,8 @@ def fit(model: torch.nn.Module, train, val, test=None, *, method: str = "none", 
         X_test, y_test = _check_xy(test, "test")
         X_test, y_test = X_test.to(dev), y_test.to(dev)
     model.to(dev)
+    check_model_takes(model, {"train": (X_train, y_train), "val": (X_val, y_val),
+                              **({"test": (X_test, y_test)} if test is not None else {})})
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
