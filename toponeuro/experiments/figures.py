@@ -15,6 +15,7 @@ def _pyplot():
 
 
 def plot_critical_difference(ranks: pd.Series, pvalues: pd.DataFrame, cd: float, path, title: str) -> None:
+    """Critical-difference diagram of average ``ranks`` (1 = best), bars from the Nemenyi ``pvalues``, to ``path``."""
     import scikit_posthocs as sp
 
     plt = _pyplot()
