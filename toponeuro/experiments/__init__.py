@@ -14,7 +14,12 @@ In Python::
 
 See :mod:`~toponeuro.experiments.config` (the TOML layout and how the dropout
 baseline appears), :mod:`~toponeuro.experiments.runner` (results that lose
-nothing) and :mod:`~toponeuro.experiments.report` (selection rule and statistics).
+nothing) and :mod:`~toponeuro.experiments.report` (the report and its steps).
+The report is built from :mod:`~toponeuro.experiments.selection` (loading
+``runs.csv``, pooling checks, dropped weights, the selection rule),
+:mod:`~toponeuro.experiments.statistics` (ranks, Friedman, Nemenyi, effect
+sizes, the paper's claims), :mod:`~toponeuro.experiments.figures` (the plots)
+and :mod:`~toponeuro.experiments.report_sections` (the markdown sections).
 """
 
 from .config import ExperimentConfig, RunSpec, load_config, parse_config, shipped_configs
