@@ -51,7 +51,8 @@ import pandas as pd
 import scipy.stats
 
 from .config import GRID_METHODS, ReportSettings, load_config, parse_config
-from .runner import DEFAULT_OUT, LEGACY_DEFAULTS, read_rows, row_key
+from .runner import DEFAULT_OUT
+from .runs_csv import LEGACY_DEFAULTS, read_rows, row_key
 from .shards import rows_files
 
 __all__ = [
