@@ -32,7 +32,7 @@ __all__ = ["held_out_statistics", "plot_persistence", "write_json", "train_and_c
 
 
 def held_out_statistics(model: torch.nn.Module, X: torch.Tensor, backend: str, sampler=None) -> dict:
-    """Mean |rho| between recorded neurons (those ``sampler`` keeps; all by default), T1 and the deaths,
+    """Mean ``|rho|`` between recorded neurons (those ``sampler`` keeps; all by default), T1 and the deaths,
     on one batch ``X``."""
     model.eval()  # dropout off: measure the network as it predicts
     with TopologicalRegulariser(model, formula="t1", backend=backend, sampler=sampler, sync="local") as reg, \
@@ -107,7 +107,7 @@ def train_and_compare(network: str, dataset: str, train, val, test, *, formula: 
 
     Returns
     -------
-    summary : dict with the options, ``"runs"`` (per method: :meth:`FitResult.summary`,
+    summary : dict with the options, ``"runs"`` (per method: :meth:`toponeuro.training.FitResult.summary`,
         ``weight``, ``wall_seconds``, ``held_out``, ``history``) and ``"complete": False``
         (:func:`write_comparison` completes it).
     """
