@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     """
     written: list[str] = []  # methods whose results are in summary.json
     try:
-        return _train_and_compare(args, written)
+        return _check_and_compare(args, written)
     except ValueError as err:
         print(f"toponeuro train: error: {err}", file=sys.stderr)
         return 2
@@ -131,7 +131,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(message) from None
 
 
-def _train_and_compare(args: argparse.Namespace, written: list[str]) -> int:
+def _check_and_compare(args: argparse.Namespace, written: list[str]) -> int:
+    """Check every option before any training, then :func:`~toponeuro.comparison.train_and_compare`,
+    the table, and :func:`~toponeuro.comparison.write_comparison`; ``written`` gets each saved run."""
     if args.epochs < 1:
         raise ValueError("--epochs must be at least 1")
     if args.seed < 0:
