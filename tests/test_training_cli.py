@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from toponeuro import cli, dissimilarity, training_cli
+from toponeuro import cli, comparison, dissimilarity
 from toponeuro.nn import TopologicalRegulariser
 from toponeuro.training_cli import held_out_statistics
 
@@ -35,7 +35,7 @@ def test_train_limit_2000_one_epoch_writes_figure_and_summary(tmp_path, capsys):
 def test_train_with_non_default_dataset_model_formula_dissimilarity_and_backend(tmp_path, capsys, monkeypatch):
     """digits, cnn, t2, 1 - rho, numba: each choice reaches the training and the regulariser."""
     fits = []
-    real_fit = training_cli.fit
+    real_fit = comparison.fit
 
     def recording_fit(model, train, val, test=None, **kw):
         fits.append({"model": model, "train_shape": tuple(train[0].shape), "test_rows": len(test[1]), **kw})
@@ -48,7 +48,7 @@ def test_train_with_non_default_dataset_model_formula_dissimilarity_and_backend(
         real_init(self, *args, **kw)
         regularisers.append((self.formula, self.dissimilarity, self.backend))
 
-    monkeypatch.setattr(training_cli, "fit", recording_fit)
+    monkeypatch.setattr(comparison, "fit", recording_fit)
     monkeypatch.setattr(TopologicalRegulariser, "__init__", recording_init)
     out = tmp_path / "run"
     rc = cli.main(["train", "--dataset", "digits", "--model", "cnn", "--formula", "t2", "--dissimilarity",
@@ -113,7 +113,7 @@ def test_train_rejects_bad_options_with_one_line_and_exit_2(options, match, tmp_
     def no_training(*args, **kwargs):
         raise AssertionError("trained despite a bad option")
 
-    monkeypatch.setattr(training_cli, "fit", no_training)
+    monkeypatch.setattr(comparison, "fit", no_training)
     assert cli.main(["train", *options, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("toponeuro train: error: ") and match in err and "Traceback" not in err
@@ -149,7 +149,7 @@ def test_train_refuses_unusable_devices_and_sizes_before_training(options, match
     def no_training(*args, **kwargs):
         raise AssertionError("trained despite a bad option")
 
-    monkeypatch.setattr(training_cli, "fit", no_training)
+    monkeypatch.setattr(comparison, "fit", no_training)
     assert cli.main(["train", *options, "--out", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("toponeuro train: error: ") and match in err and "Traceback" not in err
@@ -199,7 +199,7 @@ def _fake_fit(interrupt_at: int, error: BaseException):
 ])
 def test_an_interrupt_in_the_second_run_keeps_the_first(error, rc, line, tmp_path, capsys, monkeypatch):
     fake, calls = _fake_fit(2, error)
-    monkeypatch.setattr(training_cli, "fit", fake)
+    monkeypatch.setattr(comparison, "fit", fake)
     out = tmp_path / "run"
     assert cli.main(["train", "--dataset", "digits", "--epochs", "1", "--device", "cpu", "--out", str(out),
                      "--no-progress"]) == rc
@@ -216,7 +216,7 @@ def test_an_interrupt_in_the_second_run_keeps_the_first(error, rc, line, tmp_pat
 
 def test_an_interrupt_in_the_first_run_writes_nothing_and_says_so(tmp_path, capsys, monkeypatch):
     fake, _ = _fake_fit(1, KeyboardInterrupt())
-    monkeypatch.setattr(training_cli, "fit", fake)
+    monkeypatch.setattr(comparison, "fit", fake)
     out = tmp_path / "run"
     assert cli.main(["train", "--dataset", "digits", "--device", "cpu", "--out", str(out), "--no-progress"]) == 130
     assert "no run had finished, nothing written" in capsys.readouterr().err
@@ -253,7 +253,7 @@ def test_sampler_option_reaches_fit_and_the_held_out_statistics(sampler, expecte
     from toponeuro import sampling
 
     fake, calls = _fake_fit(0, None)
-    monkeypatch.setattr(training_cli, "fit", fake)
+    monkeypatch.setattr(comparison, "fit", fake)
     out = tmp_path / "run"
     assert cli.main(["train", "--dataset", "digits", "--sampler", sampler, "--device", "cpu", "--out", str(out),
                      "--no-progress"]) == 0
@@ -272,7 +272,7 @@ def test_memory_beyond_what_is_free_is_refused_with_the_figure_unless_overridden
     from toponeuro import _validation
 
     fake, calls = _fake_fit(0, None)
-    monkeypatch.setattr(training_cli, "fit", fake)
+    monkeypatch.setattr(comparison, "fit", fake)
     monkeypatch.setattr(_validation, "available_memory", lambda device: 1 << 20)  # 1 MiB free
     args = ["train", "--dataset", "digits", "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"]
     assert cli.main(args) == 2
@@ -285,8 +285,8 @@ def test_memory_beyond_what_is_free_is_refused_with_the_figure_unless_overridden
 
 def test_all_neurons_of_a_large_network_are_announced(tmp_path, capsys, monkeypatch):
     fake, _ = _fake_fit(0, None)
-    monkeypatch.setattr(training_cli, "fit", fake)
-    monkeypatch.setattr(training_cli, "held_out_statistics",
+    monkeypatch.setattr(comparison, "fit", fake)
+    monkeypatch.setattr(comparison, "held_out_statistics",
                         lambda *a, **k: {"mean_abs_rho": 0.1, "t1": 1.0, "neurons": 2, "deaths": [0.5]})
     assert cli.main(["train", "--model", "cnn", "--device", "cpu", "--out", str(tmp_path / "run"),
                      "--no-memory-check", "--limit", "256", "--no-progress"]) == 0
@@ -296,7 +296,7 @@ def test_all_neurons_of_a_large_network_are_announced(tmp_path, capsys, monkeypa
 def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fake, calls = _fake_fit(0, None)
-    monkeypatch.setattr(training_cli, "fit", fake)
+    monkeypatch.setattr(comparison, "fit", fake)
     assert cli.main(["train", "--dataset", "digits", "--out", "", "--no-progress"]) == 2
     assert capsys.readouterr().err == ("toponeuro train: error: --out is empty; give a folder "
                                        "(it is created if missing)\n")

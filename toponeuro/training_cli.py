@@ -1,8 +1,8 @@
-"""``toponeuro train``: the main job.
+"""``toponeuro train``: the argument parser and ``run(args)`` (see :mod:`toponeuro.comparison`).
 
-Trains a paper network twice, without and with the regulariser, with the
-paper's optimiser, and compares them side by side: test accuracy, mean
-``|rho|`` between recorded neurons and T1 on a held-out batch, seconds per
+The main job: trains a paper network twice, without and with the regulariser,
+with the paper's optimiser, and compares them side by side: test accuracy,
+mean ``|rho|`` between recorded neurons and T1 on a held-out batch, seconds per
 epoch. Writes ``summary.json`` and ``persistence.png`` (histogram of deaths and
 the 0-dimensional persistence diagram, before versus after) to ``--out``.
 """
@@ -10,22 +10,26 @@ the 0-dimensional persistence diagram, before versus after) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from . import data, distributed, models, persistence
 from ._validation import describe_os_error, format_bytes, prepare_output_folder
-from .dissimilarity import DISSIMILARITIES, correlation
+# held_out_statistics, plot_persistence and write_json lived here: they stay importable from here
+from .comparison import (comparison_table, held_out_statistics, plot_persistence, train_and_compare,
+                         write_comparison, write_json)
+from .dissimilarity import DISSIMILARITIES
 from .experiments.config import SAMPLER_KINDS, RegulariserSettings, _parse_sampler
 from .experiments.preflight import check_regulariser_memory, recorded_neurons, regulariser_memory
-from .nn import TopologicalRegulariser, check_bounded
-from .training import TrainConfig, device_label, fit, resolve_device, seed_everything
+from .nn import check_bounded
+from .training import TrainConfig, resolve_device
+
+__all__ = ["FORMULAS", "configure_parser", "sampler_option", "run",
+           # re-exported from toponeuro.comparison, where they moved
+           "held_out_statistics", "plot_persistence", "write_json"]
 
 FORMULAS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
 
@@ -72,62 +76,6 @@ def sampler_option(text: str) -> RegulariserSettings:
             from None
 
 
-def held_out_statistics(model: torch.nn.Module, X: torch.Tensor, backend: str, sampler=None) -> dict:
-    """Mean |rho| between recorded neurons (those ``sampler`` keeps; all by default), T1 and the deaths,
-    on one batch ``X``."""
-    model.eval()  # dropout off: measure the network as it predicts
-    with TopologicalRegulariser(model, formula="t1", backend=backend, sampler=sampler, sync="local") as reg, \
-            torch.enable_grad():
-        model(X)
-        A = reg.activations().detach()
-        C = correlation(A)
-        n = C.shape[0]
-        mean_abs_rho = float((C.abs().sum() - n) / (n * (n - 1)))
-        deaths = reg.deaths().detach()
-    t1 = float((1.0 - deaths).sum())
-    return {"mean_abs_rho": mean_abs_rho, "t1": t1, "neurons": n, "deaths": deaths.cpu().tolist()}
-
-
-def plot_persistence(before: list[float], after: list[float], labels: tuple[str, str], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(10, 4))
-    bins = torch.linspace(0, max(max(before), max(after), 1e-6), 41).tolist()
-    ax_h.hist(before, bins=bins, alpha=0.6, label=labels[0])
-    ax_h.hist(after, bins=bins, alpha=0.6, label=labels[1])
-    ax_h.set_xlabel("death time  (1 - |rho| on the MST edge)")
-    ax_h.set_ylabel("count")
-    ax_h.set_title("Histogram of deaths")
-    ax_h.legend()
-    top = max(max(before), max(after)) * 1.05 + 1e-6
-    ax_d.plot([0, top], [0, top], color="grey", lw=0.8)
-    ax_d.scatter([0.0] * len(before), before, s=8, alpha=0.5, label=labels[0])
-    ax_d.scatter([0.0] * len(after), after, s=8, alpha=0.5, marker="x", label=labels[1])
-    ax_d.set_xlim(-0.05 * top, top)
-    ax_d.set_ylim(0, top)
-    ax_d.set_xlabel("birth")
-    ax_d.set_ylabel("death")
-    ax_d.set_title("0-dimensional persistence diagram")
-    ax_d.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_json(path: Path, value) -> None:
-    """Write ``value`` as JSON to ``path`` whole or not at all (a temporary file renamed over it)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(value, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _out_of_memory(err: BaseException) -> bool:
     if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
         return True
@@ -144,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     """
     written: list[str] = []  # methods whose results are in summary.json
     try:
-        return _train_and_compare(args, written)
+        return _check_and_compare(args, written)
     except ValueError as err:
         print(f"toponeuro train: error: {err}", file=sys.stderr)
         return 2
@@ -183,7 +131,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(message) from None
 
 
-def _train_and_compare(args: argparse.Namespace, written: list[str]) -> int:
+def _check_and_compare(args: argparse.Namespace, written: list[str]) -> int:
+    """Check every option before any training, then :func:`~toponeuro.comparison.train_and_compare`,
+    the table, and :func:`~toponeuro.comparison.write_comparison`; ``written`` gets each saved run."""
     if args.epochs < 1:
         raise ValueError("--epochs must be at least 1")
     if args.seed < 0:
@@ -223,56 +173,14 @@ def _train_and_compare(args: argparse.Namespace, written: list[str]) -> int:
         raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(train[1])} training images of "
                          f"{args.dataset}: lower --batch-size")
     val, test = data.load(args.dataset, "val"), data.load(args.dataset, "test")
-    in_shape = tuple(train[0].shape[1:])
-    held_out = val[0][: args.batch_size].to(device)
-
-    summary = {
-        "dataset": args.dataset, "model": args.model, "formula": args.formula, "weight": args.weight,
-        "backend": args.backend, "dissimilarity": args.dissimilarity, "sampler": sampler_label, "neurons": n,
-        "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit,
-        "device": device_label(device), "world_size": distributed.world_size(),
-        "torch_version": torch.__version__, "complete": False, "runs": {},
-    }
-    runs = summary["runs"]
-    for method in ("none", args.formula):
-        seed_everything(args.seed)
-        model = models.build(args.model, in_shape=in_shape, num_classes=data.num_classes(args.dataset))
-        weight = 0.0 if method == "none" else args.weight
-        t0 = time.perf_counter()
-        result = fit(model, train, val, test, method=method, weight=weight, config=config,
-                     sampler=args.sampler.build_sampler(args.seed), backend=args.backend,
-                     dissimilarity=args.dissimilarity, device=device, seed=args.seed,
-                     progress=not args.no_progress, progress_desc=f"{args.model} {method}")
-        stats = held_out_statistics(model, held_out, args.backend, args.sampler.build_sampler(args.seed)) \
-            if writer else {}
-        runs[method] = {
-            "method": method, "weight": weight, **result.summary(), "wall_seconds": time.perf_counter() - t0,
-            "held_out": stats, "history": result.history,
-        }
-        if writer:  # each run's results as it finishes: an interrupt in the next run keeps them
-            write_json(out / "summary.json", summary)
-            written.append(method)
-
+    summary = train_and_compare(args.model, args.dataset, train, val, test, formula=args.formula,
+                                weight=args.weight, config=config, settings=args.sampler, backend=args.backend,
+                                dissimilarity=args.dissimilarity, device=device, seed=args.seed, neurons=n,
+                                limit=args.limit, out=out if writer else None, on_saved=written.append,
+                                progress=not args.no_progress)
     if not writer:
         return 0
-    base, reg = runs["none"], runs[args.formula]
-    label = f"{args.formula} (lambda={args.weight:g})"
-    rows = [
-        ("test accuracy", f"{base['test_accuracy']:.4f}", f"{reg['test_accuracy']:.4f}"),
-        ("validation accuracy", f"{base['val_accuracy']:.4f}", f"{reg['val_accuracy']:.4f}"),
-        ("mean |rho| (held-out batch)", f"{base['held_out']['mean_abs_rho']:.4f}", f"{reg['held_out']['mean_abs_rho']:.4f}"),
-        ("T1 (held-out batch)", f"{base['held_out']['t1']:.3f}", f"{reg['held_out']['t1']:.3f}"),
-        ("seconds per epoch", f"{base['seconds_per_epoch']:.2f}", f"{reg['seconds_per_epoch']:.2f}"),
-        ("epochs (best)", f"{base['epochs']} ({base['best_epoch']})", f"{reg['epochs']} ({reg['best_epoch']})"),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{args.model} on {args.dataset} ({len(train[1])} training images), device {device_label(device)}")
-    print(f"{'':<{width}}  {'none':>14}  {label:>22}")
-    for name, a, b in rows:
-        print(f"{name:<{width}}  {a:>14}  {b:>22}")
-
-    plot_persistence(base["held_out"]["deaths"], reg["held_out"]["deaths"], ("none", label), out / "persistence.png")
-    summary["complete"] = True
-    write_json(out / "summary.json", summary)
-    print(f"\nwrote {out / 'summary.json'} and {out / 'persistence.png'}")
+    print(comparison_table(summary, len(train[1])))
+    summary_path, figure_path = write_comparison(summary, out)
+    print(f"\nwrote {summary_path} and {figure_path}")
     return 0

@@ -30,6 +30,7 @@ import torch
 from .. import data, ensemble, models, training
 from . import runner
 from .config import ExperimentConfig, RunSpec
+from .runs_csv import format_cell
 
 __all__ = ["CHECKPOINT_DIR", "stack_groups", "run_stacks"]
 
@@ -71,7 +72,7 @@ def _write_curve(curves_dir: Path, run_id: str, history: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=runner.CURVE_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         for record in history:
-            writer.writerow({k: runner._fmt(record[k]) for k in runner.CURVE_COLUMNS})
+            writer.writerow({k: format_cell(record[k]) for k in runner.CURVE_COLUMNS})
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, curves_dir / f"{run_id}.csv")
@@ -149,7 +150,7 @@ def _train_stack(config, name, specs, device, train, val, test, sizes, in_shape,
         if not listing.is_file():
             listing.write_text(json.dumps({"run_ids": [s.run_id for s in specs]}), encoding="utf-8")
         path = checkpoints / f"{name}.pt"
-    protocol = {k: runner._fmt(v) for k, v in runner._protocol(config, specs[0], sizes).items()}
+    protocol = {k: format_cell(v) for k, v in runner._protocol(config, specs[0], sizes).items()}
     try:
         ensemble.fit_stack(
             lambda: models.build(network, in_shape=in_shape, num_classes=classes, init=config.init), members,

@@ -57,7 +57,8 @@ from .config import ReportSettings, load_config, parse_config
 from .figures import plot_accuracy_vs_weight, plot_critical_difference
 from .report_sections import (_blocks_note, _claims_lines, _cut_section, _device_note, _md_table, _paper_section,
                               _pct, _pooling_lines, _protocol_section, _selection_note, _support_section)
-from .runner import DEFAULT_OUT, LEGACY_DEFAULTS
+from .runner import DEFAULT_OUT
+from .runs_csv import LEGACY_DEFAULTS
 from .selection import (CHANCE_MULTIPLE, INERT_THRESHOLD, METHOD_LABELS, MixedRowsError, _fmt_weight, _method_order,
                         check_pooling, drop_weights, inert_methods, load_runs, mixed_device_blocks, select_weights,
                         select_weights_pooled, unconverged)
@@ -68,7 +69,7 @@ from .statistics import (ALPHA, CLAIM_1, CLAIM_2, PAPER_METHODS, _claim_pairs, a
 
 # Defined in selection, statistics and figures, and re-exported here: tests, the CLI, the book and
 # ``toponeuro.experiments`` import them from ``toponeuro.experiments.report`` (so do ``GRID_METHODS``
-# from config and ``LEGACY_DEFAULTS`` from runner).
+# from config and ``LEGACY_DEFAULTS`` from runs_csv).
 __all__ = [
     "ALPHA",
     "PAPER_METHODS",

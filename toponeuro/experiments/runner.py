@@ -7,7 +7,7 @@ Layout of ``<out>/<experiment name>/``:
     fsynced by a single writer (the parent process) as each run finishes.
     A key already there is never appended again, and a reader keeps the
     first row of a key (a folder written by two processes before the lock
-    existed still reads once per run).
+    existed still reads once per run). The file format: :mod:`.runs_csv`.
 ``curves/<run_id>.csv``
     The training curve of each run (:data:`CURVE_COLUMNS`), one line per
     epoch. It is written while the run trains to a temporary file of its
@@ -30,7 +30,7 @@ Layout of ``<out>/<experiment name>/``:
     :func:`run_experiment` holds an exclusive ``flock`` on it while it runs
     (the writer process only; under torchrun, rank 0). A second ``run`` on
     the same folder fails at once with :class:`ExperimentLockedError`
-    instead of training the same pending runs again.
+    instead of training the same pending runs again (:mod:`.lock`).
 
 A rerun skips every run whose key (dataset, network, method, weight, seed)
 has a row; a run killed half-way (no row) is redone from scratch, and its
@@ -52,15 +52,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
-import errno
-import io
 import multiprocessing
 import os
 import re
-import socket
 import tempfile
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +66,14 @@ from .. import distributed, training
 from ..provenance import git_commit
 from . import shards
 from .config import ExperimentConfig, RunSpec
+# the runs.csv format and the folder lock live in their own modules; their names stay importable from here
+from .lock import LOCK_NAME, ExperimentLockedError, agree_on_lock, experiment_lock, locked_message
+from .runs_csv import (COLUMNS, COLUMNS_BEFORE_ENGINE, LEGACY_DEFAULTS, PROTOCOL_COLUMNS, append_row, check_header,
+                       format_cell, read_rows, repair_torn_line, row_key, upgrade_header)
 
 __all__ = [
     "COLUMNS",
+    "COLUMNS_BEFORE_ENGINE",
     "CURVE_COLUMNS",
     "PROTOCOL_COLUMNS",
     "LEGACY_DEFAULTS",
@@ -93,35 +94,14 @@ __all__ = [
 
 DEFAULT_OUT = Path("data") / "results"
 
-COLUMNS = (
-    "run_id", "dataset", "network", "method", "weight", "seed",
-    "val_accuracy", "test_accuracy", "val_loss", "test_loss",
-    "best_epoch", "epochs", "stopped_early", "diverged", "seconds", "seconds_per_epoch",
-    "train_size", "val_size", "test_size", "max_epochs", "patience", "batch_size", "lr", "momentum",
-    "nesterov", "lr_decay", "lr_decay_steps", "backend", "dissimilarity", "alpha", "sampler",
-    "init", "include_bias", "pixel_scale",
-    "device", "torch_version", "commit", "finished_at", "engine",
-)
-
-#: the columns of runs.csv before the engine column; such a file is upgraded in place (engine "single")
-COLUMNS_BEFORE_ENGINE = tuple(c for c in COLUMNS if c != "engine")
+#: the earlier name of :func:`~toponeuro.experiments.runs_csv.format_cell`, kept for its callers
+_fmt = format_cell
 
 #: the engines that train runs: one model per process, or stacks of models (toponeuro.ensemble)
 ENGINES = ("single", "batched")
 
-#: columns that must agree between the rows already there and the config being run
-PROTOCOL_COLUMNS = ("train_size", "val_size", "test_size", "max_epochs", "patience", "batch_size", "lr",
-                    "momentum", "nesterov", "lr_decay", "lr_decay_steps", "backend", "dissimilarity", "alpha",
-                    "sampler", "init", "include_bias", "pixel_scale")
-
-#: columns added after the first version of ``runs.csv``, with the value that describes what the runs
-#: without them did: PyTorch's default initialisation, L1/L2 over the weights only, pixels divided by 255 once
-LEGACY_DEFAULTS = {"init": "torch", "include_bias": "false", "pixel_scale": "1/255", "engine": "single"}
-
+#: the columns of a curve file, ``curves/<run_id>.csv``
 CURVE_COLUMNS = ("epoch", "train_loss", "train_reg", "val_loss", "val_accuracy", "lr", "seconds")
-
-#: the lock file in an experiment folder (see :func:`experiment_lock`)
-LOCK_NAME = ".lock"
 
 #: a curve being written: ``.<run_id>.csv.<pid>.<random>.tmp`` (mkstemp's random part has no dots)
 _CURVE_TMP = re.compile(r"^\.(?P<run_id>.+)\.csv\.(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -139,182 +119,8 @@ class RunSummary:
     pending: int = 0  # still to do after this call
 
 
-class ExperimentLockedError(ValueError):
-    """Another process (another ``toponeuro experiment run``) holds the experiment folder's lock."""
-
-
-def _locked_message(directory: Path, holder: str = "") -> str:
-    return (f"experiment folder {directory} is in use: another `toponeuro experiment run` holds its lock "
-            f"({directory / LOCK_NAME}{'; ' + holder if holder else ''}). Wait for it to finish, or run "
-            "this config into another --out folder; two runs on one folder would train the same pending "
-            "runs twice")
-
-
-@contextlib.contextmanager
-def experiment_lock(directory, name: str = LOCK_NAME):
-    """Hold an exclusive, non-blocking ``flock`` on ``<directory>/.lock`` for the ``with`` block.
-
-    The folder is created if needed. The lock file is left in place (removing
-    it would let a third process lock a new file while the second still holds
-    the old one); while the lock is held it says which process holds it.
-    The lock goes with the process: a killed ``run`` releases it.
-
-    Raises
-    ------
-    ExperimentLockedError : (a ValueError) another process holds the lock.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        warnings.warn("fcntl is not available on this platform: the experiment folder is not locked; "
-                      "do not run two `toponeuro experiment run` on one folder at once", stacklevel=3)
-        yield None
-        return
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name  # a shard locks its own file (shards.lock_name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 400, 0).decode("utf-8", "replace").strip()
-            raise ExperimentLockedError(_locked_message(directory, holder)) from None
-        stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"held by pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)  # nobody holds it now
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def experiment_dir(config: ExperimentConfig, out_root=DEFAULT_OUT) -> Path:
     return Path(out_root) / config.name
-
-
-def _fmt(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)  # round-trips exactly
-    return str(value)
-
-
-def row_key(row: dict) -> tuple:
-    """The identity of a run in ``runs.csv``: (dataset, network, method, weight, seed)."""
-    return (row["dataset"], row["network"], row["method"], float(row["weight"]), int(row["seed"]))
-
-
-def read_rows(path) -> list[dict]:
-    """The complete rows of a ``runs.csv``, one per run key.
-
-    A torn last line or a malformed row is skipped; of two rows with the same
-    :func:`row_key` (two processes on one folder, before the folder lock) the
-    first is kept.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        text = fh.read()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]  # a row torn by a kill mid-write
-    rows = []
-    seen = set()
-    for row in csv.DictReader(io.StringIO(text)):
-        if None in row or any(v is None for v in row.values()):
-            continue
-        for column, value in LEGACY_DEFAULTS.items():
-            row.setdefault(column, value)  # a row of a runs.csv written before the column existed
-        try:
-            key = row_key(row)
-        except (KeyError, ValueError):
-            continue
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append(row)
-    return rows
-
-
-def _repair_torn_line(path: Path) -> None:
-    """Cut a partial last line (killed mid-write) so the next append starts a fresh row."""
-    if not path.is_file():
-        return
-    with open(path, "rb+") as fh:
-        data = fh.read()
-        if data and not data.endswith(b"\n"):
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
-def append_row(path, row: dict) -> None:
-    """Append one row to ``runs.csv`` (header first if new), flush and fsync.
-
-    Appends unconditionally; :func:`run_experiment` first checks that the
-    row's key is not there yet.
-    """
-    path = Path(path)
-    new = not path.is_file() or path.stat().st_size == 0
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="raise", lineterminator="\n")
-    if new:
-        writer.writeheader()
-    writer.writerow({k: _fmt(row[k]) for k in COLUMNS})
-    with open(path, "a", newline="", encoding="utf-8") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _legacy_headers() -> tuple[tuple, ...]:
-    """The headers of earlier versions of runs.csv: before the fidelity columns, and before the engine column."""
-    return tuple(c for c in COLUMNS if c not in LEGACY_DEFAULTS), COLUMNS_BEFORE_ENGINE
-
-
-def _check_header(path: Path) -> None:
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, newline="", encoding="utf-8") as fh:
-        header = next(csv.reader(fh), [])
-    if tuple(header) != COLUMNS and tuple(header) not in _legacy_headers():
-        raise ValueError(f"{path} has columns {header}, not this version's {list(COLUMNS)}; "
-                         "use another --out folder (or experiment name) for new runs")
-
-
-def _upgrade_header(path: Path) -> bool:
-    """Rewrite a ``runs.csv`` of an earlier version with this version's columns; True if it did.
-
-    The new columns get :data:`LEGACY_DEFAULTS` (what those runs did). The
-    rewrite goes to a temporary file that replaces the old one at once, so a
-    kill leaves either the old file or the new one. Call it under the folder lock.
-    """
-    if not path.is_file() or path.stat().st_size == 0:
-        return False
-    with open(path, newline="", encoding="utf-8") as fh:
-        header = next(csv.reader(fh), [])
-    if tuple(header) not in _legacy_headers():
-        return False
-    rows = read_rows(path)
-    fd, tmp = tempfile.mkstemp(prefix=".runs.csv.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return True
 
 
 def _protocol(config: ExperimentConfig, spec: RunSpec, sizes: tuple[int, int, int]) -> dict:
@@ -349,7 +155,7 @@ def _check_protocol(rows: list[dict], config: ExperimentConfig, directory: Path)
         spec = RunSpec(row["dataset"], row["network"], row["method"], float(row["weight"]), int(row["seed"]))
         if spec.network not in config.networks:
             continue  # not part of this grid; left as it is
-        expected = {k: _fmt(v) for k, v in _protocol(config, spec, sizes).items()}
+        expected = {k: format_cell(v) for k, v in _protocol(config, spec, sizes).items()}
         diff = {k: (row[k], expected[k]) for k in PROTOCOL_COLUMNS if row[k] != expected[k]}
         if diff:
             detail = ", ".join(f"{k}: {a} there vs {b} in the config" for k, (a, b) in diff.items())
@@ -463,7 +269,7 @@ def execute_run(config: ExperimentConfig, spec: RunSpec, *, device="cpu", curves
 
     def on_epoch(record: dict) -> None:
         if writer is not None:
-            writer.writerow({k: _fmt(record[k]) for k in CURVE_COLUMNS})
+            writer.writerow({k: format_cell(record[k]) for k in CURVE_COLUMNS})
             curve_fh.flush()
 
     try:
@@ -587,20 +393,6 @@ def _remove_orphaned_curves(curves_dir: Path, run_ids=None) -> list[Path]:
     return removed
 
 
-def _agree_on_lock(locked: bool, device: torch.device) -> bool:
-    """Under torchrun: whether rank 0 (the only rank that locks) got the lock, on every rank.
-
-    Outside a process group: ``locked`` itself. Every rank must call this.
-    """
-    if not distributed.is_distributed():
-        return locked
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if locked else 0], dtype=torch.int64, device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
 def _cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -675,9 +467,9 @@ def run_experiment(config: ExperimentConfig, *, out_root=DEFAULT_OUT, device=Non
             except ExperimentLockedError as err:
                 refusal = err
         # the other ranks wait here for rank 0's lock, so they read runs.csv only under it
-        if not _agree_on_lock(refusal is None, dev):
+        if not agree_on_lock(refusal is None, dev):
             raise refusal if refusal is not None else ExperimentLockedError(
-                f"rank 0 could not lock the folder: {_locked_message(directory)}")
+                f"rank 0 could not lock the folder: {locked_message(directory)}")
         return _run_locked(config, directory, dev, writer=writer, jobs=jobs, limit_runs=limit_runs,
                            threads=threads, progress=progress and writer,
                            commit=commit.strip() if commit is not None else None, engine=engine, shard=shard,
@@ -693,11 +485,11 @@ def _run_locked(config: ExperimentConfig, directory: Path, dev: torch.device, *,
     curves_dir = directory / "curves" if writer else None
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
-        _repair_torn_line(runs_csv)
-        _upgrade_header(runs_csv)
+        repair_torn_line(runs_csv)
+        upgrade_header(runs_csv)
         _remove_orphaned_curves(curves_dir, None if shard is None else
                                 {r.run_id for r in shards.shard_runs(config.runs(), shard)})
-    _check_header(runs_csv)
+    check_header(runs_csv)
     _check_protocol([r for path in shards.rows_files(directory) for r in read_rows(path)], config, directory)
     if config.text and writer:
         (directory / "config.toml").write_text(config.text, encoding="utf-8")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import GRID_METHODS
-from .runner import read_rows, row_key
+from .runs_csv import read_rows, row_key
 from .shards import rows_files
 
 #: how the report names the methods (tables, figures, reasons)
