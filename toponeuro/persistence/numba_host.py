@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .boruvka import _PACKED_MAX_N, RHO_DISSIMILARITY_MODES  # the Prim on correlations: its modes
-from .torch_mst import HAVE_NUMBA, _packed_prim_step, _prim_compiled, _prim_input, _prim_packed_compiled, prim_edges
+from .torch_mst import (HAVE_NUMBA, _packed_prim_start, _packed_prim_step, _prim_compiled, _prim_input,
+                        _prim_packed_compiled, prim_edges)
 
 if HAVE_NUMBA:
     import numba
@@ -135,10 +136,7 @@ def _prim_rho_packed_kernel(C, mode, out):
     zero = np.float32(0.0)
     d = np.empty(n, dtype=np.float32)
     bits = d.view(np.int32)
-    top = np.iinfo(np.int64).max
-    key = np.full(n, top, dtype=np.int64)
-    block = np.zeros(n, dtype=np.int64)  # `top` for tree vertices, else 0
-    block[0] = top
+    key, block = _packed_prim_start(n)
     u = 0
     for step in range(n - 1):
         row = C[u]

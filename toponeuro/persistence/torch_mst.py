@@ -67,15 +67,21 @@ def _prim_packed_kernel(D, out):
     vectorises; vertices already in the tree are masked by ``block[v]``
     (all ones), which pins their key at the maximum.
     """
-    n = D.shape[0]
     bits = D.view(np.int32)
+    key, block = _packed_prim_start(D.shape[0])
+    u = 0
+    for step in range(D.shape[0] - 1):
+        u = _packed_prim_step(bits[u], u, key, block, out[step])
+
+
+def _packed_prim_start(n):
+    """The packed Prim's state with vertex 0 in the tree: keys (n,) int64 all at the maximum,
+    and the mask ``block`` (n,) int64, the maximum for tree vertices and 0 for the others."""
     top = np.iinfo(np.int64).max
     key = np.full(n, top, dtype=np.int64)
-    block = np.zeros(n, dtype=np.int64)  # `top` for tree vertices, else 0
+    block = np.zeros(n, dtype=np.int64)
     block[0] = top
-    u = 0
-    for step in range(n - 1):
-        u = _packed_prim_step(bits[u], u, key, block, out[step])
+    return key, block
 
 
 def _packed_prim_step(row, u, key, block, edge):
@@ -165,6 +171,7 @@ def _prim_kernel(D, out):
 
 if HAVE_NUMBA:
     # inlined into both packed kernels: compiled first, as they resolve it when they compile
+    _packed_prim_start = numba.njit(cache=True, nogil=True, inline="always")(_packed_prim_start)
     _packed_prim_step = numba.njit(cache=True, nogil=True, inline="always")(_packed_prim_step)
     _prim_compiled = numba.njit(cache=True, nogil=True)(_prim_kernel)
     _prim_packed_compiled = numba.njit(cache=True, nogil=True)(_prim_packed_kernel)
