@@ -93,12 +93,14 @@ def _reads_correlation_in_place(C: torch.Tensor, backend: str) -> bool:
 def _panel_rows() -> int:
     """Rows of C per product for its upper triangle (narrower panels: fewer flops, up to half).
 
-    Measured (m = 256, n = 1010 / 4096 / 8192, a loaded 2-core machine): one thread, panels
-    of 256 take 4 / 89 / 381 ms against 11 / 153 / 655 ms for the full product; with two
-    threads the BLAS splits narrow panels badly (256: 100 / 393 / 1021 ms against
-    24 / 169 / 640) and 2048 is best (24 / 145 / 445).
+    Measured on an idle 2-core machine (m = 256; median ms of the panels for n = 1010 /
+    4096 / 8192, the full product in brackets): one thread, 256 rows take 52.7 (101) at
+    n = 4096 and 233 (406) at 8192; two threads, 512 rows take 2.22 (2.88), 34.4 (82.3) and
+    128 (207), where 256 rows lose at 8192 (144). Under heavy load, narrow panels pay for
+    their many parallel regions (measured earlier at a load average of 4 to 6: 256 rows
+    took 1021 ms against the full product's 640 at n = 8192 with two threads).
     """
-    return 256 if torch.get_num_threads() == 1 else 2048
+    return 256 if torch.get_num_threads() == 1 else 512
 
 
 def _on_gpu(C: torch.Tensor) -> bool:
