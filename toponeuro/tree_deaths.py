@@ -90,7 +90,7 @@ def _reads_correlation_in_place(C: torch.Tensor, backend: str) -> bool:
     return backend in ("torch", "numba") and all(numba_host.runs_rho_prim(Cb) for Cb in C)
 
 
-def _panel_rows() -> int:
+def _panel_rows(n: int) -> int:
     """Rows of C per product for its upper triangle (narrower panels: fewer flops, up to half).
 
     Measured on an idle 2-core machine (m = 256; median ms of the panels for n = 1010 /
@@ -98,9 +98,10 @@ def _panel_rows() -> int:
     n = 4096 and 233 (406) at 8192; two threads, 512 rows take 2.22 (2.88), 34.4 (82.3) and
     128 (207), where 256 rows lose at 8192 (144). Under heavy load, narrow panels pay for
     their many parallel regions (measured earlier at a load average of 4 to 6: 256 rows
-    took 1021 ms against the full product's 640 at n = 8192 with two threads).
+    took 1021 ms against the full product's 640 at n = 8192 with two threads). Two threads at
+    n = 1010 / 2048: 256 rows take 1.92 / 7.45 ms against 512 rows' 2.22 / 8.28.
     """
-    return 256 if torch.get_num_threads() == 1 else 512
+    return 256 if torch.get_num_threads() == 1 or n <= 2048 else 512
 
 
 def _on_gpu(C: torch.Tensor) -> bool:
@@ -128,7 +129,7 @@ def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.
         return mirror_triton.mirror_upper_(C)
     if numba_host.HAVE_NUMBA and C.device.type == "cpu" and C.dtype in (torch.float32, torch.float64):
         # a member at a time, the upper triangle by row panels, then mirrored in place tile by tile
-        rows = _panel_rows()
+        rows = _panel_rows(n)
         for Zb, Cb in zip(Zd.reshape(-1, *Zd.shape[-2:]), C.view(-1, n, n)):
             for lo in range(0, n, rows):
                 torch.mm(Zb[:, lo:lo + rows].mT, Zb[:, lo:], out=Cb[lo:lo + rows, lo:])
