@@ -186,6 +186,30 @@ def test_prim_on_correlation_refuses_what_it_cannot_read():
         numba_host.prim_edges_of_correlation(torch.eye(4, dtype=torch.float64), "abs_correlation")
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_compiled_backward_equals_the_torch_backward(dtype, kind, torch_gen, monkeypatch):
+    """On the CPU the pairs' backward runs in numba (row by row); elsewhere in torch ops (the
+    (n, m) layout): both formulations of the same gradient, on a stack with dead neurons."""
+    A = torch.stack([_activations(kind, torch_gen, m=32, n=40, dtype=dtype) for _ in range(2)])
+    w = torch.rand(2, 39, generator=torch_gen, dtype=dtype)
+    _, g_numba = _value_and_grad(lambda X: tree_deaths(X, "abs_correlation"), A, w)
+    monkeypatch.setattr(numba_host, "runs_pairs_gradient", lambda Z: False)
+    _, g_torch = _value_and_grad(lambda X: tree_deaths(X, "abs_correlation"), A, w)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert torch.allclose(g_numba, g_torch, rtol=0, atol=tol * g_torch.abs().max().clamp_min(1.0))
+
+
+@needs_numba
+def test_the_compiled_backward_refuses_what_it_cannot_read():
+    Z = torch.zeros(1, 4, 3)
+    assert numba_host.runs_pairs_gradient(Z) and not numba_host.runs_pairs_gradient(Z.mT)
+    with pytest.raises(ValueError, match="contiguous float32/float64 CPU"):
+        numba_host.pairs_gradient(Z.half(), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
+                                  torch.zeros(1, 2))
+
+
 # -- the GPU path (Triton mirror and Boruvka on C), in Triton's interpreter -----------------------
 
 RHO_NAMES = tuple(numba_host.RHO_DISSIMILARITY_MODES)

@@ -192,7 +192,9 @@ class _CorrelationOfPairs(torch.autograd.Function):
     (k,) side, so the (m, n) work is one gather, one product, one scatter, a column dot
     product and one fused update: six passes where autograd through the standardisation
     takes some twenty-five (each a parallel region, which costs most on a loaded machine).
-    First order only.
+    On the CPU a numba kernel does the same row by row in the (m, n) layout
+    (:func:`toponeuro.persistence.numba_host.pairs_gradient`), without the two transposed
+    copies: 1.4 ms against 2.3 ms for the backward at m = 256, n = 1010. First order only.
     """
 
     @staticmethod
@@ -209,6 +211,8 @@ class _CorrelationOfPairs(torch.autograd.Function):
         # g_e / norm_at, and 0 into a constant column (its masked centring stops the gradient)
         scale = torch.where(constant, torch.zeros_like(norm), 1.0 / norm).squeeze(-2)
         factor = torch.cat([g, g], -1) * scale.gather(-1, at)
+        if numba_host.runs_pairs_gradient(Z):  # CPU: row by row in (m, n), no transposed copies
+            return numba_host.pairs_gradient(Z, at, partner, factor), None, None, None, None, None, None
         # in the (n, m) layout, where a neuron is a row: index_select / index_add_ copy whole rows
         # (along a row-major (m, n) matrix's columns they cost several times more)
         Zt = Z.mT.contiguous()

@@ -155,11 +155,59 @@ def _prim_rho_packed_kernel(C, mode, out):
         u = _packed_prim_step(bits, u, key, block, out[step])
 
 
+def _pairs_gradient_kernel(Z, at, partner, factor, G):
+    """``G[:, c] = H_c - Z[:, c] (Z[:, c] . H_c)`` with ``H_c = sum over e with at[e] = c of
+    factor[e] Z[:, partner[e]]``, into the zeroed ``G`` (m, n), row by row.
+
+    Each row of Z and G (n entries) stays in L1 while every pair is scattered into it, so the
+    scatter costs no transposed copy of Z (the torch formulation needs the (n, m) layout, where
+    a neuron is a row, for its index_select / index_add_). Serial: numba's threads would spin
+    against torch's in a training step.
+    """
+    m, n = Z.shape
+    for k in range(m):
+        z = Z[k]
+        g = G[k]
+        for e in range(at.shape[0]):
+            g[at[e]] += factor[e] * z[partner[e]]
+    dot = np.zeros(n, dtype=G.dtype)
+    for k in range(m):
+        for c in range(n):
+            dot[c] += Z[k, c] * G[k, c]
+    for k in range(m):
+        for c in range(n):
+            G[k, c] -= Z[k, c] * dot[c]
+
+
 if HAVE_NUMBA:
     _mirror_upper_compiled = numba.njit(cache=True, nogil=True)(_mirror_upper_kernel)
     _prim_rho_packed_compiled = numba.njit(cache=True, nogil=True)(_prim_rho_packed_kernel)
+    _pairs_gradient_compiled = numba.njit(cache=True, nogil=True)(_pairs_gradient_kernel)
 else:  # pragma: no cover
-    _mirror_upper_compiled = _prim_rho_packed_compiled = None
+    _mirror_upper_compiled = _prim_rho_packed_compiled = _pairs_gradient_compiled = None
+
+
+def runs_pairs_gradient(Z: torch.Tensor) -> bool:
+    """Whether :func:`pairs_gradient` takes ``Z``: numba, a contiguous float32/float64 CPU tensor."""
+    return (HAVE_NUMBA and Z.device.type == "cpu" and Z.dtype in (torch.float32, torch.float64)
+            and Z.is_contiguous())
+
+
+def pairs_gradient(Z: torch.Tensor, at: torch.Tensor, partner: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``sum_e g_e Z_i . Z_j`` through the normalisation of the columns of ``Z``.
+
+    Z : (B, m, n) standardised columns (:func:`runs_pairs_gradient`); at, partner : (B, 2k) int64,
+    the column each term lands in and the column it is a multiple of (both orientations of every
+    pair); factor : (B, 2k), ``g_e / norm_at`` (0 into a constant column). Returns (B, m, n),
+    ``H - Z * (Z . H)`` column by column, as ``_CorrelationOfPairs``' backward computes it.
+    """
+    if not runs_pairs_gradient(Z):
+        raise ValueError("pairs_gradient needs numba and a contiguous float32/float64 CPU tensor")
+    G = torch.zeros_like(Z)
+    for Zb, Gb, at_b, partner_b, factor_b in zip(Z, G, at, partner, factor):
+        _pairs_gradient_compiled(Zb.numpy(), at_b.contiguous().numpy(), partner_b.contiguous().numpy(),
+                                 factor_b.to(Z.dtype).contiguous().numpy(), Gb.numpy())
+    return G
 
 
 def mirror_upper_(C: torch.Tensor) -> torch.Tensor:
