@@ -153,20 +153,12 @@ def _edges_of_correlation(C: torch.Tensor, name: str, of_rho, backend: str) -> t
             edges = numba_host.prim_edges_of_correlation(Cb, name)
             # canonical order (as persistence.death_edges gives): by (d, i, j); d from the same rho
             rho = Cb[edges[:, 0], edges[:, 1]].clamp(-1.0, 1.0)
-            out.append(_canonical(of_rho(rho), edges))
+            e = edges.numpy()
+            out.append(persistence._sorted_by_weight(e[:, 0], e[:, 1], of_rho(rho).numpy(), Cb.shape[-1]))
         return torch.stack(out)
     D = of_rho(C.clamp(-1.0, 1.0))
     D.diagonal(dim1=-2, dim2=-1).zero_()  # as the dense matrix (the product's diagonal is only nearly 1, or 0 for a dead neuron)
     return persistence.death_edges(D, backend=backend, check=False)  # the whole stack in one call
-
-
-def _canonical(weights: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """Edges ``(i < j)`` sorted by ``(weight, i, j)``: weights (k,) of edges (k, 2), both on the CPU."""
-    e = edges.numpy()
-    n = int(e.max()) + 1
-    by_pair = np.argsort(e[:, 0] * n + e[:, 1])
-    by_weight = by_pair[np.argsort(weights.numpy()[by_pair], kind="stable")]
-    return torch.from_numpy(e[by_weight])
 
 
 def _straight_through(recomputed: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,6 @@ def death_edges_stack(D: torch.Tensor) -> torch.Tensor:
 _TILE = 64  # 64 x 64 float32 tiles: a tile and its mirror (32 KiB) stay in L1/L2 while swapped
 
 
-
 def _mirror_upper_kernel(C):
     """In place: ``C[j, i] = C[i, j]`` for i < j (the lower triangle becomes the upper one's mirror).
 
