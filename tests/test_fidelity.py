@@ -17,7 +17,7 @@ import torch
 
 from toponeuro import cli, data, models, training
 from toponeuro.experiments import config as cfgmod
-from toponeuro.experiments import runner
+from toponeuro.experiments import runner, runs_csv
 
 from test_experiments import TINY  # one network (mlp), methods none and l2 at weight 0.1, seed 0, digits
 
@@ -279,7 +279,7 @@ def _legacy_row(cfg, spec) -> dict:
            "val_loss": "0.5", "test_loss": "0.5", "best_epoch": "2", "epochs": "2", "stopped_early": "false",
            "diverged": "false", "seconds": "1.0", "seconds_per_epoch": "0.5", "device": "cpu",
            "torch_version": torch.__version__, "commit": "old1234", "finished_at": "2026-01-01T00:00:00+00:00"}
-    row.update({k: runner._fmt(v) for k, v in runner._protocol(cfg, spec, sizes).items()})
+    row.update({k: runs_csv.format_cell(v) for k, v in runner._protocol(cfg, spec, sizes).items()})
     return row
 
 

@@ -25,7 +25,7 @@ from . import data, distributed, models
 from .dissimilarity import correlation
 from .experiments.config import RegulariserSettings
 from .nn import TopologicalRegulariser
-from .training import TrainConfig, device_label, fit, seed_everything
+from .training import TrainConfig, device_label, fit, seeded_build
 
 __all__ = ["held_out_statistics", "plot_persistence", "write_json", "train_and_compare", "comparison_table",
            "write_comparison"]
@@ -122,8 +122,8 @@ def train_and_compare(network: str, dataset: str, train, val, test, *, formula: 
     }
     runs = summary["runs"]
     for method in ("none", formula):
-        seed_everything(seed)
-        model = models.build(network, in_shape=tuple(train[0].shape[1:]), num_classes=data.num_classes(dataset))
+        model, _ = seeded_build(seed, lambda: models.build(network, in_shape=tuple(train[0].shape[1:]),
+                                                          num_classes=data.num_classes(dataset)))
         run_weight = 0.0 if method == "none" else weight
         t0 = time.perf_counter()
         result = fit(model, train, val, test, method=method, weight=run_weight, config=config,

@@ -65,7 +65,7 @@ from .selection import (CHANCE_MULTIPLE, INERT_THRESHOLD, METHOD_LABELS, MixedRo
 from .shards import rows_files
 from .statistics import (ALPHA, CLAIM_1, CLAIM_2, PAPER_METHODS, _claim_pairs, accuracy_table, average_ranks,
                          block_matrix, claims, critical_difference, friedman, nemenyi, paired_differences,
-                         paper_analysis)
+                         paper_analysis, rank_tests)
 
 # Defined in selection, statistics and figures, and re-exported here: tests, the CLI, the book and
 # ``toponeuro.experiments`` import them from ``toponeuro.experiments.report`` (so do ``GRID_METHODS``
@@ -124,10 +124,7 @@ def write_report(name_or_dir, out_root=DEFAULT_OUT, allow_mixed: bool = False) -
     from .. import data
 
     directory = resolve_experiment(name_or_dir, out_root)
-    runs = load_runs(directory)
-    for column, value in LEGACY_DEFAULTS.items():  # rows written before these columns existed
-        if column not in runs:
-            runs[column] = value
+    runs = load_runs(directory)  # old rows come with the legacy columns filled in
     pooling = check_pooling(runs, allow_mixed)
     config = None
     if (directory / "config.toml").is_file():
@@ -152,10 +149,8 @@ def write_report(name_or_dir, out_root=DEFAULT_OUT, allow_mixed: bool = False) -
     methods = _method_order(kept["method"].unique())
     networks = list(dict.fromkeys(kept["network"]))
     matrix = block_matrix(selected, methods)
-    fr = friedman(matrix)
-    ranks = average_ranks(matrix) if len(matrix) else None
-    pvalues = nemenyi(matrix) if not math.isnan(fr["statistic"]) else None
-    cd = critical_difference(fr["methods"], fr["blocks"]) if fr["blocks"] >= 1 and fr["methods"] >= 2 else math.nan
+    tests = rank_tests(matrix)
+    fr, ranks, pvalues, cd = tests["friedman"], tests["ranks"], tests["pvalues"], tests["cd"]
     our_claims = claims(matrix, ranks, pvalues, fr["pvalue"])
     paper_lines, paper_claims = _paper_section(analysis, effects, name, directory)
 

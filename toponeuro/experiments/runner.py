@@ -94,9 +94,6 @@ __all__ = [
 
 DEFAULT_OUT = Path("data") / "results"
 
-#: the earlier name of :func:`~toponeuro.experiments.runs_csv.format_cell`, kept for its callers
-_fmt = format_cell
-
 #: the engines that train runs: one model per process, or stacks of models (toponeuro.ensemble)
 ENGINES = ("single", "batched")
 
@@ -206,9 +203,9 @@ def initial_weights(config: ExperimentConfig, spec: RunSpec, init_dir=None) -> t
     """
     from .. import data, models
 
-    training.seed_everything(spec.seed)
-    model = models.build(spec.network, in_shape=data.input_shape(config.dataset),
-                         num_classes=data.num_classes(config.dataset), init=config.init)
+    model, _ = training.seeded_build(spec.seed, lambda: models.build(
+        spec.network, in_shape=data.input_shape(config.dataset), num_classes=data.num_classes(config.dataset),
+        init=config.init))
     if init_dir is None:
         return model
     init_dir = Path(init_dir)

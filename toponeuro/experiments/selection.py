@@ -57,14 +57,15 @@ def load_runs(directory) -> pd.DataFrame:
     """The finished runs of an experiment folder as a DataFrame (numbers parsed).
 
     Merges ``runs.csv`` and the shards' ``runs.shard-I-of-N.csv``; of two rows of one run the first
-    (``runs.csv`` first) is kept. Rows written before the ``engine`` column read as ``single``.
+    (``runs.csv`` first) is kept. Rows written before a column existed read with
+    :data:`~toponeuro.experiments.runs_csv.LEGACY_DEFAULTS` (``read_rows`` fills them in).
     """
     rows, seen = [], set()
     for path in rows_files(directory):
         for row in read_rows(path):
             if row_key(row) not in seen:
                 seen.add(row_key(row))
-                rows.append({"engine": "single", **row})
+                rows.append(row)
     if not rows:
         raise ValueError(f"no finished runs in {Path(directory) / 'runs.csv'} (nor in shard files "
                          "runs.shard-I-of-N.csv); run the experiment first")

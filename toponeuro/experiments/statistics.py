@@ -73,12 +73,20 @@ def paper_analysis(runs: pd.DataFrame) -> dict:
     if len(wide):
         wide = wide.sort_index(key=lambda idx: idx.map(order) if idx.name == "network" else idx)
     matrix = wide[methods].dropna(axis=0, how="any") if methods else pd.DataFrame()
+    return {"selected": selected, "matrix": matrix, **rank_tests(matrix)}
+
+
+def rank_tests(matrix: pd.DataFrame) -> dict:
+    """Friedman, average ranks, Nemenyi and the critical difference of a (blocks x methods) matrix.
+
+    Returns ``friedman`` (:func:`friedman`'s dict), ``ranks`` (None without blocks), ``pvalues``
+    (None when Friedman is undefined) and ``cd`` (NaN without blocks or with one method).
+    """
     fr = friedman(matrix)
     ranks = average_ranks(matrix) if len(matrix) else None
     pvalues = nemenyi(matrix) if not math.isnan(fr["statistic"]) else None
     cd = critical_difference(fr["methods"], fr["blocks"]) if fr["blocks"] >= 1 and fr["methods"] >= 2 else math.nan
-    return {"selected": selected, "matrix": matrix, "friedman": fr, "ranks": ranks, "pvalues": pvalues,
-            "cd": cd}
+    return {"friedman": fr, "ranks": ranks, "pvalues": pvalues, "cd": cd}
 
 
 def accuracy_table(selected: pd.DataFrame, value: str = "test_accuracy") -> pd.DataFrame:
