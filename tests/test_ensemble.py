@@ -227,6 +227,8 @@ def test_bad_input_is_refused_with_a_reason(digits):
         StackTrainer(_builder(), [Member("t1", 0.1, 0), Member("t1", 0.1, 0)], train, val)
     with pytest.raises(ValueError, match="death edges"):
         StackTrainer(_builder(), [Member("t1", 0.1, 0)], train, val, backend="ripser")
+    with pytest.raises(ValueError, match="T1 on the unbounded dissimilarity 'euclidean' has no lower bound"):
+        StackTrainer(_builder(), [Member("t1", 0.1, 0)], train, val, dissimilarity="euclidean")  # as fit refuses
     nets = iter(["mlp", "mlp-deep"])
     with pytest.raises(ValueError, match="one network"):
         StackTrainer(None, [Member("none", 0.0, 0), Member("none", 0.0, 1)], train, val,

@@ -52,9 +52,9 @@ from torch import nn
 
 from . import dissimilarity as _dissimilarity
 from . import persistence, regularisers, training
-from .dissimilarity import _safe_sqrt
 from .sampling import OUTPUT, AllNeurons, Sampler
 from .tree_deaths import Workspace, tree_deaths
+from .nn import check_bounded, check_edges_backend
 from .training import METHODS, WEIGHTED_METHODS, FitResult, TrainConfig
 
 __all__ = ["STACKABLE", "ACTIVATION_METHODS", "TOPOLOGICAL_METHODS", "Member", "StackTrainer", "fit_stack",
@@ -62,10 +62,8 @@ __all__ = ["STACKABLE", "ACTIVATION_METHODS", "TOPOLOGICAL_METHODS", "Member", "
 
 #: networks the batched engine stacks (the CNN runs on the single engine)
 STACKABLE = ("mlp", "mlp-dropout", "mlp-deep")
-#: methods whose regulariser reads the recorded activations
-ACTIVATION_METHODS = ("t1", "t2", "min_corr", "decov")
-#: methods whose regulariser goes through persistence
-TOPOLOGICAL_METHODS = ("t1", "t2")
+# the methods that read activations / go through persistence (re-exported)
+ACTIVATION_METHODS, TOPOLOGICAL_METHODS = training.ACTIVATION_METHODS, training.TOPOLOGICAL_METHODS
 
 CHECKPOINT_VERSION = 1
 
@@ -165,11 +163,7 @@ def _topological_deaths(A: torch.Tensor, dissimilarity, backend: str, workspace:
 
 def _formula_on_deaths(deaths: torch.Tensor, method: str, alpha: float) -> torch.Tensor:
     """(K,) T1 or T2 of (K, n - 1) deaths (the formulas of :mod:`toponeuro.regularisers`, per row)."""
-    if method == "t1":
-        return (1.0 - deaths).sum(1)
-    mean = deaths.mean(1)
-    var = ((deaths - mean[:, None]) ** 2).mean(1)
-    return alpha * _safe_sqrt(var) - (1.0 - alpha) * mean
+    return regularisers._t1(deaths) if method == "t1" else regularisers._t2(deaths, alpha)
 
 
 class StackTrainer:
@@ -209,10 +203,10 @@ class StackTrainer:
             raise ValueError("members must have distinct keys (two members with the same method, weight and seed?)")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        if any(m.method in TOPOLOGICAL_METHODS and m.weighted for m in members):
-            if not persistence.get_backend(backend).gives_edges:
-                raise ValueError(f"backend {backend!r} gives death values without gradient; T1/T2 need death "
-                                 f"edges: use one of {persistence.edge_backends()}")
+        for method in dict.fromkeys(m.method for m in members if m.method in TOPOLOGICAL_METHODS and m.weighted):
+            # as TopologicalRegulariser (hence fit) refuses them
+            check_edges_backend(method, backend)
+            check_bounded(method, dissimilarity, alpha)
         self.dev = training.resolve_device(device)
         if not isinstance(include_bias, bool):
             raise ValueError(f"include_bias must be true or false, got {include_bias!r}")

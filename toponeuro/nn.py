@@ -21,7 +21,7 @@ from .dissimilarity import _autocast_off, _full_precision
 from .sampling import ActivationRecorder, AllNeurons, Sampler
 from . import tree_deaths as _tree_deaths
 
-__all__ = ["TopologicalRegulariser", "FORMULAS", "UNBOUNDED_DISSIMILARITIES", "check_bounded"]
+__all__ = ["TopologicalRegulariser", "FORMULAS", "UNBOUNDED_DISSIMILARITIES", "check_bounded", "check_edges_backend"]
 
 FORMULAS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
 
@@ -50,6 +50,18 @@ def check_bounded(formula: str, dissimilarity, alpha: float = 0.5, allow_unbound
                          + (", or T2 with alpha=1" if formula == "t2" else "")
                          + ", or pass allow_unbounded=True to train with it anyway")
     warnings.warn(what + " (allowed by allow_unbounded=True)", UserWarning, stacklevel=3)
+
+
+def check_edges_backend(formula: str, backend: str):
+    """The backend's spec (unknown or not installed: a ValueError naming the others); a ValueError
+    when ``formula`` is T1/T2 and the backend gives death values without edges (no gradient)."""
+    spec = persistence.get_backend(backend)
+    if formula in ("t1", "t2") and not spec.gives_edges:
+        raise ValueError(
+            f"backend {backend!r} gives death values without gradient; T1/T2 need death edges: "
+            f"use one of {persistence.edge_backends()}"
+        )
+    return spec
 
 
 class TopologicalRegulariser(nn.Module):
@@ -132,13 +144,7 @@ class TopologicalRegulariser(nn.Module):
         super().__init__()
         if formula not in FORMULAS:
             raise ValueError(f"unknown formula {formula!r}; choose one of {FORMULAS}")
-        # unknown or not installed: a ValueError naming what is available
-        spec = persistence.get_backend(backend)
-        if formula in ("t1", "t2") and not spec.gives_edges:
-            raise ValueError(
-                f"backend {backend!r} gives death values without gradient; T1/T2 need death edges: "
-                f"use one of {persistence.edge_backends()}"
-            )
+        spec = check_edges_backend(formula, backend)
         if sync not in SYNC_MODES:
             raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
         if sampler is not None and not isinstance(sampler, Sampler):

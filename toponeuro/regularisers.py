@@ -37,8 +37,12 @@ def t1(deaths: torch.Tensor) -> torch.Tensor:
     ``|rho|`` over the MST edges: minimising it pushes the most correlated
     pairs apart.
     """
-    deaths = _check_deaths(deaths)
-    return (1.0 - deaths).sum()
+    return _t1(_check_deaths(deaths))
+
+
+def _t1(deaths: torch.Tensor) -> torch.Tensor:
+    """T1 over the last axis of (..., n - 1) deaths, unchecked (the batched engine's stacks)."""
+    return (1.0 - deaths).sum(-1)
 
 
 def t2(deaths: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -50,9 +54,14 @@ def t2(deaths: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     deaths = _check_deaths(deaths)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    mean = deaths.mean()
-    var = ((deaths - mean) ** 2).mean()
-    return alpha * _safe_sqrt(var) - (1.0 - alpha) * mean
+    return _t2(deaths, alpha)
+
+
+def _t2(deaths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """T2 over the last axis of (..., n - 1) deaths, unchecked (the batched engine's stacks)."""
+    mean = deaths.mean(-1, keepdim=True)
+    var = ((deaths - mean) ** 2).mean(-1)
+    return alpha * _safe_sqrt(var) - (1.0 - alpha) * mean.squeeze(-1)
 
 
 def min_corr(A: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,12 @@ METHODS = ("none", "t1", "t2", "min_corr", "decov", "l1", "l2", "dropout")
 #: methods whose loss has a ``weight * R`` term (the others ignore ``weight``)
 WEIGHTED_METHODS = ("t1", "t2", "min_corr", "decov", "l1", "l2")
 
+#: methods whose regulariser reads the recorded activations (an n x n matrix); l1/l2 read the weights
+ACTIVATION_METHODS = ("t1", "t2", "min_corr", "decov")
+
+#: methods whose regulariser goes through persistence: their gradient needs death edges
+TOPOLOGICAL_METHODS = ("t1", "t2")
+
 
 @dataclass
 class TrainConfig:

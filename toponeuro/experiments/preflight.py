@@ -25,12 +25,12 @@ import torch
 
 from .. import persistence, training
 from ..nn import check_bounded
+from ..training import ACTIVATION_METHODS, TOPOLOGICAL_METHODS
 from .._validation import check_free_disk, check_memory, format_bytes, prepare_output_folder
 
 __all__ = [
     "REGULARISER_MATRICES",
     "ACTIVATION_METHODS",
-    "EDGE_METHODS",
     "recorded_neurons",
     "regulariser_memory",
     "check_regulariser_memory",
@@ -42,11 +42,6 @@ __all__ = [
 #: with the torch backend at n = 4000 (peak resident memory of the step); rounded up.
 REGULARISER_MATRICES = 7
 
-#: methods whose regulariser reads the recorded activations (an n x n matrix); l1/l2 read the weights
-ACTIVATION_METHODS = ("t1", "t2", "min_corr", "decov")
-
-#: methods that need death edges from the backend (the gradient flows through them)
-EDGE_METHODS = ("t1", "t2")
 
 # bytes a run writes: its row, and one curve line per epoch (generous: the numbers are reprs)
 _ROW_BYTES = 1024
@@ -121,7 +116,7 @@ def _check_backends(config, runs) -> list[str]:
         except ValueError as err:
             problems.append(f"{key} = {backend!r}: {err}")
             continue
-        needs_edges = sorted(methods & set(EDGE_METHODS))
+        needs_edges = sorted(methods & set(TOPOLOGICAL_METHODS))
         if needs_edges and not spec.gives_edges:
             problems.append(f"{key} = {backend!r} gives death values only (no death edges, hence no gradient), "
                             f"and {network} trains {', '.join(needs_edges)}: use one of "
