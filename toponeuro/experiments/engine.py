@@ -97,6 +97,12 @@ def _resumable(checkpoints: Path, todo: list[RunSpec]) -> list[tuple[str, list[R
     return out
 
 
+def stack_members(config: ExperimentConfig, specs: list[RunSpec]) -> list:
+    """The batched engine's members for runs of one network: method, weight, seed, the config's sampler."""
+    reg = config.regulariser_for(specs[0].network)
+    return [ensemble.Member(s.method, s.weight, s.seed, sampler=reg.build_sampler(s.seed), key=s.key) for s in specs]
+
+
 def run_stacks(config: ExperimentConfig, todo: list[RunSpec], device: torch.device, *, directory: Path,
                curves_dir: Path | None, commit: str, record, progress: bool, threads: int | None = None,
                checkpoint_every: float = 300.0, stack_size: int = 128) -> list[RunSpec]:
@@ -132,8 +138,7 @@ def _train_stack(config, name, specs, device, train, val, test, sizes, in_shape,
     network = specs[0].network
     reg = config.regulariser_for(network)
     by_key = {s.key: s for s in specs}
-    members = [ensemble.Member(s.method, s.weight, s.seed, sampler=reg.build_sampler(s.seed), key=s.key)
-               for s in specs]
+    members = stack_members(config, specs)
     finished = set()
 
     def on_finish(member, result) -> None:

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,11 +32,6 @@ import torch
 __all__ = ["configure_parser", "run", "measure"]
 
 DEFAULT_ROOT = Path("runs") / "throughput"
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _select(config, networks, methods, max_runs):
@@ -60,7 +54,9 @@ def measure(config, *, epochs: int, device="cpu", engines=("single", "batched"),
             max_runs: int | None = None, single_runs: int | None = None, stack_size: int = 128,
             progress: bool = True) -> dict:
     """Time the engines on the same runs for ``epochs`` epochs each; a JSON-able dict of the figures."""
-    from .. import data, ensemble, models, training
+    from .. import ensemble, training
+    from ..bench.environment import _load_average
+    from ..bench.timing import _sync
     from ..provenance import git_commit
     from . import engine as engine_mod
     from . import runner
@@ -71,18 +67,17 @@ def measure(config, *, epochs: int, device="cpu", engines=("single", "batched"),
     train_config = dataclasses.replace(config.training, max_epochs=epochs, patience=epochs + 1)
     runs = _select(config, networks, methods, max_runs)
     train, val, test = runner._data(config, dev)
-    in_shape, classes = data.input_shape(config.dataset), data.num_classes(config.dataset)
     out = {
         "config": config.name, "dataset": config.dataset, "device": training.device_label(dev),
         "torch_version": torch.__version__, "commit": git_commit(), "threads": torch.get_num_threads(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpus": runner._cpus(), "load_average_before": _load_average(),
         "epochs": epochs, "runs": len(runs), "run_ids": [r.run_id for r in runs],
         "train_size": len(train[1]), "batch_size": train_config.batch_size, "engines": {},
     }
 
-    def build_for(network):
-        return lambda: models.build(network, in_shape=in_shape, num_classes=classes)
+    def build_for(spec):
+        # as the runner builds it: the config's initialisation, seeded by the run's seed
+        return lambda: runner.initial_weights(config, spec)
 
     # warm-up, untimed: one epoch of the first run on two batches, with each engine (imports, JIT
     # compilation, CUDA context and kernels are paid here, not by whichever engine is timed first)
@@ -90,10 +85,10 @@ def measure(config, *, epochs: int, device="cpu", engines=("single", "batched"),
     reg = config.regulariser_for(first.network)
     cut = (train[0][:2 * train_config.batch_size], train[1][:2 * train_config.batch_size])
     warm = dataclasses.replace(train_config, max_epochs=1, patience=2)
-    kwargs = dict(config=warm, backend=reg.backend, dissimilarity=reg.dissimilarity, alpha=reg.alpha, device=dev)
-    model, _ = training.seeded_build(first.seed, build_for(first.network))
-    training.fit(model, cut, val, method=first.method, weight=first.weight, progress=False, **kwargs)
-    ensemble.fit_stack(build_for(first.network), [ensemble.Member(first.method, first.weight, first.seed)], cut,
+    kwargs = dict(config=warm, backend=reg.backend, dissimilarity=reg.dissimilarity, alpha=reg.alpha,
+                  include_bias=reg.include_bias, device=dev)
+    training.fit(build_for(first)(), cut, val, method=first.method, weight=first.weight, progress=False, **kwargs)
+    ensemble.fit_stack(build_for(first), [ensemble.Member(first.method, first.weight, first.seed)], cut,
                        val, progress=False, **kwargs)
 
     if "single" in engines:
@@ -103,11 +98,11 @@ def measure(config, *, epochs: int, device="cpu", engines=("single", "batched"),
         start = time.perf_counter()
         for spec in timed:
             reg = config.regulariser_for(spec.network)
-            model, _ = training.seeded_build(spec.seed, build_for(spec.network))
-            result = training.fit(model, train, val, test, method=spec.method, weight=spec.weight,
+            result = training.fit(build_for(spec)(), train, val, test, method=spec.method, weight=spec.weight,
                                   config=train_config, sampler=reg.build_sampler(spec.seed), backend=reg.backend,
-                                  dissimilarity=reg.dissimilarity, alpha=reg.alpha, device=dev, seed=spec.seed,
-                                  progress=progress, progress_desc=f"single {spec.run_id}")
+                                  dissimilarity=reg.dissimilarity, alpha=reg.alpha, include_bias=reg.include_bias,
+                                  device=dev, seed=spec.seed, progress=progress,
+                                  progress_desc=f"single {spec.run_id}")
             accuracies[spec.run_id] = result.test_accuracy
         _sync(dev)
         seconds = time.perf_counter() - start
@@ -121,12 +116,13 @@ def measure(config, *, epochs: int, device="cpu", engines=("single", "batched"),
         start = time.perf_counter()
         for _, specs in stacks:
             reg = config.regulariser_for(specs[0].network)
-            members = [ensemble.Member(s.method, s.weight, s.seed, sampler=reg.build_sampler(s.seed), key=s.key)
-                       for s in specs]
-            results = ensemble.fit_stack(build_for(specs[0].network), members, train, val, test,
-                                         config=train_config, backend=reg.backend, dissimilarity=reg.dissimilarity,
-                                         alpha=reg.alpha, device=dev, progress=progress,
-                                         progress_desc=f"batched {specs[0].network} x{len(specs)}")
+            by_key = {s.key: s for s in specs}
+            results = ensemble.fit_stack(build_for(specs[0]), engine_mod.stack_members(config, specs), train, val,
+                                         test, config=train_config, backend=reg.backend,
+                                         dissimilarity=reg.dissimilarity, alpha=reg.alpha,
+                                         include_bias=reg.include_bias, device=dev, progress=progress,
+                                         progress_desc=f"batched {specs[0].network} x{len(specs)}",
+                                         build_member=lambda m: runner.initial_weights(config, by_key[tuple(m.key)]))
             accuracies.update({s.run_id: r.test_accuracy for s, r in zip(specs, results)})
         _sync(dev)
         seconds = time.perf_counter() - start
@@ -140,7 +136,7 @@ def measure(config, *, epochs: int, device="cpu", engines=("single", "batched"),
         diffs = [abs(single["test_accuracy"][r] - batched["test_accuracy"][r]) for r in common]
         out["test_accuracy_mean_abs_difference"] = sum(diffs) / len(diffs) if diffs else math.nan
         out["test_accuracy_max_abs_difference"] = max(diffs) if diffs else math.nan
-    out["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    out["load_average_after"] = _load_average()
     return out
 
 
