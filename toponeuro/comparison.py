@@ -14,7 +14,6 @@ complete summary.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from typing import Callable
 import torch
 
 from . import data, distributed, models
+from ._io import replace_atomically
 from .dissimilarity import correlation
 from .experiments.config import RegulariserSettings
 from .nn import TopologicalRegulariser
@@ -76,16 +76,11 @@ def plot_persistence(before: list[float], after: list[float], labels: tuple[str,
 
 def write_json(path: Path, value) -> None:
     """Write ``value`` as JSON to ``path`` whole or not at all (a temporary file renamed over it)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(value, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    replace_atomically(path, write)
 
 
 def train_and_compare(network: str, dataset: str, train, val, test, *, formula: str, weight: float,

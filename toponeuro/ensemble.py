@@ -39,7 +39,6 @@ gives the numbers of an uninterrupted one.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dissimilarity as _dissimilarity
+from ._io import replace_atomically
 from . import persistence, regularisers, training
 from .sampling import OUTPUT, AllNeurons, Sampler
 from .tree_deaths import Workspace, tree_deaths
@@ -589,14 +589,6 @@ class StackTrainer:
         return missing
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def fit_stack(build: Callable[[], nn.Module], members, train, val, test=None, *, config: TrainConfig | None = None,
               backend: str = "torch", dissimilarity="abs_correlation", alpha: float = 0.5, device="cpu",
               deterministic: bool = True, progress: bool = True, progress_desc: str | None = None,
@@ -654,7 +646,8 @@ def fit_stack(build: Callable[[], nn.Module], members, train, val, test=None, *,
                     bar.set_postfix(members=len(trainer.active))
                 if path is not None and trainer.active and time.monotonic() - last_save >= checkpoint_every:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _save_atomic({"extra": checkpoint_extra or {}, "state": trainer.state()}, path)
+                    state = {"extra": checkpoint_extra or {}, "state": trainer.state()}
+                    replace_atomically(path, lambda tmp: torch.save(state, tmp))
                     last_save = time.monotonic()
     finally:
         if bar is not None:

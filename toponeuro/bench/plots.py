@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cases import TARGET_REGULARISER_RATIO
-from .results import _replace_atomically
+from .._io import replace_atomically
 
 
 _STEP_MARKERS = {"none": "X", "t1": "*", "t1-dense": "P"}
@@ -74,6 +74,6 @@ def plot_results(results: dict, path: Path) -> None:
     fig.suptitle(f"toponeuro bench, {date}, torch {results['versions']['torch']}; {names}", fontsize=9)
     fig.tight_layout()
     try:
-        _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)

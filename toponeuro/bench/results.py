@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from .._io import replace_atomically
 from ..provenance import git_tracked
 from .cases import REFERENCE_BACKEND, TARGET_REGULARISER_RATIO
 from .step import summarise_steps
@@ -94,24 +93,11 @@ def _summarise(cases: list[dict], steps: list[dict] = ()) -> dict:
     return {"speedup_vs_giotto_ph": ratios, "regulariser": reg, "step": summarise_steps(list(steps))}
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``:
-    a reader (or a kill at any moment) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_results(results: dict, path: Path) -> None:
-    """``results`` as indented JSON to ``path``, atomically (see :func:`_replace_atomically`)."""
+    """``results`` as indented JSON to ``path``, atomically (see :func:`toponeuro._io.replace_atomically`)."""
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
             f.write("\n")
 
-    _replace_atomically(path, write)
+    replace_atomically(path, write)

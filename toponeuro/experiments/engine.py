@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, ensemble, models, training
+from .. import data, ensemble, models
 from . import runner
 from .config import ExperimentConfig, RunSpec
 from .runs_csv import format_cell

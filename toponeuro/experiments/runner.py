@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed, training
+from .._io import replace_atomically
 from ..provenance import git_commit
 from . import shards
 from .config import ExperimentConfig, RunSpec
@@ -214,15 +215,8 @@ def initial_weights(config: ExperimentConfig, spec: RunSpec, init_dir=None) -> t
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model
     init_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=init_dir)
-    os.close(fd)
-    try:
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)  # two runs of one (network, seed) at once write the same weights
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # two runs of one (network, seed) at once write the same weights, each through its own temporary file
+    replace_atomically(path, lambda tmp: torch.save(model.state_dict(), tmp))
     return model
 
 

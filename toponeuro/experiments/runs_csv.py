@@ -13,11 +13,11 @@ The folder around the file, and who writes it when, is
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
-import tempfile
+
+from .._io import replace_atomically
 from pathlib import Path
 
 __all__ = [
@@ -163,19 +163,13 @@ def upgrade_header(path: Path) -> bool:
     if tuple(header) not in legacy_headers():
         return False
     rows = read_rows(path)
-    fd, tmp = tempfile.mkstemp(prefix=".runs.csv.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(fd, "w", newline="", encoding="utf-8") as fh:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    replace_atomically(path, write)
     return True
 
