@@ -580,6 +580,8 @@ def test_check_16384_float32():
 def test_meta_activations_are_refused_with_the_way_round():
     with pytest.raises(ValueError, match="'meta' device and has no values to check: pass check=False"):
         tn.dissimilarity.abs_correlation(torch.empty(5, 4, device="meta"))
+    with pytest.raises(ValueError, match="'meta' device and has no values to check: pass check=False"):
+        tn.dissimilarity.abs_correlation(torch.empty(2, 5, 4, device="meta"))  # a stack too
 
 
 @pytest.mark.parametrize("p", [True, False])

@@ -318,16 +318,21 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _meminfo_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (Linux): free memory plus what the kernel can reclaim."""
+def _meminfo_bytes(key: str) -> int | None:
+    """The ``key`` line of /proc/meminfo in bytes (Linux), e.g. ``MemAvailable`` (free memory plus
+    what the kernel can reclaim) or ``MemTotal``; None where it cannot be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _meminfo_available() -> int | None:
+    return _meminfo_bytes("MemAvailable")
 
 
 def available_memory(device) -> int | None:
@@ -416,13 +421,10 @@ def check_activations(A, name: str = "activations", stack: bool = False) -> torc
         )
     if not A.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {A.dtype}")
-    if A.ndim == 3:
+    if A.ndim == 3 and A.shape[0] == 0:
         _refuse_inside_capture(A, name)
-        _check_finite_members(A, name)
-        if A.shape[0]:
-            check_activations(A[0], name)  # the shape checks, once: the members share m and n
         return A
-    m, n = A.shape
+    m, n = A.shape[-2:]  # the members of a stack share m and n
     if m < 2:
         raise ValueError(
             f"{name} has {m} sample(s); correlations need at least 2 samples (use a larger batch)"
@@ -432,7 +434,10 @@ def check_activations(A, name: str = "activations", stack: bool = False) -> torc
     _refuse_inside_capture(A, name)
     if A.is_meta:
         raise ValueError(f"{name} is on the 'meta' device and has no values to check: pass check=False")
-    _check_finite(A, name)
+    if A.ndim == 3:
+        _check_finite_members(A, name)  # every member in one reduction
+    else:
+        _check_finite(A, name)
     return A
 
 
@@ -543,12 +548,7 @@ def _stack_summary(D: torch.Tensor) -> list[tuple[float, float, float, bool, boo
     with one host sync (none more on CPU, where each member takes the fused pass)."""
     zero_diag = (D.diagonal(dim1=-2, dim2=-1) == 0).all(dim=-1)
     if D.device.type == "cpu" and numba is not None and D.dtype in (torch.float32, torch.float64):
-        X = D.contiguous().numpy()
-        out = []
-        for b, diag_ok in enumerate(zero_diag.tolist()):
-            summary = _fused_summary(X[b])
-            out.append((*summary, True, diag_ok) if summary is not None else (*_matrix_summary(D[b]), diag_ok))
-        return out
+        return [(*_matrix_summary(M), diag_ok) for M, diag_ok in zip(D, zero_diag.tolist())]
     stats = torch.stack([D.amin(dim=(-2, -1)), D.amax(dim=(-2, -1)), _max_asymmetry(D)], dim=1).double()
     rows = stats.tolist()
     return [(lo, hi, asym, all(math.isfinite(v) for v in (lo, hi, asym)), diag_ok)

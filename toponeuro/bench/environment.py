@@ -8,6 +8,7 @@ import platform
 import torch
 
 from .. import __version__
+from .._validation import _meminfo_bytes
 from ..provenance import git_commit, git_dirty
 
 
@@ -32,14 +33,7 @@ def _version(dist: str) -> str | None:
 
 
 def _memory_total() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _meminfo_bytes("MemTotal")
 
 
 def _load_average() -> list[float] | None:
