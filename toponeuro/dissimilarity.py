@@ -214,10 +214,13 @@ def euclidean(A: torch.Tensor, check: bool = True) -> torch.Tensor:
 # -- pairwise forms: the value of given pairs only, O(m k) for k pairs -----------------------------
 #
 # ``pairwise(A, i, j)`` is ``dissimilarity(A)[i, j]`` for index tensors ``i, j`` of shape
-# (..., k), without the (n, n) matrix: what the tree path of the regulariser
-# (:func:`toponeuro.tree_deaths.tree_deaths`) recomputes, with autograd, at the n - 1 tree
-# edges. Each built-in carries its pairwise form as its ``pairwise`` attribute; to offer one
-# for a dissimilarity of your own, set that attribute on your function (see :func:`get_pairwise`).
+# (..., k), without the (n, n) matrix. A dissimilarity takes the tree path of the regulariser
+# (:func:`toponeuro.tree_deaths.tree_deaths`) when it has one: ``euclidean`` and yours are
+# recomputed through it, with autograd, at the n - 1 tree edges; the correlation-based
+# built-ins are recomputed there from the standardisation the matrix shared (with a hand-written
+# backward), their pairwise forms serving callers who want given pairs. Each built-in carries its
+# pairwise form as its ``pairwise`` attribute; to offer one for a dissimilarity of your own, set
+# that attribute on your function (see :func:`get_pairwise`).
 
 
 def _columns(X: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -166,12 +166,6 @@ def _straight_through(recomputed: torch.Tensor, reference: torch.Tensor) -> torc
     return recomputed + (reference.to(recomputed.dtype) - recomputed).detach()
 
 
-def _gather_pairs(M: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """M: (B, n, n), edges: (B, k, 2) -> (B, k), ``M[b, i, j]``."""
-    b = torch.arange(M.shape[0], device=M.device)[:, None]
-    return M[b, edges[..., 0], edges[..., 1]]
-
-
 class _CorrelationOfPairs(torch.autograd.Function):
     """``rho`` of the pairs ``(i, j)`` as a function of ``A``: the value given, the gradient by hand.
 
@@ -225,7 +219,7 @@ def _tree_deaths_of_correlation(A: torch.Tensor, fn, backend: str, workspace) ->
         Z, norm, constant = _dissimilarity._standardise(A.detach())
         C = _correlation_matrix(Z, workspace)
         edges = _edges_of_correlation(C, fn.__name__, of_rho, backend).to(A.device)
-        rho_matrix = _gather_pairs(C, edges)  # read before the buffer is reused
+        rho_matrix = persistence._at_edges(C, edges)  # read before the buffer is reused
     rho = _CorrelationOfPairs.apply(A, rho_matrix, Z, norm, constant, edges[..., 0], edges[..., 1])
     # clamped here, on the matrix's value, as on the dense path (the gradient stops where it clamps)
     return of_rho(rho.clamp(-1.0, 1.0))
@@ -238,7 +232,7 @@ def _tree_deaths_of_dense(A: torch.Tensor, fn, pairwise, backend: str, builtin: 
         # the built-ins take the stack (a user's function one (m, n) member at a time)
         D = fn(A.detach(), check=False) if builtin else torch.stack([fn(a) for a in A.detach()])
         edges = persistence.death_edges(D, backend=backend, check=not builtin)  # the whole stack in one call
-        values_matrix = _gather_pairs(D, edges)
+        values_matrix = persistence._at_edges(D, edges)
     if builtin:
         values = pairwise(A, edges[..., 0], edges[..., 1], check=False)
     else:  # a user's pairwise form takes (m, n) activations: one member at a time

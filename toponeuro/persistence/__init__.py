@@ -164,6 +164,11 @@ def _members(D: torch.Tensor) -> tuple:
     return () if D.ndim == 2 else (torch.arange(D.shape[0], device=D.device)[:, None],)
 
 
+def _at_edges(D: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """D: (n, n) or (B, n, n), edges: (k, 2) or (B, k, 2) -> (k,) or (B, k), ``D[(b,) i, j]``."""
+    return D[(*_members(D), edges[..., 0], edges[..., 1])]
+
+
 # Backends whose CPU kernel is safe on any values of a square floating matrix
 # (NaN, inf, negative, asymmetric): the compiled Prim loops of torch_mst run
 # a fixed n - 1 steps and only ever index inside the matrix. For these, on
@@ -401,7 +406,7 @@ def deaths(D: torch.Tensor, backend: str = "torch", check: bool = True) -> torch
     b = get_backend(backend)
     if b.gives_edges:
         D, e = _checked_edges(D, b, check)
-        return D[(*_members(D), e[..., 0], e[..., 1])]
+        return _at_edges(D, e)
     D = X = _formed(D, b)
     if check:
         X = _upper_mirrored(D) if _check_dissimilarity_values(D) > 0 else D
