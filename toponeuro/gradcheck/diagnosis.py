@@ -12,7 +12,7 @@ from .. import dissimilarity as _dissimilarity
 from .. import persistence
 from .._validation import check_activations
 from ..persistence.tree import mst_margin
-from .pipeline import _ON_DEATHS, CORRELATION_BASED, _check_formula, _name_of
+from .pipeline import _ON_DEATHS, _check_formula, _name_of, _uses_correlation
 
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -136,7 +136,7 @@ def diagnose(A: torch.Tensor, formula: str = "t1", dissimilarity="abs_correlatio
     diag = Diagnosis(formula=formula, dissimilarity=name, relu_margin=relu_margin)
     constant = _constant_columns(A)
     diag.constant_neurons = constant
-    uses_correlation = formula == "min_corr" or (on_deaths and name in CORRELATION_BASED)
+    uses_correlation = _uses_correlation(formula, dissimilarity)
     C = _dissimilarity.correlation(A, check=False) if uses_correlation else None
 
     if on_deaths:

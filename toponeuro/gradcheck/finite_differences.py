@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .diagnosis import _EPS
-from .pipeline import _ON_DEATHS, CORRELATION_BASED, _name_of
+from .pipeline import _uses_correlation
 
 
 #: the default finite-difference step, relative to the scale of each entry
@@ -80,7 +80,7 @@ def _floor_fraction(formula: str, dissimilarity) -> float:
       ``R`` is measured against the other neurons', and a step far below
       theirs is lost in the rounding of ``R``: the floor is ``1e-2``.
     """
-    if formula == "min_corr" or (formula in _ON_DEATHS and _name_of(dissimilarity) in CORRELATION_BASED):
+    if _uses_correlation(formula, dissimilarity):
         return _FLOOR_INVARIANT
     if formula == "decov":
         return 1.0

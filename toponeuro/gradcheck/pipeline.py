@@ -29,6 +29,11 @@ def _name_of(dissimilarity) -> str:
     return getattr(dissimilarity, "__name__", repr(dissimilarity))
 
 
+def _uses_correlation(formula: str, dissimilarity) -> bool:
+    """Whether the regulariser reads Pearson correlations: MinCorr, or T1/T2 on a correlation-based dissimilarity."""
+    return formula == "min_corr" or (formula in _ON_DEATHS and _name_of(dissimilarity) in CORRELATION_BASED)
+
+
 def _check_formula(formula: str) -> None:
     if formula not in FORMULAS:
         raise ValueError(f"unknown formula {formula!r}; gradcheck covers {FORMULAS}")
@@ -72,7 +77,7 @@ def _state_of(A: torch.Tensor, formula: str, dissimilarity, backend: str,
     A = A.detach()
     name = _name_of(dissimilarity)
     parts = []
-    if formula == "min_corr" or (formula in _ON_DEATHS and name in CORRELATION_BASED):
+    if _uses_correlation(formula, name):
         parts.append(bytes(np.packbits((A.amax(0) == A.amin(0)).numpy())))
     if formula in _ON_DEATHS:
         if frozen_edges is None:
