@@ -112,11 +112,9 @@ def run_stacks(config: ExperimentConfig, todo: list[RunSpec], device: torch.devi
     ``("error", run_id, traceback)`` for the unfinished members of a stack that raised (they stay pending).
     """
     checkpoints = Path(directory) / CHECKPOINT_DIR
-    single = [s for s in todo if not ensemble.stackable(s.network)]
     resumed = _resumable(checkpoints, todo)
-    taken = {s.run_id for _, specs in resumed for s in specs}
-    fresh = stack_groups([s for s in todo if s.run_id not in taken and ensemble.stackable(s.network)],
-                         stack_size)[0]
+    taken = {s.run_id for _, specs in resumed for s in specs}  # runs of checkpointed stacks: all stackable
+    fresh, single = stack_groups([s for s in todo if s.run_id not in taken], stack_size)
     train, val, test = runner._data(config, device)
     sizes = (len(train[1]), len(val[1]), len(test[1]))
     in_shape, classes = data.input_shape(config.dataset), data.num_classes(config.dataset)
