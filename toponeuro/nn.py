@@ -109,6 +109,9 @@ class TopologicalRegulariser(nn.Module):
         (``"euclidean"``) have no lower bound: training drives them to minus
         infinity by scaling activations up. Refused (ValueError) unless this is
         True, which warns instead.
+    include_bias : bool
+        L1/L2 only: the biases count too (the authors' Keras code regularised
+        every trainable weight); False: the weights only.
 
     Notes
     -----
@@ -140,7 +143,8 @@ class TopologicalRegulariser(nn.Module):
     def __init__(self, model: nn.Module, formula: str = "t1", backend: str = "torch",
                  dissimilarity="abs_correlation", sampler: Sampler | None = None, alpha: float = 0.5,
                  modules: Iterable[str] | None = None, include_output: bool = True, conv: str = "flatten",
-                 sync: str = "global", tree_gradient: bool = True, allow_unbounded: bool = False):
+                 sync: str = "global", tree_gradient: bool = True, allow_unbounded: bool = False,
+                 include_bias: bool = False):
         super().__init__()
         if formula not in FORMULAS:
             raise ValueError(f"unknown formula {formula!r}; choose one of {FORMULAS}")
@@ -151,6 +155,9 @@ class TopologicalRegulariser(nn.Module):
             raise ValueError(f"sampler must be a toponeuro.sampling.Sampler, got {type(sampler).__name__}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        if not isinstance(include_bias, bool):
+            raise ValueError(f"include_bias must be true or false, got {include_bias!r}")
+        self.include_bias = include_bias
         self.formula = formula
         self.backend = backend
         self.dissimilarity = _dissimilarity.get(dissimilarity)
@@ -251,9 +258,9 @@ class TopologicalRegulariser(nn.Module):
     def forward(self) -> torch.Tensor:
         """The regulariser value (scalar) of the last forward pass."""
         if self.formula == "l1":
-            return regularisers.l1(self.model)
+            return regularisers.l1(self.model, include_bias=self.include_bias)
         if self.formula == "l2":
-            return regularisers.l2(self.model)
+            return regularisers.l2(self.model, include_bias=self.include_bias)
         if self.formula == "t1":
             return regularisers.t1(self.deaths())
         if self.formula == "t2":

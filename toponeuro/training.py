@@ -49,7 +49,6 @@ __all__ = [
     "WEIGHTED_METHODS",
     "TrainConfig",
     "FitResult",
-    "WeightPenalty",
     "seed_everything",
     "seeded_build",
     "data_order_generator",
@@ -318,47 +317,20 @@ def evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, batch_siz
     return float(total_loss) / n, int(correct) / n
 
 
-class WeightPenalty:
-    """L1 or L2 of a model's trainable weights as a regulariser: ``penalty()`` is the value, ``remove()`` a no-op.
-
-    include_bias : whether biases count too (the authors' Keras code
-        regularised every trainable weight, biases included).
-    """
-
-    def __init__(self, model: torch.nn.Module, formula: str, include_bias: bool):
-        from . import regularisers
-
-        if formula not in ("l1", "l2"):
-            raise ValueError(f"a weight penalty is l1 or l2, got {formula!r}")
-        if not isinstance(include_bias, bool):
-            raise ValueError(f"include_bias must be true or false, got {include_bias!r}")
-        self.model, self.formula, self.include_bias = model, formula, include_bias
-        self._penalty = regularisers.l1 if formula == "l1" else regularisers.l2
-
-    def __call__(self) -> torch.Tensor:
-        return self._penalty(self.model, include_bias=self.include_bias)
-
-    def remove(self) -> None:
-        """Nothing to undo (no hooks); present so :func:`fit` treats every regulariser alike."""
-
-
 def make_regulariser(model, method: str, *, backend: str = "torch", dissimilarity="abs_correlation",
                      sampler=None, alpha: float = 0.5, include_bias: bool = False):
     """The regulariser of ``method``, or ``None`` for ``none``/``dropout``.
 
-    ``l1``/``l2``: a :class:`WeightPenalty` (``include_bias``: biases count too);
-    the others: a :class:`toponeuro.TopologicalRegulariser`.
+    A :class:`toponeuro.TopologicalRegulariser` (``include_bias``: L1/L2 over the biases too).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if method not in WEIGHTED_METHODS:
         return None
-    if method in ("l1", "l2"):
-        return WeightPenalty(model, method, include_bias)
     from .nn import TopologicalRegulariser
 
     return TopologicalRegulariser(model, formula=method, backend=backend, dissimilarity=dissimilarity,
-                                  sampler=sampler, alpha=alpha)
+                                  sampler=sampler, alpha=alpha, include_bias=include_bias)
 
 
 def _state_copy(model: torch.nn.Module) -> dict:
