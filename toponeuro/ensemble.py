@@ -230,11 +230,8 @@ class StackTrainer:
         params_per_member = []
         layers = None
         for m in members:
-            if build_member is None:
-                model, rng_state = training.seeded_build(m.seed, build)
-            else:
-                model = build_member(m)
-                rng_state = torch.get_rng_state()
+            model = training.seeded_build(m.seed, build)[0] if build_member is None else build_member(m)
+            rng_state = torch.get_rng_state()  # what building left: fit's dropout stream on the CPU
             if layers is None:
                 layers = _architecture(model)  # refuses what the engine cannot stack, before the probe
                 training.check_model_takes(model.to(self.dev), {"train": (self.X_train, self.y_train),

@@ -20,7 +20,7 @@ from ..training import TrainConfig
 STEP_MODEL = "mlp"  # 784-450-350-200-10, the paper's
 STEP_IN_SHAPE = (1, 28, 28)  # one (Fashion-)MNIST image
 STEP_BATCH = 256  # the paper's batch size
-STEP_NEURONS = 450 + 350 + 200 + 10  # the neurons T1 sees: every ReLU output and the logits
+STEP_NEURONS = sum(models.HIDDEN_WIDTHS[STEP_MODEL]) + 10  # the neurons T1 sees: every ReLU output and the logits
 STEP_WEIGHT = 1e-4  # lambda of T1 in the loss
 TARGET_STEP_RATIO = 2.0  # a step with T1 at most twice one without, on a CPU
 #: series -> the TopologicalRegulariser options of its step (None: cross-entropy alone). Every
