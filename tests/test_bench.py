@@ -59,7 +59,7 @@ def test_every_backend_and_extra_is_timed_at_every_n(tiny_run):
     results = json.loads((out / "results.json").read_text())
     installed = persistence.available_backends()
     assert sorted(k for k, v in results["backends"].items() if v["available"]) == sorted(installed)
-    expected = set(installed) | {"check", "torch+check", "t1", "correlation", "matmul"}
+    expected = set(installed) | {"check", "torch+check", "t1", "min_corr", "decov", "correlation", "matmul"}
     if persistence.torch_mst.HAVE_NUMBA:
         expected.add(bench.BORUVKA)
     for n in (16, 32):
@@ -71,11 +71,12 @@ def test_every_backend_and_extra_is_timed_at_every_n(tiny_run):
         assert c["min_s"] <= c["median_s"] <= c["max_s"]
     # the regulariser ratio is the quotient of the two recorded medians
     reg = results["summary"]["regulariser"]
-    assert [r["n"] for r in reg] == [16, 32]
+    assert [(r["series"], r["n"]) for r in reg] == [("t1", 16), ("t1", 32), ("decov", 16), ("decov", 32),
+                                                   ("min_corr", 16), ("min_corr", 32)]
     for r in reg:
-        t1 = next(c for c in results["cases"] if c["series"] == "t1" and c["n"] == r["n"])
+        timed = next(c for c in results["cases"] if c["series"] == r["series"] and c["n"] == r["n"])
         corr = next(c for c in results["cases"] if c["series"] == "correlation" and c["n"] == r["n"])
-        assert r["ratio"] == pytest.approx(t1["median_s"] / corr["median_s"])
+        assert r["ratio"] == pytest.approx(timed["median_s"] / corr["median_s"])
     if "giotto-ph" in installed:
         speedups = {(s["series"], s["n"]) for s in results["summary"]["speedup_vs_giotto_ph"]}
         assert {("torch", 16), ("torch", 32), ("torch+check", 16)} <= speedups
@@ -88,12 +89,14 @@ def test_t1_is_reported_against_one_matrix_product(tiny_run):
     for r in reg:  # both ratios are quotients of the medians timed in the same interleaved rounds
         median = {c["series"]: c["median_s"] for c in results["cases"] if c["n"] == r["n"]}
         assert r["matmul_s"] == median["matmul"]
-        assert r["t1_vs_matmul"] == pytest.approx(median["t1"] / median["matmul"])
-        assert r["ratio"] == pytest.approx(median["t1"] / median["correlation"])  # the old ratio is kept
+        assert r["t1_vs_matmul"] == pytest.approx(median[r["series"]] / median["matmul"])
+        assert r["ratio"] == pytest.approx(median[r["series"]] / median["correlation"])  # the old ratio is kept
     table = bench.format_table(results)
-    assert "T1/matmul" in table and "matmul ms" in table
-    row = next(line.split() for line in table.splitlines() if line.split()[:2] == ["t1", "32"])
-    assert row[-1] == f"{reg[-1]['t1_vs_matmul']:.1f}"
+    assert "/matmul" in table and "matmul ms" in table
+    for series in ("t1", "min_corr", "decov"):
+        row = next(line.split() for line in table.splitlines() if line.split()[:2] == [series, "32"])
+        r = next(r for r in reg if (r["series"], r["n"]) == (series, 32))
+        assert row[-1] == f"{r['t1_vs_matmul']:.1f}"
 
 
 def test_the_matmul_case_is_z_transpose_z_of_the_standardised_activations():
@@ -108,8 +111,9 @@ def test_the_matmul_case_is_z_transpose_z_of_the_standardised_activations():
 
 
 def test_t1_is_timed_through_the_regulariser_module(monkeypatch):
-    # a cheaper regulariser must show in the bench without editing it: T1 is timed through
-    # TopologicalRegulariser.forward on the recorded activations, and its gradient reaches them
+    # a cheaper regulariser must show in the bench without editing it: T1 (and the baselines) are
+    # timed through TopologicalRegulariser.forward on the recorded activations, and their gradient
+    # reaches them
     import toponeuro.nn
 
     calls = []
@@ -123,8 +127,8 @@ def test_t1_is_timed_through_the_regulariser_module(monkeypatch):
     monkeypatch.setattr(toponeuro.nn.TopologicalRegulariser, "forward", counted)
     bench.run_benchmark([16], m=8, repeats=2, backends=["torch"], devices=["cpu"], progress=False,
                         cases=["regulariser"])  # the training step's T1 goes through it too
-    assert calls and set(calls) == {("t1", "torch", (8, 16), True)}
-    assert len(calls) == 3  # one warm-up and two timed calls
+    assert set(calls) == {(f, "torch", (8, 16), True) for f in ("t1", "min_corr", "decov")}
+    assert len(calls) == 9  # each: one warm-up and two timed calls
 
 
 def test_cases_are_selectable(tmp_path, capsys):
@@ -132,7 +136,7 @@ def test_cases_are_selectable(tmp_path, capsys):
                                   progress=False, cases=["regulariser"])
     assert {c["kind"] for c in results["cases"]} == {"regulariser", "correlation", "matmul"}
     assert results["config"]["cases"] == ["regulariser"]
-    assert [r["n"] for r in results["summary"]["regulariser"]] == [16, 32]
+    assert [r["n"] for r in results["summary"]["regulariser"] if r["series"] == "t1"] == [16, 32]
     results = bench.run_benchmark([16], m=8, repeats=1, backends=["torch"], devices=["cpu"], progress=False,
                                   cases=["mst", "check"])
     assert {c["kind"] for c in results["cases"]} == {"mst", "check", "mst+check"}
@@ -141,7 +145,7 @@ def test_cases_are_selectable(tmp_path, capsys):
     out = tmp_path / "sel"
     assert cli_main(["bench", *TINY, "--backends", "torch", "--devices", "cpu", "--cases", "regulariser",
                      "--out", str(out)]) == 0
-    assert "T1/matmul" in capsys.readouterr().out
+    assert "/matmul" in capsys.readouterr().out
     assert cli_main(["bench", *TINY, "--devices", "cpu", "--cases", "nonsense", "--out", str(out / "x")]) == 2
     _one_line_error(capsys, "'nonsense'", "mst", "check", "regulariser")
     assert not (out / "x").exists()
@@ -340,7 +344,7 @@ def test_graph_backend_on_cpu_times_its_mst_not_its_regulariser():
     assert "torch-graph" in series and "t1-graph" not in series
     counted = {c["n"]: c["torch_ops"] for c in results["cases"] if c["series"] == "torch-graph"}
     assert set(counted) == {16, 40} and all(k > 0 for k in counted.values())
-    assert [r["series"] for r in results["summary"]["regulariser"]] == ["t1", "t1"]
+    assert [r["series"] for r in results["summary"]["regulariser"] if r["series"].startswith("t1")] == ["t1", "t1"]
     assert "torch-graph x giotto" not in bench.format_table(results)  # no giotto-ph in this run
 
 
@@ -487,8 +491,8 @@ def test_results_are_handed_over_after_every_case_and_complete_only_at_the_end()
     assert len(seen) == 2 * per_n + 1  # one call per case, and one for the training steps (once per device)
     assert counts == sorted(counts) and counts[-1] == len(results["cases"])
     assert all(complete is False for _, complete, _ in seen)
-    # the summary follows the cases: the regulariser ratio appears once its case has finished
-    assert seen[per_n - 1][2] == 1 and seen[-1][2] == 2
+    # the summary follows the cases: the regulariser ratios (T1, MinCorr, DeCov) appear once their case has finished
+    assert seen[per_n - 1][2] == 3 and seen[-1][2] == 6
 
 
 def test_write_results_is_atomic(tmp_path):

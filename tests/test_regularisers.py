@@ -1,4 +1,4 @@
-"""Regulariser formulas against hand computations and NumPy re-implementations (SPEC section 1.5)."""
+"""Regulariser formulas against hand computations, NumPy re-implementations and dense autograd."""
 
 from __future__ import annotations
 
@@ -256,6 +256,143 @@ def test_decov_uncorrelated_is_zero_and_gradcheck(rng):
     assert R.decov(torch.stack([u, v, torch.zeros(4)], dim=1)).item() == 0.0
     A = torch.from_numpy(rng.standard_normal((6, 4))).requires_grad_(True)
     assert torch.autograd.gradcheck(R.decov, (A,), eps=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# MinCorr and DeCov: the two-product forms against the dense formulas under autograd
+
+
+def dense_min_corr(A):
+    """MinCorr as torch ops on the full correlation matrix: autograd differentiates every step."""
+    Ac = A - A.mean(0)
+    norm = Ac.norm(dim=0)
+    live = A.max(0).values != A.min(0).values
+    Z = torch.where(live, Ac / torch.where(live, norm, torch.ones_like(norm)), torch.zeros_like(Ac))
+    C = (Z.T @ Z).clamp(-1.0, 1.0)
+    used = ~torch.eye(C.shape[0], dtype=torch.bool) & (C.detach() != 0)
+    return torch.where(used, C.abs(), torch.zeros_like(C)).sum() / used.sum().clamp(min=1)
+
+
+def dense_decov(A):
+    Ac = A - A.mean(0)
+    C = Ac.T @ Ac / A.shape[0]
+    off = C * (1 - torch.eye(C.shape[0], dtype=C.dtype))
+    return 0.5 * (off * off).sum()
+
+
+def activation_cases(rng):
+    """Random, dead-neuron, duplicated (rho = 1 and -1) and tied activations, float64 (m = 24, n = 7)."""
+    base = rng.standard_normal((24, 7))
+    dead = np.maximum(base, 0.0)
+    dead[:, [1, 4]] = 0.0
+    dup = base.copy()
+    dup[:, 3], dup[:, 5] = dup[:, 0], -2.0 * dup[:, 0]
+    # tied values; redrawn until no pair is uncorrelated to rounding: whether such a pair is left out
+    # of MinCorr's mean hangs on the last bit of its product, in either formulation
+    while True:
+        tied = rng.integers(0, 3, size=(24, 7)).astype(float)
+        rho = np.corrcoef(tied, rowvar=False)
+        if np.all(np.isfinite(rho)) and np.abs(rho).min() > 1e-9:
+            break
+    return {"random": base, "dead": dead, "duplicated": dup, "tied": tied}
+
+
+@pytest.mark.parametrize("formula", ["min_corr", "decov"])
+@pytest.mark.parametrize("case", ["random", "dead", "duplicated", "tied"])
+@pytest.mark.parametrize("numba_pass", [True, False])
+def test_baseline_value_and_gradient_against_dense_autograd(formula, case, numba_pass, rng, monkeypatch):
+    if not numba_pass:  # the torch ops every device without numba takes
+        monkeypatch.setattr(R.numba_host, "runs_dense_baseline", lambda C: False)
+    A = torch.from_numpy(activation_cases(rng)[case])
+    ours, ref = A.clone().requires_grad_(True), A.clone().requires_grad_(True)
+    value = getattr(R, formula)(ours)
+    expected = (dense_min_corr if formula == "min_corr" else dense_decov)(ref)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    value.backward()
+    expected.backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("formula", ["min_corr", "decov"])
+def test_baseline_gradient_against_central_differences(formula, rng):
+    A = torch.from_numpy(np.maximum(rng.standard_normal((16, 6)), 0.0) + rng.standard_normal((16, 6)) * 0.1)
+    A.requires_grad_(True)
+    assert torch.autograd.gradcheck(getattr(R, formula), (A,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("formula", ["min_corr", "decov"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_baseline_of_a_stack_is_each_members(formula, dtype, rng):
+    """The batched engine calls the unchecked forms on (B, m, n) stacks."""
+    fn = R._min_corr if formula == "min_corr" else R._decov
+    S = torch.from_numpy(np.maximum(rng.standard_normal((3, 20, 9)), 0.0)).to(dtype)
+    S[1, :, 2] = 0.0  # a dead neuron in one member only
+    S.requires_grad_(True)
+    values = fn(S)
+    assert values.shape == (3,)
+    values.sum().backward()
+    for b in range(3):
+        Ab = S[b].detach().clone().requires_grad_(True)
+        vb = fn(Ab)
+        vb.backward()
+        torch.testing.assert_close(values[b], vb, rtol=tol(dtype), atol=tol(dtype))
+        torch.testing.assert_close(S.grad[b], Ab.grad, rtol=tol(dtype) * 10, atol=tol(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("formula", ["min_corr", "decov"])
+def test_baseline_on_cuda_equals_cpu(formula, rng):
+    """On CUDA the product's triangle is mirrored by Triton and the pass is torch ops."""
+    fn = R._min_corr if formula == "min_corr" else R._decov
+    S = torch.from_numpy(np.maximum(rng.standard_normal((4, 64, 300)), 0.0)).float()
+    S[2, :, 7] = 0.0
+    values = {}
+    for device in ("cpu", "cuda"):
+        X = S.to(device).requires_grad_(True)
+        v = fn(X)
+        v.sum().backward()
+        values[device] = (v.detach().cpu(), X.grad.cpu())
+    torch.testing.assert_close(values["cuda"][0], values["cpu"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values["cuda"][1], values["cpu"][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("formula", ["min_corr", "decov"])
+def test_baseline_gpu_route_in_the_triton_interpreter(formula, rng, monkeypatch):
+    """The CUDA route on CPU tensors: panels of the triangle, Triton's mirror (interpreted), the torch pass."""
+    from toponeuro import tree_deaths as td
+    from toponeuro.persistence import boruvka_triton, mirror_triton
+
+    if not (boruvka_triton.HAVE_TRITON and boruvka_triton._interpreting()):
+        pytest.skip("needs Triton and its interpreter (TRITON_INTERPRET=1)")
+    fn = R._min_corr if formula == "min_corr" else R._decov
+    S = torch.from_numpy(np.maximum(rng.standard_normal((2, 30, 40)), 0.0)).float()
+    S[1, :, 5] = 0.0
+    X = S.clone().requires_grad_(True)
+    expected = fn(X)
+    expected.sum().backward()
+    mirrored = []
+    mirror = mirror_triton.mirror_upper_
+    monkeypatch.setattr(td, "_on_gpu", lambda C: True)
+    monkeypatch.setattr(td, "_gpu_panel_rows", lambda n: 16)  # several panels
+    monkeypatch.setattr(mirror_triton, "mirror_upper_", lambda C: mirrored.append(C.shape) or mirror(C))
+    monkeypatch.setattr(R.numba_host, "runs_dense_baseline", lambda C: False)
+    Y = S.clone().requires_grad_(True)
+    value = fn(Y)
+    value.sum().backward()
+    assert mirrored == [(2, 40, 40)]
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(Y.grad, X.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_min_corr_clamped_pairs_pass_no_gradient(rng):
+    """A product just above 1 (rounding on duplicated neurons) is clamped: it counts as |rho| = 1
+    and, as torch.clamp's gradient, passes none."""
+    C = torch.tensor([[1.0, 1.0 + 1e-7, 0.3], [1.0 + 1e-7, 1.0, -0.2], [0.3, -0.2, 1.0]], dtype=torch.float32)
+    G = C.clone()
+    total, count = R.numba_host.mean_abs_sign_(G)
+    assert count.item() == 6 and total.item() == pytest.approx(2 * (1.0 + 0.3 + 0.2), abs=1e-6)
+    expected = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [1.0, -1.0, 0.0]])
+    assert torch.equal(G, expected)
 
 
 # ----------------------------------------------------------------------------

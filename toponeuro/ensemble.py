@@ -353,7 +353,7 @@ class StackTrainer:
                     values = _formula_on_deaths(deaths, method, self.alpha)
                 else:
                     fn = regularisers._min_corr if method == "min_corr" else regularisers._decov
-                    values = torch.stack([fn(a) for a in sub])
+                    values = fn(sub)  # (B,): the stack's products in one call
                 reg = reg.index_put((torch.tensor([need[j] for j in js], device=self.dev),), values)
         for method in ("l1", "l2"):
             ks = [k for k, s in enumerate(active_states) if s.member.weighted and s.member.method == method]

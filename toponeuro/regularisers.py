@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from ._validation import capturing, check_activations
-from .dissimilarity import _autocast_off, _full_precision, _safe_sqrt, correlation
+from .dissimilarity import _autocast_off, _full_precision, _safe_sqrt, standardised_columns
+from .persistence import numba_host
+from .tree_deaths import _correlation_matrix
 
 __all__ = ["t1", "t2", "min_corr", "decov", "l1", "l2", "FORMULAS_ON_DEATHS", "FORMULAS_ON_ACTIVATIONS"]
 
@@ -79,13 +81,42 @@ def min_corr(A: torch.Tensor) -> torch.Tensor:
 
 
 def _min_corr(A: torch.Tensor) -> torch.Tensor:
-    C = correlation(A, check=False).abs()
-    offdiag = ~torch.eye(C.shape[0], dtype=torch.bool, device=C.device)
-    used = offdiag & (C.detach() != 0)
-    count = used.sum()
-    if count == 0:
-        return C.sum() * 0.0
-    return torch.where(used, C, torch.zeros_like(C)).sum() / count
+    """MinCorr of (m, n) activations or of a stack (B, m, n) -> () or (B,), unchecked."""
+    return _MeanAbsCorrelation.apply(standardised_columns(A))
+
+
+class _MeanAbsCorrelation(torch.autograd.Function):
+    """Mean ``|rho|`` over the used off-diagonal pairs, from standardised columns ``Z`` (..., m, n).
+
+    The value of ``|correlation|`` masked and averaged, at two products in all: the forward's
+    ``Z^T Z`` (its upper triangle, mirrored) and the backward's ``Z G``, where autograd would
+    also build and differentiate five (n, n) intermediates. ``G`` (the sign of rho on the used
+    pairs that the clamp to [-1, 1] lets through, 0 elsewhere) overwrites the product, kept from
+    the forward: one (n, n) buffer per call.
+    """
+
+    @staticmethod
+    def forward(ctx, Z):
+        G = _correlation_matrix(Z, None)  # exactly symmetric, as the correlation matrix is
+        if numba_host.runs_dense_baseline(G):
+            total, count = numba_host.mean_abs_sign_(G)
+            total, count = total.to(Z.dtype), count.to(Z.device)
+        else:
+            G.diagonal(dim1=-2, dim2=-1).zero_()
+            inside = G.abs() <= 1.0  # where the clamp passes the gradient, as torch.clamp's does
+            G.clamp_(-1.0, 1.0)
+            count = torch.count_nonzero(G, dim=(-2, -1))  # constant neurons, exactly uncorrelated pairs: out
+            total = G.abs().sum((-2, -1))
+            G.sign_().mul_(inside)
+        denominator = count.clamp(min=1).to(Z.dtype)
+        ctx.save_for_backward(Z, G, denominator)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad):
+        Z, G, denominator = ctx.saved_tensors
+        # value = sum |S| / count with S = Z^T Z and G symmetric: dZ = 2 Z G / count
+        return (Z @ G) * (2.0 * grad / denominator)[..., None, None]
 
 
 def decov(A: torch.Tensor) -> torch.Tensor:
@@ -103,12 +134,38 @@ def decov(A: torch.Tensor) -> torch.Tensor:
 
 
 def _decov(A: torch.Tensor) -> torch.Tensor:
-    Ac = A - A.mean(0, keepdim=True)
-    C = Ac.mT @ Ac / A.shape[0]
-    # the off-diagonal entries summed directly: ||C||^2 - ||diag C||^2 cancels away the value's
-    # precision when one neuron's variance dwarfs the covariances
-    off = C.masked_fill(torch.eye(C.shape[0], dtype=torch.bool, device=C.device), 0.0)
-    return 0.5 * (off * off).sum()
+    """DeCov of (m, n) activations or of a stack (B, m, n) -> () or (B,), unchecked."""
+    return _HalfSquaredOffDiagonalCovariance.apply(A - A.mean(-2, keepdim=True))
+
+
+class _HalfSquaredOffDiagonalCovariance(torch.autograd.Function):
+    """``0.5 * sum_{k != l} C_kl^2`` with ``C = Ac^T Ac / m``, from centred activations ``Ac`` (..., m, n).
+
+    Two products in all (the forward's ``Ac^T Ac``, its upper triangle mirrored, and the
+    backward's ``Ac O``, ``O`` the off-diagonal part of ``C``, kept from the forward in the
+    product's buffer), where autograd would differentiate the product, the mask and the
+    square as three more (n, n) passes each way.
+    """
+
+    @staticmethod
+    def forward(ctx, Ac):
+        O = _correlation_matrix(Ac, None)  # Ac^T Ac, exactly symmetric
+        m = Ac.shape[-2]
+        # the off-diagonal entries summed directly: ||C||^2 - ||diag C||^2 cancels away the value's
+        # precision when one neuron's variance dwarfs the covariances
+        if numba_host.runs_dense_baseline(O):
+            squares = numba_host.off_diagonal_covariance_(O, m).to(Ac.dtype)
+        else:
+            O.div_(m)
+            O.diagonal(dim1=-2, dim2=-1).zero_()
+            squares = (O * O).sum((-2, -1))
+        ctx.save_for_backward(Ac, O)
+        return 0.5 * squares
+
+    @staticmethod
+    def backward(ctx, grad):
+        Ac, O = ctx.saved_tensors
+        return (Ac @ O) * (2.0 * grad / Ac.shape[-2])[..., None, None]
 
 
 def _trainable_weights(model: torch.nn.Module, include_bias: bool):

@@ -13,11 +13,12 @@ that same matrix:
   ``mst+check``: the public default call ``death_edges(D)``, which runs it;
 * ``regulariser``: T1 forward and backward through
   :class:`TopologicalRegulariser` itself, on a model that records exactly
-  ``A`` (so a cheaper regulariser shows here without edits), against
+  ``A`` (so a cheaper regulariser shows here without edits), the same for
+  the dense baselines MinCorr and DeCov (series ``min_corr``, ``decov``), against
   ``correlation``: the forward and backward of ``abs_correlation(A)`` alone
   (with a dense upstream gradient), and against ``matmul``: one product
   ``Z^T Z`` of the standardised activations ``Z: (m, n)``, the least any
-  correlation-based regulariser costs. The three are timed in alternation,
+  correlation-based regulariser costs. All are timed in alternation,
   so that their ratios (``ratio`` and ``t1_vs_matmul`` in the summary) see
   the same machine load.
 

@@ -27,8 +27,11 @@ TARGET_REGULARISER_RATIO = 3.0
 OP_COUNTED_SERIES = {"torch", BORUVKA, "torch-graph"}
 # T1 series -> the backend its MST runs on; torch-graph's only on CUDA (on the CPU it is a test path)
 REGULARISER_SERIES = {"t1": "torch", "t1-graph": "torch-graph"}
+#: the dense baselines on activations, timed beside T1 (they run no persistence backend)
+BASELINE_SERIES = ("min_corr", "decov")
 #: what can be timed (``--cases``): each persistence backend alone; the input check, alone and
-#: with the torch backend; T1 through the regulariser beside the correlation and one matrix product;
+#: with the torch backend; T1, MinCorr and DeCov through the regulariser beside the correlation
+#: and one matrix product;
 #: one training step of the ``mlp`` without and with T1 (once per device: it does not depend on n)
 CASE_KINDS = ("mst", "check", "regulariser", "step")
 PER_N_KINDS = ("mst", "check", "regulariser")  # the kinds timed at every n
@@ -77,8 +80,8 @@ def regulariser_on_activations(backend: str = "torch", formula: str = "t1"
                                          include_output=False)
 
 
-def _t1_forward_backward(A0: torch.Tensor, model: nn.Module, reg: TopologicalRegulariser) -> torch.Tensor:
-    """T1 forward and backward through ``reg`` (see :func:`regulariser_on_activations`) on a leaf copy of ``A0``."""
+def _regulariser_forward_backward(A0: torch.Tensor, model: nn.Module, reg: TopologicalRegulariser) -> torch.Tensor:
+    """The forward and backward of ``reg`` (see :func:`regulariser_on_activations`) on a leaf copy of ``A0``."""
     A = A0.detach().requires_grad_()
     model(A)
     reg().backward()
@@ -142,18 +145,21 @@ def _cases_for(device: torch.device, backends: list[str], inputs: dict, kinds=CA
                              lambda: lambda D=inputs["D"]: persistence.death_edges(D, backend="torch")))
     t1_series = [(series, b) for series, b in REGULARISER_SERIES.items()
                  if b in backends and (b == "torch" or device.type == "cuda")]
-    if t1_series and "regulariser" in kinds:
+    if "regulariser" in kinds:
         def regulariser_calls():
             A, upstream = inputs["A"], torch.ones_like(inputs["D"])  # a dense upstream gradient
             Z = standardised(A)  # outside the timed call: the product alone is the yardstick
             regs = [regulariser_on_activations(b) for _, b in t1_series]
-            return [lambda mr=mr: _t1_forward_backward(A, *mr) for mr in regs] + [
+            regs += [regulariser_on_activations(formula=f) for f in BASELINE_SERIES]
+            return [lambda mr=mr: _regulariser_forward_backward(A, *mr) for mr in regs] + [
                 lambda: _correlation_forward_backward(A, upstream), lambda: Z.mT @ Z]
 
         # timed in alternation, so that their ratios see the same load
         cases.append(_Case([("regulariser", series, f"TopologicalRegulariser(formula='t1', backend={b!r}) "
                                                     "forward+backward from recorded A (m, n)")
                             for series, b in t1_series]
+                           + [("regulariser", f, f"TopologicalRegulariser(formula={f!r}) forward+backward "
+                                                 "from recorded A (m, n)") for f in BASELINE_SERIES]
                            + [("correlation", "correlation", "abs_correlation(A) forward+backward"),
                               ("matmul", "matmul", "Z^T Z, Z: (m, n) standardised A (one matrix product)")],
                            regulariser_calls))

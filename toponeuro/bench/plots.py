@@ -53,7 +53,7 @@ def plot_results(results: dict, path: Path) -> None:
     ax_r.set_ylim(bottom=0)
     ax_r.set_xlabel("n (neurons)")
     ax_r.set_ylabel("forward+backward time ratio")
-    ax_r.set_title("regulariser cost: T1 vs correlation alone")
+    ax_r.set_title("regulariser cost: forward+backward vs correlation alone")
     ax_r.grid(True, which="both", alpha=0.3)
     ax_r.legend(fontsize=8)
     matmul = [r for r in reg if r.get("t1_vs_matmul") is not None]
@@ -65,7 +65,7 @@ def plot_results(results: dict, path: Path) -> None:
     ax_m.set_yscale("log")
     ax_m.set_xlabel("n (neurons)")
     ax_m.set_ylabel("time ratio")
-    ax_m.set_title("regulariser cost: T1 forward+backward vs one matmul Z^T Z")
+    ax_m.set_title("regulariser cost: forward+backward vs one matmul Z^T Z")
     ax_m.grid(True, which="both", alpha=0.3)
     if matmul:
         ax_m.legend(fontsize=8)

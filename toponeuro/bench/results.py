@@ -84,8 +84,10 @@ def _summarise(cases: list[dict], steps: list[dict] = ()) -> dict:
         corr = _median(cases, device, "correlation", n)
         matmul = _median(cases, device, "matmul", n)
         if t1 is not None and corr is not None:
-            # ratio: T1 against the correlation's forward+backward; t1_vs_matmul: against one
-            # product Z^T Z of the same activations, the least any correlation-based regulariser costs
+            # ratio: the series (T1, or a baseline) against the correlation's forward+backward;
+            # t1_vs_matmul: against one product Z^T Z of the same activations, the least any
+            # correlation-based regulariser costs (the keys keep T1's name, the first series, for
+            # the results committed before the baselines were timed too)
             reg.append({"device": device, "series": series, "n": n, "t1_forward_backward_s": t1,
                         "correlation_forward_backward_s": corr, "ratio": t1 / corr,
                         "target_ratio": TARGET_REGULARISER_RATIO, "matmul_s": matmul,

@@ -59,10 +59,11 @@ def format_table(results: dict) -> str:
                          + ", ".join(f"{c['series']} n={c['n']}: {c['torch_ops']}" for c in counted))
         reg = [r for r in results["summary"]["regulariser"] if r["device"] == device]
         if reg:
-            lines.append(f"{device}: regulariser cost, T1 forward+backward from A (TopologicalRegulariser) vs "
-                         f"abs_correlation forward+backward (ratio, target <= {TARGET_REGULARISER_RATIO:g}x) "
-                         f"and vs one matmul Z^T Z of the same activations (T1/matmul)")
-            lines += _grid(["series", "n", "T1 ms", "correlation ms", "ratio", "matmul ms", "T1/matmul"],
+            lines.append(f"{device}: regulariser cost, forward+backward from A (TopologicalRegulariser: T1, "
+                         f"and the baselines MinCorr and DeCov) vs abs_correlation forward+backward (ratio, "
+                         f"target for T1 <= {TARGET_REGULARISER_RATIO:g}x) and vs one matmul Z^T Z of the same "
+                         f"activations (/matmul)")
+            lines += _grid(["series", "n", "fwd+bwd ms", "correlation ms", "ratio", "matmul ms", "/matmul"],
                            [[r.get("series", "t1"), str(r["n"]), _fmt_ms(r["t1_forward_backward_s"]),
                              _fmt_ms(r["correlation_forward_backward_s"]), f"{r['ratio']:.2f}",
                              _fmt_ms(r.get("matmul_s")),

@@ -178,12 +178,71 @@ def _pairs_gradient_kernel(Z, at, partner, factor, G):
             G[k, c] -= Z[k, c] * dot[c]
 
 
+# -- the dense baselines' one pass over their (n, n) matrix (toponeuro.regularisers) ---------------
+
+def _mean_abs_sign_kernel(C):
+    """In place over an exactly symmetric ``C`` (Z^T Z): returns (sum of ``|clamp(c, -1, 1)|``,
+    count) over the off-diagonal entries with ``clamp(c) != 0``, and leaves in ``C`` the
+    gradient's pattern: ``sign(c)`` where the entry is counted and the clamp lets the
+    gradient through (``|c| <= 1``), 0 elsewhere (the diagonal included).
+
+    Row by row, branch-free, each row summed in ``C``'s dtype (compiled with reassociation, so
+    that the row's loop vectorises), the rows' sums in float64; the diagonal is taken back
+    out after its row.
+    """
+    n = C.shape[0]
+    one = C.dtype.type(1.0)
+    zero = C.dtype.type(0.0)
+    total = 0.0
+    count = 0
+    for i in range(n):
+        row = C[i]
+        diagonal = min(max(row[i], -one), one)
+        row_total = zero
+        row_count = 0
+        for j in range(n):
+            c = row[j]
+            a = abs(min(max(c, -one), one))
+            row_total += a
+            row_count += a != zero
+            row[j] = ((c > zero) * one - (c < zero) * one) * (abs(c) <= one)
+        total += row_total - abs(diagonal)
+        count += row_count - (diagonal != zero)
+        row[i] = zero
+    return total, count
+
+
+def _off_diagonal_covariance_kernel(C, m):
+    """In place: ``C`` (Ac^T Ac) becomes ``C / m`` with a zero diagonal; returns the sum of its
+    squares (each row summed in ``C``'s dtype, vectorised as above, the rows in float64)."""
+    n = C.shape[0]
+    zero = C.dtype.type(0.0)
+    mm = C.dtype.type(m)
+    total = 0.0
+    for i in range(n):
+        row = C[i]
+        row[i] = zero
+        row_total = zero
+        for j in range(n):
+            c = row[j] / mm
+            row[j] = c
+            row_total += c * c
+        total += row_total
+    return total
+
 if HAVE_NUMBA:
     _mirror_upper_compiled = numba.njit(cache=True, nogil=True)(_mirror_upper_kernel)
     _prim_rho_packed_compiled = numba.njit(cache=True, nogil=True)(_prim_rho_packed_kernel)
     _pairs_gradient_compiled = numba.njit(cache=True, nogil=True)(_pairs_gradient_kernel)
+    # reassociation (and the sign of zero ignored) so that the rows' sums vectorise; no assumption
+    # about NaN or inf
+    _REDUCE = {"reassoc", "nsz"}
+    _mean_abs_sign_compiled = numba.njit(cache=True, nogil=True, fastmath=_REDUCE)(_mean_abs_sign_kernel)
+    _off_diagonal_covariance_compiled = numba.njit(cache=True, nogil=True, fastmath=_REDUCE)(
+        _off_diagonal_covariance_kernel)
 else:  # pragma: no cover
     _mirror_upper_compiled = _prim_rho_packed_compiled = _pairs_gradient_compiled = None
+    _mean_abs_sign_compiled = _off_diagonal_covariance_compiled = None
 
 
 def runs_pairs_gradient(Z: torch.Tensor) -> bool:
@@ -240,3 +299,32 @@ def prim_edges_of_correlation(C: torch.Tensor, dissimilarity: str) -> torch.Tens
     out = np.empty((n - 1, 2), dtype=np.int64)
     _prim_rho_packed_compiled(C.detach().numpy(), RHO_DISSIMILARITY_MODES[dissimilarity], out)
     return torch.from_numpy(out)
+
+
+def runs_dense_baseline(C: torch.Tensor) -> bool:
+    """Whether :func:`mean_abs_sign_` and :func:`off_diagonal_covariance_` take ``C`` (..., n, n):
+    numba, a contiguous float32/float64 CPU tensor."""
+    return (HAVE_NUMBA and C.device.type == "cpu" and C.dtype in (torch.float32, torch.float64)
+            and C.is_contiguous())
+
+
+def mean_abs_sign_(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MinCorr's pass over exactly symmetric products ``C`` (..., n, n), in place.
+
+    Returns the sums of ``|clamp(c, -1, 1)|`` and the counts (each (...,), float64 and int64)
+    over the off-diagonal entries not clamped to 0, and leaves in ``C`` ``sign(c)`` on the
+    counted entries with ``|c| <= 1`` (where clamp passes the gradient), 0 elsewhere.
+    """
+    flat = C.view(-1, *C.shape[-2:])
+    out = [_mean_abs_sign_compiled(Cb.numpy()) for Cb in flat]
+    total = torch.tensor([t for t, _ in out], dtype=torch.float64).view(C.shape[:-2])
+    count = torch.tensor([c for _, c in out], dtype=torch.int64).view(C.shape[:-2])
+    return total, count
+
+
+def off_diagonal_covariance_(C: torch.Tensor, m: int) -> torch.Tensor:
+    """DeCov's pass over products ``C = Ac^T Ac`` (..., n, n), in place: ``C / m`` with a zero
+    diagonal. Returns the sums of the squares (...,), float64."""
+    flat = C.view(-1, *C.shape[-2:])
+    return torch.tensor([_off_diagonal_covariance_compiled(Cb.numpy(), m) for Cb in flat],
+                        dtype=torch.float64).view(C.shape[:-2])
