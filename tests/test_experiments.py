@@ -964,8 +964,6 @@ def test_report_needs_runs(tmp_path):
 
 # -- the batched engine, checkpoints and shards --------------------------------------------------
 
-import torch  # noqa: E402
-
 from toponeuro import ensemble  # noqa: E402
 from toponeuro.experiments import engine as engine_mod  # noqa: E402
 from toponeuro.experiments import shards  # noqa: E402

@@ -11,7 +11,6 @@ import csv
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
