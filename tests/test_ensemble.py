@@ -282,3 +282,20 @@ def test_a_member_builder_replaces_the_seeded_build(digits):
     for k, member in enumerate(trainer.members):
         for name, p in zip(trainer.param_names, trainer.params):
             assert torch.equal(p[k].detach(), saved[member.key][name])
+
+
+def test_a_step_copies_no_index_or_weight_vector_from_the_host(digits, monkeypatch):
+    """On a GPU a tensor made from a host list waits for the queued kernels: the step's index and
+    weight vectors are made once, then reused until members leave the stack."""
+    train, val, _ = digits
+    config = TrainConfig(max_epochs=3, batch_size=128, patience=5)
+    members = [Member(*spec[:3]) for spec in MEMBERS if spec[3] == "all"]
+    trainer = StackTrainer(_builder(), members, train, val, config=config)
+    trainer.train_epoch()
+    made = []
+    tensor = torch.tensor
+    # those made for the stack's device (the host-side kernels' results stay on the host)
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: ("device" in k and made.append(a[0])) or tensor(*a, **k))
+    trainer.train_epoch()
+    steps = -(-len(train[1]) // config.batch_size)
+    assert steps >= 8 and len(made) <= 1, made  # at most the epoch's end (the validated slices), no step

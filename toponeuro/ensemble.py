@@ -260,6 +260,17 @@ class StackTrainer:
         #: member index -> its restored best weights ({parameter name: tensor}, on the CPU), if keep_weights
         self.weights: dict[int, dict] = {}
         self.keep_weights = False
+        self._constants: dict[tuple, torch.Tensor] = {}  # see _on_device
+
+    def _on_device(self, values, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """``torch.tensor(values)`` on the stack's device, made once per distinct value until the
+        next compaction: on a GPU a copy from host memory waits for every queued kernel, and the
+        step's index and weight vectors only change when members leave."""
+        key = (tuple(values), dtype)
+        t = self._constants.get(key)
+        if t is None:
+            t = self._constants[key] = torch.tensor(key[0], dtype=dtype, device=self.dev)
+        return t
 
     # -- the stacked network ---------------------------------------------------------------------
     def _forward(self, X: torch.Tensor, params, train: bool, generators=None, record: bool = False):
@@ -320,7 +331,7 @@ class StackTrainer:
             if all_neurons:
                 layers = list(recorded.values())
                 if len(need) < K:  # (a stack of T1/T2 members alone skips the gather and its backward)
-                    idx = torch.tensor(need, device=self.dev)
+                    idx = self._on_device(need)
                     layers = [L.index_select(0, idx) for L in layers]
                 stacked = torch.cat(layers, dim=2)
                 acts = list(stacked)
@@ -336,7 +347,7 @@ class StackTrainer:
                     raise ValueError(f"the sampler chose {width} neuron; persistence and correlations need 2: "
                                      "raise its p or keep the output")
                 if all_neurons:
-                    sub = stacked if len(js) == len(need) else stacked[torch.tensor(js, device=self.dev)]
+                    sub = stacked if len(js) == len(need) else stacked[self._on_device(js)]
                 else:
                     sub = torch.stack([acts[j] for j in js])
                 # one host sync per group (fit checks each model's activations): a member whose activations
@@ -347,19 +358,19 @@ class StackTrainer:
                     js = [j for j, ok in zip(js, finite) if ok]
                     if not js:
                         continue
-                    sub = sub[torch.tensor([i for i, ok in enumerate(finite) if ok], device=self.dev)]
+                    sub = sub[self._on_device([i for i, ok in enumerate(finite) if ok])]
                 if method in TOPOLOGICAL_METHODS:
                     deaths = _topological_deaths(sub, self.dissimilarity, self.backend, self.workspace)
                     values = _formula_on_deaths(deaths, method, self.alpha)
                 else:
                     fn = regularisers._min_corr if method == "min_corr" else regularisers._decov
                     values = fn(sub)  # (B,): the stack's products in one call
-                reg = reg.index_put((torch.tensor([need[j] for j in js], device=self.dev),), values)
+                reg = reg.index_put((self._on_device([need[j] for j in js]),), values)
         for method in ("l1", "l2"):
             ks = [k for k, s in enumerate(active_states) if s.member.weighted and s.member.method == method]
             if ks:
                 # as regularisers.l1 / l2: the weight matrices (3-d when stacked), the biases if include_bias
-                idx = torch.tensor(ks, device=self.dev)
+                idx = self._on_device(ks)
                 ws = [p.index_select(0, idx) for p in self.params if self.include_bias or p.ndim > 2]
                 per_layer = [(w.abs() if method == "l1" else w * w).flatten(1).sum(1) for w in ws]
                 reg = reg.index_put((idx,), sum(per_layer))
@@ -395,6 +406,7 @@ class StackTrainer:
             self.buffers = [b.index_select(0, idx) for b in self.buffers]
         self.best = [b.index_select(0, idx) for b in self.best]
         self.active = [self.active[k] for k in slices]
+        self._constants.clear()
 
     def _finish(self, slices: list[int], on_finish) -> None:
         """Restore the best weights of these slices, evaluate them, store their FitResults, call on_finish."""
@@ -495,8 +507,8 @@ class StackTrainer:
                     self.states[self.active[k]].diverged = True
                 self._end_epoch(bad, (ce_sum, reg_sum, batches), lr, time.perf_counter() - t0, on_epoch)
                 self._finish(bad, on_finish)
-            weights = torch.tensor([s.member.weight if s.member.weighted else 0.0 for s in states],
-                                   device=self.dev)
+            weights = self._on_device([s.member.weight if s.member.weighted else 0.0 for s in states],
+                                      self.params[0].dtype)
             loss = (ce + weights * reg).sum()  # members are independent: grad of the sum = grad of each
             loss.backward()
             self._sgd_step(lr)
