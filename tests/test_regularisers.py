@@ -384,6 +384,16 @@ def test_baseline_gpu_route_in_the_triton_interpreter(formula, rng, monkeypatch)
     torch.testing.assert_close(Y.grad, X.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_second_derivatives_min_corr_exact_decov_refused(rng):
+    """MinCorr's backward is Z G with G locally constant, so it differentiates again (against central
+    differences of the gradient); DeCov's kept O depends on the activations, so a double backward raises."""
+    A = torch.from_numpy(rng.standard_normal((10, 5))).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(R.min_corr, (A,), eps=1e-6, atol=1e-6)
+    (g,) = torch.autograd.grad(R.decov(A), A, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice|does not require grad"):
+        g.sum().backward()
+
+
 def test_min_corr_clamped_pairs_pass_no_gradient(rng):
     """A product just above 1 (rounding on duplicated neurons) is clamped: it counts as |rho| = 1
     and, as torch.clamp's gradient, passes none."""

@@ -115,7 +115,8 @@ class _MeanAbsCorrelation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         Z, G, denominator = ctx.saved_tensors
-        # value = sum |S| / count with S = Z^T Z and G symmetric: dZ = 2 Z G / count
+        # value = sum |S| / count with S = Z^T Z and G symmetric: dZ = 2 Z G / count; G and the
+        # count are locally constant, so this backward is itself differentiable (second order holds)
         return (Z @ G) * (2.0 * grad / denominator)[..., None, None]
 
 
@@ -163,6 +164,7 @@ class _HalfSquaredOffDiagonalCovariance(torch.autograd.Function):
         return 0.5 * squares
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # O depends on Ac: a second derivative would miss it
     def backward(ctx, grad):
         Ac, O = ctx.saved_tensors
         return (Ac @ O) * (2.0 * grad / Ac.shape[-2])[..., None, None]
