@@ -13,7 +13,8 @@
 #   1. the CUDA tests (the stack kernels of tests/test_persistence_batched.py, the tree path, the dense
 #      baselines, the batched engine's members against lone runs), 110 s
 #   2. the batched engine's throughput against the single engine on MNIST mlp with T1 on every neuron
-#      (50 runs one epoch each; the single engine timed on 3 of them), 110 s
+#      (50 runs one epoch each; the single engine timed on 3 of them), and the whole grid estimated at the
+#      epochs per run of the CPU subset trained to early stopping, 110 s
 #   3. the bench: the MST backends, and T1, MinCorr and DeCov through TopologicalRegulariser against one
 #      Z^T Z, up to n = 32768, 120 s
 #   4. the GPU chapter, executed by .ci/execute_notebook.py (the machine has no Jupyter), 100 s
@@ -37,7 +38,7 @@ step() {
 # -v: a test that hangs until the timeout is named by the log's last lines
 step "cuda tests" 110 python3 -m pytest -v -k cuda tests/ -p no:cacheprovider
 tail -4 "$log"
-step "engine throughput" 110 python3 -m toponeuro bench-engine mnist-paper --networks mlp --methods t1 --epochs 1 --single-runs 3 --device cuda --out $OUT/engine-cuda --force --no-progress
+step "engine throughput" 110 python3 -m toponeuro bench-engine mnist-paper --networks mlp --methods t1 --epochs 1 --single-runs 3 --device cuda --epochs-from data/results/mnist-paper-cpu-subset --out $OUT/engine-cuda --force --no-progress
 step "bench" 120 python3 -m toponeuro bench --devices cuda cpu --backends torch torch-graph giotto-ph --n 2048 8192 16384 32768 --repeats 9 --max-seconds-per-case 3 --out $OUT/cuda --force --no-progress
 step "gpu chapter" 100 python3 .ci/execute_notebook.py book/gpu.ipynb --out $OUT/gpu.ipynb
 step "stack timing" 25 python3 .ci/stack_timing.py --device cuda --B 16 --n 1024 --m 128 --repeats 9

@@ -1131,6 +1131,35 @@ def test_bench_engine_writes_its_figures_and_keeps_earlier_ones(tmp_path, capsys
     assert "no run left to time" in capsys.readouterr().err
 
 
+def test_bench_engine_estimates_the_whole_grid_from_epochs_per_run(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "bench"
+    argv = ["bench-engine", str(config), "--device", "cpu", "--epochs", "1", "--out", str(out), "--no-progress",
+            "--engine", "batched", "--force"]
+    assert cli.main(argv + ["--epochs-per-run", "40"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    g = results["grid_estimate"]
+    runs = len(cfgmod.load_config(config).runs())
+    assert g["grid_runs"] == runs and g["run_epochs"] == runs * 40
+    assert g["seconds"]["batched"] == pytest.approx(runs * 40 / results["engines"]["batched"]["run_epochs_per_second"])
+    assert "the whole grid of tiny" in capsys.readouterr().out
+    # from a results folder: the median of its runs' epochs (7, 9, 30 -> 9)
+    folder = tmp_path / "done"
+    folder.mkdir()
+    fields = ["run_id", "dataset", "network", "method", "weight", "seed", "epochs"]
+    rows = [dict(zip(fields, [f"r{k}", "digits", "mlp", "none", 0.0, k, e])) for k, e in enumerate([7, 30, 9])]
+    with open(folder / "runs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert cli.main(argv + ["--epochs-from", str(folder)]) == 0
+    g = json.loads((out / "results.json").read_text())["grid_estimate"]
+    assert g["epochs_per_run"] == 9 and str(folder / "runs.csv") in g["epochs_source"]
+    for bad, why in [(["--epochs-per-run", "-3"], "positive"), (["--epochs-from", str(tmp_path / "none")], "no ")]:
+        assert cli.main(argv + bad) == 2 and why in capsys.readouterr().err
+
+
 def test_auto_is_single_under_torchrun_and_batched_there_is_refused(tmp_path, monkeypatch):
     from toponeuro import distributed
 

@@ -15,6 +15,13 @@ engine on the first ``K`` of those runs only (a per-run-epoch rate needs no
 more; the accuracies are compared on those runs). Writes ``results.json``
 and ``throughput.png`` to ``--out`` (default ``runs/throughput/<name>-<device>``),
 and refuses to overwrite a ``results.json`` there without ``--force``.
+
+``--epochs-per-run E`` or ``--epochs-from DIR`` (the median ``epochs`` of the
+rows of ``DIR/runs.csv``, runs trained to early stopping under the protocol)
+adds an estimate of the config's whole grid at the measured rates:
+``runs x E / (run-epochs per second)``, per engine, under ``grid_estimate``.
+Only an estimate: early stopping varies with method and weight, and the
+timed methods' rate stands for every method's.
 """
 
 from __future__ import annotations
@@ -140,6 +147,31 @@ def measure(config, *, epochs: int, device="cpu", engines=("single", "batched"),
     return out
 
 
+def epochs_per_run_from(directory) -> tuple[float, str]:
+    """The median ``epochs`` of the finished rows of ``directory/runs.csv``, and a line saying where it is from."""
+    import statistics
+
+    from .runs_csv import read_rows
+
+    path = Path(directory) / "runs.csv"
+    if not path.is_file():
+        raise ValueError(f"--epochs-from: no {path} (a results folder of `toponeuro experiment run`)")
+    epochs = [int(r["epochs"]) for r in read_rows(path) if str(r.get("epochs", "")).strip()]
+    if not epochs:
+        raise ValueError(f"--epochs-from: {path} has no finished run")
+    return float(statistics.median(epochs)), f"median of {len(epochs)} runs in {path}"
+
+
+def grid_estimate(results: dict, config, epochs_per_run: float, source: str) -> dict:
+    """Seconds for every run of ``config``'s grid at ``epochs_per_run`` epochs each, at each engine's measured rate."""
+    runs = len(config.runs())
+    estimate = {"grid_runs": runs, "epochs_per_run": epochs_per_run, "epochs_source": source,
+                "run_epochs": runs * epochs_per_run, "seconds": {}}
+    for name, figures in results["engines"].items():
+        estimate["seconds"][name] = runs * epochs_per_run / figures["run_epochs_per_second"]
+    return estimate
+
+
 def _plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -176,6 +208,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help=f"output folder (default {DEFAULT_ROOT}/<name>-<device>)")
     p.add_argument("--force", action="store_true", help="overwrite results.json there")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    estimate = p.add_mutually_exclusive_group()
+    estimate.add_argument("--epochs-per-run", type=float, default=None, metavar="E",
+                          help="estimate the config's whole grid at E epochs per run")
+    estimate.add_argument("--epochs-from", default=None, metavar="DIR",
+                          help="estimate the whole grid at the median epochs of the runs in DIR/runs.csv")
 
 
 def run(args) -> int:
@@ -192,10 +229,19 @@ def run(args) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        epochs_per_run = getattr(args, "epochs_per_run", None)
+        if epochs_per_run is not None:
+            if not (epochs_per_run > 0 and math.isfinite(epochs_per_run)):
+                raise ValueError(f"--epochs-per-run must be a positive number, got {epochs_per_run}")
+            source = "--epochs-per-run"
+        elif getattr(args, "epochs_from", None):
+            epochs_per_run, source = epochs_per_run_from(args.epochs_from)
         engines = ("single", "batched") if args.engine == "both" else (args.engine,)
         results = measure(config, epochs=args.epochs, device=dev, engines=engines, networks=args.networks,
                           methods=args.methods, max_runs=args.max_runs, single_runs=args.single_runs,
                           stack_size=args.stack_size, progress=not args.no_progress)
+        if epochs_per_run is not None:
+            results["grid_estimate"] = grid_estimate(results, config, epochs_per_run, source)
     except ValueError as err:
         print(f"toponeuro bench-engine: error: {err}", file=sys.stderr)
         return 2
@@ -208,5 +254,10 @@ def run(args) -> int:
     if "speedup" in results:
         print(f"batched / single: {results['speedup']:.2f}x; test accuracy mean |difference| "
               f"{results['test_accuracy_mean_abs_difference']:.4f}")
+    if "grid_estimate" in results:
+        g = results["grid_estimate"]
+        per_engine = ", ".join(f"{name} {seconds / 3600:.2f} h" for name, seconds in g["seconds"].items())
+        print(f"the whole grid of {results['config']}, {g['grid_runs']} runs x {g['epochs_per_run']:g} epochs "
+              f"({g['epochs_source']}), at these rates: {per_engine} (an estimate)")
     print(f"wrote {out / 'results.json'} and {out / 'throughput.png'}")
     return 0
