@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -83,6 +84,18 @@ def test_bad_configs_name_the_key(edit, needle):
     assert old in TINY
     with pytest.raises(ValueError, match=needle):
         cfgmod.parse_config(TINY.replace(old, new, 1))
+
+
+def test_the_cnn_sampling_pair_differs_only_in_the_sampler():
+    """fashion-cnn-every-neuron against fashion-cnn-sampled: one comparison, so one difference."""
+    every, sampled = cfgmod.load_config("fashion-cnn-every-neuron"), cfgmod.load_config("fashion-cnn-sampled")
+    assert every.regulariser_for("cnn").sampler_dict == {"kind": "all"}
+    assert sampled.regulariser_for("cnn").sampler_dict == {"kind": "importance", "p": 0.005}
+    same = ("dataset", "networks", "methods", "weights", "seeds", "training", "pixel_scale", "init", "report", "limit")
+    assert all(getattr(every, k) == getattr(sampled, k) for k in same)
+    assert dataclasses.replace(every.regulariser, sampler=sampled.regulariser.sampler) == sampled.regulariser
+    paper = cfgmod.load_config("mnist-paper").training
+    assert (every.training.max_epochs, every.training.patience) == (paper.max_epochs, paper.patience) == (1200, 20)
 
 
 def test_shipped_configs_load_and_paper_is_spec_section_2():
