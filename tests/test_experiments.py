@@ -98,7 +98,7 @@ def test_the_cnn_sampling_pair_differs_only_in_the_sampler():
     assert (every.training.max_epochs, every.training.patience) == (paper.max_epochs, paper.patience) == (1200, 20)
 
 
-def test_shipped_configs_load_and_paper_is_spec_section_2():
+def test_shipped_configs_load_and_mnist_paper_is_the_papers_protocol():
     shipped = cfgmod.shipped_configs()
     assert {"mnist-paper", "mnist-quick", "fashion-mnist"} <= set(shipped)
     paper = cfgmod.load_config("mnist-paper")
