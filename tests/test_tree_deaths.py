@@ -154,13 +154,13 @@ def test_mirror_upper_copies_the_upper_triangle_into_the_lower(n, dtype, rng):
 @pytest.mark.parametrize("n", [2, 255, 256, 257, 700, 2049])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_correlation_matrix_by_panels_is_the_symmetric_product(n, threads, torch_gen):
-    from toponeuro.tree_deaths import _correlation_matrix
+    from toponeuro.tree_deaths import symmetric_gram
 
     Z = dissimilarity.standardised_columns(torch.randn(2, 20, n, generator=torch_gen))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the panel width follows the thread count
     try:
-        C = _correlation_matrix(Z, Workspace())
+        C = symmetric_gram(Z, Workspace())
     finally:
         torch.set_num_threads(before)
     assert torch.equal(C, C.mT)
@@ -277,10 +277,10 @@ def test_gpu_path_gives_the_cpu_paths_edges_for_a_stack(name, torch_gen, monkeyp
 
 @pytest.mark.parametrize("n", [2, 15, 16, 17, 50])
 def test_gpu_panels_and_mirror_give_the_symmetric_product(n, torch_gen, gpu_path_on_cpu):
-    from toponeuro.tree_deaths import _correlation_matrix
+    from toponeuro.tree_deaths import symmetric_gram
 
     Z = dissimilarity.standardised_columns(torch.randn(2, 20, n, generator=torch_gen))
-    C = _correlation_matrix(Z, Workspace())
+    C = symmetric_gram(Z, Workspace())
     assert torch.equal(C, C.mT)
     assert torch.allclose(C, Z.mT @ Z, rtol=0, atol=1e-6)
     assert gpu_path_on_cpu == ["mirror"]

@@ -15,7 +15,7 @@ import torch
 from ._validation import capturing, check_activations
 from .dissimilarity import _autocast_off, _full_precision, _safe_sqrt, standardised_columns
 from .persistence import numba_host
-from .tree_deaths import _correlation_matrix
+from .tree_deaths import symmetric_gram
 
 __all__ = ["t1", "t2", "min_corr", "decov", "l1", "l2", "FORMULAS_ON_DEATHS", "FORMULAS_ON_ACTIVATIONS"]
 
@@ -97,7 +97,7 @@ class _MeanAbsCorrelation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Z):
-        G = _correlation_matrix(Z, None)  # exactly symmetric, as the correlation matrix is
+        G = symmetric_gram(Z, None)  # the correlation matrix, exactly symmetric
         if numba_host.runs_dense_baseline(G):
             total, count = numba_host.mean_abs_sign_(G)
             total, count = total.to(Z.dtype), count.to(Z.device)
@@ -150,7 +150,7 @@ class _HalfSquaredOffDiagonalCovariance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Ac):
-        O = _correlation_matrix(Ac, None)  # Ac^T Ac, exactly symmetric
+        O = symmetric_gram(Ac, None)  # Ac^T Ac, exactly symmetric
         m = Ac.shape[-2]
         # the off-diagonal entries summed directly: ||C||^2 - ||diag C||^2 cancels away the value's
         # precision when one neuron's variance dwarfs the covariances

@@ -115,8 +115,12 @@ def _gpu_panel_rows(n: int) -> int:
     return max(2048, -(-n // 8))
 
 
-def _correlation_matrix(Zd: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
-    """(..., n, n) ``Z^T Z``, exactly symmetric, unclamped, no grad (diagonal as the product gives it)."""
+def symmetric_gram(Zd: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    """(..., n, n) ``Z^T Z`` of ``Zd`` (..., m, n), exactly symmetric, no grad (diagonal as the product gives it).
+
+    The correlation matrix of standardised columns here, and the dense baselines' products in
+    :mod:`toponeuro.regularisers`. In ``workspace`` when one is given, else a fresh buffer.
+    """
     n = Zd.shape[-1]
     shape = (*Zd.shape[:-2], n, n)
     C = torch.empty(shape, dtype=Zd.dtype, device=Zd.device) if workspace is None else \
@@ -217,7 +221,7 @@ def _tree_deaths_of_correlation(A: torch.Tensor, fn, backend: str, workspace) ->
     with torch.no_grad():
         # the one standardisation: the matrix's and the pairs' (whose gradient _CorrelationOfPairs gives)
         Z, norm, constant = _dissimilarity._standardise(A.detach())
-        C = _correlation_matrix(Z, workspace)
+        C = symmetric_gram(Z, workspace)
         edges = _edges_of_correlation(C, fn.__name__, of_rho, backend).to(A.device)
         rho_matrix = persistence._at_edges(C, edges)  # read before the buffer is reused
     rho = _CorrelationOfPairs.apply(A, rho_matrix, Z, norm, constant, edges[..., 0], edges[..., 1])

@@ -9,6 +9,13 @@ large ``n``; the ``"torch"`` backend never leaves the device.
 A stack of matrices (B, n, n) runs the same Prim on each member, the members
 spread over numba's threads (:func:`prim_edges_stack`); the CPU path of the
 torch backend uses it too.
+
+The module also holds the other compiled host kernels that read or write an
+(n, n) product in place: the tree path's (:func:`mirror_upper_`,
+:func:`prim_edges_of_correlation`, :func:`pairs_gradient`, for
+:mod:`toponeuro.tree_deaths`) and the dense baselines' one pass
+(:func:`mean_abs_sign_`, :func:`off_diagonal_covariance_`, for
+:mod:`toponeuro.regularisers`).
 """
 
 from __future__ import annotations
